@@ -1,0 +1,46 @@
+"""triocomm: a Trio-native framework for message-oriented network clients and servers.
+
+The public surface is exactly the names below; everything else lives in
+private modules and may change.
+"""
+
+from ._connection import Connection as Connection
+from ._connection import ConnectionStats as ConnectionStats
+from ._connection import ConnState as ConnState
+from ._connection import Idle as Idle
+from ._errors import CommError as CommError
+from ._errors import CommTimeout as CommTimeout
+from ._errors import ConnectError as ConnectError
+from ._errors import ConnectionLost as ConnectionLost
+from ._errors import FrameTooLarge as FrameTooLarge
+from ._errors import ProtocolError as ProtocolError
+from ._errors import UpstreamUnavailable as UpstreamUnavailable
+from ._framing import Codec as Codec
+from ._framing import Decoder as Decoder
+from ._framing import LengthPrefixed as LengthPrefixed
+from ._framing import Lines as Lines
+from ._framing import Raw as Raw
+from ._timeouts import ServerTimeouts as ServerTimeouts
+from ._timeouts import Timeouts as Timeouts
+from ._version import __version__ as __version__
+
+__all__ = [
+    "Codec",
+    "CommError",
+    "CommTimeout",
+    "ConnState",
+    "ConnectError",
+    "Connection",
+    "ConnectionLost",
+    "ConnectionStats",
+    "Decoder",
+    "FrameTooLarge",
+    "Idle",
+    "LengthPrefixed",
+    "Lines",
+    "ProtocolError",
+    "Raw",
+    "ServerTimeouts",
+    "Timeouts",
+    "UpstreamUnavailable",
+]

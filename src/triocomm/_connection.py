@@ -1,0 +1,661 @@
+"""The Connection: one Trio stream, one codec, its state and its statistics.
+
+A :class:`Connection` is a :class:`trio.abc.Channel` of messages. It is the
+one place where bytes meet messages: the client's sessions and the server's
+passive sessions are thin loops around it. It knows nothing of pools or
+services; those layers set its state and its per-phase limits.
+
+Concurrency: sends from several tasks are serialized (each message goes out
+whole, in FIFO order of the callers), so a server may push from several tasks;
+two tasks receiving at once is a bug and raises :class:`trio.BusyResourceError`.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import math
+import os
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING, Any, Generic, TypeVar, Union
+
+import trio
+
+from ._errors import CommError, CommTimeout, ConnectionLost, ProtocolError
+
+if TYPE_CHECKING:
+    from ._framing import Codec
+
+__all__ = ["ConnState", "Connection", "ConnectionStats", "Idle", "format_address"]
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+_ids = itertools.count(1)
+_INF = math.inf
+# Reads ask the stream for at most this much at once.
+RECEIVE_SIZE = 64 * 1024
+# With an inactivity limit, large writes go out in pieces of this size so that
+# the limit measures progress, not the time to write the whole message.
+_WRITE_STEP = 256 * 1024
+_FILE_CHUNK = 256 * 1024
+
+
+class ConnState(enum.Enum):
+    """Where a connection is in its life (Workflow's states, plus the end).
+
+    Client: ``CONNECTING → CONNECTED → (RECEIVING → SUCCESS → IDLE)* →
+    CLOSING → CLOSED``. Server: ``CONNECTED → (RECEIVING → SUCCESS →
+    KEEPALIVE)* → CLOSING → CLOSED``. Any failure leads to ``ERROR``, which is
+    final like ``CLOSED``.
+    """
+
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    RECEIVING = "receiving"
+    SUCCESS = "success"
+    IDLE = "idle"
+    KEEPALIVE = "keepalive"
+    CLOSING = "closing"
+    CLOSED = "closed"
+    ERROR = "error"
+
+
+class Idle(enum.Enum):
+    """Which direction has been quiet (MINA's idle statuses)."""
+
+    READ = "read"
+    WRITE = "write"
+    BOTH = "both"
+
+
+@dataclass(slots=True)
+class ConnectionStats:
+    """I/O statistics of one connection. Times are on the Trio clock.
+
+    ``messages_sent`` counts encoded messages; bytes sent with
+    :meth:`Connection.send_file` count in ``bytes_sent`` only.
+    """
+
+    created_at: float
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    messages_sent: int = 0
+    messages_received: int = 0
+    last_send_at: float | None = None
+    last_receive_at: float | None = None
+
+
+def format_address(address: object) -> str:
+    """Render a socket address for messages and logs: ``host:port``,
+    ``[v6]:port`` or a Unix path."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        if isinstance(host, str) and ":" in host:
+            return f"[{host}]:{port}"
+        return f"{host}:{port}"
+    if isinstance(address, bytes):
+        address = address.decode(errors="replace")
+    if isinstance(address, str):
+        return address or "unix socket"
+    return "unknown peer" if address is None else str(address)
+
+
+def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
+    while isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    if isinstance(stream, trio.SocketStream):
+        return stream.socket
+    return None
+
+
+class _Limits:
+    """Per-phase limits of the current session, set by the client or server layer."""
+
+    __slots__ = ("first_phase", "first_timeout", "inactivity", "receive", "send")
+
+    def __init__(
+        self,
+        *,
+        send: float | None = None,
+        first_phase: str = "first_response",
+        first_timeout: float | None = None,
+        receive: float | None = None,
+        inactivity: float | None = None,
+    ) -> None:
+        self.send = send
+        self.first_phase = first_phase
+        self.first_timeout = first_timeout
+        self.receive = receive
+        self.inactivity = inactivity
+
+    @property
+    def unlimited(self) -> bool:
+        return (
+            self.send is None
+            and self.first_timeout is None
+            and self.receive is None
+            and self.inactivity is None
+        )
+
+
+_NO_LIMITS = _Limits()
+
+FileArg = Union[str, "os.PathLike[str]", IO[bytes]]
+
+
+class Connection(trio.abc.Channel[Any], Generic[In, Out]):
+    """A message channel over any :class:`trio.abc.Stream`.
+
+    Args:
+        stream: TCP, TLS, Unix or memory stream; the connection owns it and
+            closes it.
+        codec: how messages are encoded and decoded.
+
+    ``send`` returns once the bytes are handed to the stream (backpressure).
+    ``receive`` raises :class:`trio.EndOfChannel` when the peer closed cleanly
+    between messages and :class:`ConnectionLost` when it went away in the middle
+    of one. Bad input raises :class:`FrameTooLarge` / :class:`ProtocolError`;
+    the connection then moves to ``ERROR`` and is closed. A send that is
+    cancelled or times out also breaks the connection, since part of a message
+    may already be on the wire.
+
+    ``receive`` returns a message already decoded from an earlier read without
+    a schedule point (it still raises :class:`trio.Cancelled` if cancelled), so
+    a pipelined burst is consumed without a task switch per message.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, codec: Codec[In, Out]) -> None:
+        self._stream = stream
+        self._receive_some = stream.receive_some
+        self._send_all = stream.send_all
+        self._codec = codec
+        self._encode = codec.encode
+        self._decoder = codec.decoder()
+        self._pending: deque[In] = deque()
+        self._id = next(_ids)
+        self._sessions = 0
+        self._state = ConnState.CONNECTED
+        self._stats = ConnectionStats(created_at=trio.current_time())
+        self._context: dict[Any, Any] = {}
+        self._limits = _NO_LIMITS
+        self._eof = False
+        self._closed = False
+        self._receiving = False
+        self._sending = False
+        self._send_queue = trio.lowlevel.ParkingLot()
+        sock = _socket_of(stream)
+        self._local: object = None
+        self._remote: object = None
+        if sock is not None:
+            try:
+                self._local = sock.getsockname()
+                self._remote = sock.getpeername()
+            except OSError:
+                pass
+        self._peer = format_address(self._remote) if sock is not None else "memory stream"
+
+    # -- properties ----------------------------------------------------------
+
+    @property
+    def id(self) -> int:
+        """A process-unique number for this connection."""
+        return self._id
+
+    @property
+    def seq(self) -> int:
+        """Sessions started on this connection before the current one (0 in the first)."""
+        return self._sessions - 1 if self._sessions else 0
+
+    @property
+    def state(self) -> ConnState:
+        """The current :class:`ConnState`."""
+        return self._state
+
+    @property
+    def stats(self) -> ConnectionStats:
+        """Live :class:`ConnectionStats` of this connection."""
+        return self._stats
+
+    @property
+    def context(self) -> dict[Any, Any]:
+        """A dict for the user's own per-connection data."""
+        return self._context
+
+    @property
+    def codec(self) -> Codec[In, Out]:
+        """The codec this connection speaks."""
+        return self._codec
+
+    @property
+    def stream(self) -> trio.abc.Stream:
+        """The underlying stream (use with care: bypassing the connection desynchronises it)."""
+        return self._stream
+
+    @property
+    def local_address(self) -> object:
+        """The local socket address, or ``None`` for a non-socket stream."""
+        return self._local
+
+    @property
+    def remote_address(self) -> object:
+        """The peer's socket address, or ``None`` for a non-socket stream."""
+        return self._remote
+
+    @property
+    def peer(self) -> str:
+        """The peer's address as text, for messages and logs."""
+        return self._peer
+
+    @property
+    def is_secure(self) -> bool:
+        """True when the stream is TLS."""
+        return isinstance(self._stream, trio.SSLStream)
+
+    @property
+    def is_closed(self) -> bool:
+        """True once the connection is closed (``CLOSED`` or ``ERROR``)."""
+        return self._closed
+
+    def idle_time(self, status: Idle = Idle.BOTH) -> float:
+        """Seconds since the last read (``READ``), write (``WRITE``) or either (``BOTH``).
+
+        Counts from creation when nothing was read or written yet. While a write
+        is in progress the connection is not write-idle, however slow the
+        peer reads.
+        """
+        now = trio.current_time()
+        stats = self._stats
+        last_read = stats.last_receive_at or stats.created_at
+        last_write = now if self._sending else (stats.last_send_at or stats.created_at)
+        if status is Idle.READ:
+            return now - last_read
+        if status is Idle.WRITE:
+            return now - last_write
+        return now - max(last_read, last_write)
+
+    def __repr__(self) -> str:
+        return f"<Connection #{self._id} {self._peer} {self._state.name}>"
+
+    # -- sending -------------------------------------------------------------
+
+    async def send(self, value: Out) -> None:
+        """Encode and send one message; return when its bytes are handed to the stream.
+
+        Raises:
+            TypeError: the codec cannot encode ``value`` (the connection is
+                unaffected).
+            trio.ClosedResourceError: the connection was closed by us.
+            ConnectionLost: the peer reset the connection.
+            CommTimeout: the ``send`` or ``inactivity`` limit ran out.
+        """
+        data = self._encode(value)
+        await self._write(data, 1)
+
+    async def send_many(self, values: Iterable[Out]) -> None:
+        """Encode several messages and send them in one write."""
+        encode = self._encode
+        parts = [encode(v) for v in values]
+        if not parts:
+            await trio.lowlevel.checkpoint()
+            return
+        await self._write(parts[0] if len(parts) == 1 else b"".join(parts), len(parts))
+
+    async def _acquire_send(self) -> None:
+        if self._sending:
+            # The releasing task hands ownership over directly (FIFO), so a
+            # woken waiter never races a newcomer.
+            await self._send_queue.park()
+        else:
+            self._sending = True
+
+    def _release_send(self) -> None:
+        if self._send_queue:
+            self._send_queue.unpark()
+        else:
+            self._sending = False
+
+    async def _write(self, data: Any, count: int) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError(f"connection to {self._peer} is closed")
+        await self._acquire_send()
+        try:
+            if self._closed:
+                raise trio.ClosedResourceError(f"connection to {self._peer} is closed")
+            try:
+                if self._limits.unlimited:
+                    await self._send_all(data)
+                else:
+                    await self._write_limited(data)
+            except trio.BrokenResourceError as exc:
+                await self._break()
+                raise ConnectionLost(f"connection to {self._peer} lost while sending") from exc
+            except trio.ClosedResourceError:
+                raise
+            except BaseException:
+                # Timed out or cancelled part-way: the stream may hold half a
+                # message, so nothing valid can follow on it.
+                await self._break()
+                raise
+        finally:
+            self._release_send()
+        stats = self._stats
+        stats.bytes_sent += len(data)
+        stats.messages_sent += count
+        stats.last_send_at = trio.current_time()
+
+    def _write_deadline(self, send_deadline: float) -> tuple[float, str, float | None]:
+        limits = self._limits
+        if limits.inactivity is not None:
+            progress = trio.current_time() + limits.inactivity
+            if progress < send_deadline:
+                return progress, "inactivity", limits.inactivity
+        return send_deadline, "send", limits.send
+
+    def _send_deadline(self) -> float:
+        send = self._limits.send
+        return _INF if send is None else trio.current_time() + send
+
+    async def _write_limited(self, data: Any) -> None:
+        send_deadline = self._send_deadline()
+        with memoryview(data) as view:
+            total = view.nbytes
+            step = _WRITE_STEP if self._limits.inactivity is not None else max(total, 1)
+            for offset in range(0, max(total, 1), step):
+                deadline, phase, limit = self._write_deadline(send_deadline)
+                with trio.CancelScope(deadline=deadline) as scope:
+                    await self._send_all(view[offset : offset + step])
+                if scope.cancelled_caught:
+                    raise CommTimeout(phase, limit or 0.0, self._peer)
+
+    # -- sending files -------------------------------------------------------
+
+    async def send_file(self, file: FileArg, offset: int = 0, count: int | None = None) -> int:
+        """Send raw bytes of a file, outside the codec, between two messages.
+
+        ``file`` is a path or a binary file object. Sends ``count`` bytes from
+        ``offset`` (default: to the end of the file) and returns the number of
+        bytes sent. On a plain TCP or Unix socket this is zero-copy
+        (:func:`os.sendfile`); over TLS or a memory stream the file is read in
+        256 KiB chunks, so memory stays bounded whatever the size.
+
+        Raises:
+            ValueError: ``offset``/``count`` lie outside the file.
+            CommError: the file ended before ``count`` bytes (the peer was
+                promised more; the connection is broken).
+            ConnectionLost: the peer went away; the connection is broken.
+        """
+        if offset < 0 or (count is not None and count < 0):
+            raise ValueError("offset and count must be >= 0")
+        if isinstance(file, (str, os.PathLike)):
+            with open(file, "rb") as f:  # noqa: ASYNC230 - opening is not blocking I/O worth a thread
+                return await self._send_open_file(f, offset, count)
+        return await self._send_open_file(file, offset, count)
+
+    async def _send_open_file(self, f: IO[bytes], offset: int, count: int | None) -> int:
+        try:
+            fd: int | None = f.fileno()
+        except (AttributeError, OSError, ValueError):
+            fd = None
+        size = os.fstat(fd).st_size if fd is not None else f.seek(0, os.SEEK_END)
+        if offset > size:
+            raise ValueError(f"offset {offset} is beyond the end of the file ({size} bytes)")
+        if count is None:
+            count = size - offset
+        elif offset + count > size:
+            raise ValueError(f"offset {offset} + count {count} exceed the file size ({size} bytes)")
+        if self._closed:
+            raise trio.ClosedResourceError(f"connection to {self._peer} is closed")
+        await self._acquire_send()
+        sent = 0
+        try:
+            if self._closed:
+                raise trio.ClosedResourceError(f"connection to {self._peer} is closed")
+            sock = self._stream.socket if isinstance(self._stream, trio.SocketStream) else None
+            send_deadline = self._send_deadline()
+            try:
+                if sock is not None and fd is not None:
+                    async for n in self._sendfile(sock, fd, offset, count, send_deadline):
+                        sent += n
+                else:
+                    async for n in self._send_chunks(f, fd, offset, count, send_deadline):
+                        sent += n
+            except (trio.BrokenResourceError, BrokenPipeError, ConnectionError) as exc:
+                await self._break()
+                raise ConnectionLost(
+                    f"connection to {self._peer} lost while sending a file"
+                ) from exc
+            except trio.ClosedResourceError:
+                raise
+            except BaseException:
+                await self._break()
+                raise
+        finally:
+            self._release_send()
+            self._stats.bytes_sent += sent
+            if sent:
+                self._stats.last_send_at = trio.current_time()
+        return sent
+
+    async def _sendfile(
+        self, sock: trio.socket.SocketType, fd: int, offset: int, count: int, send_deadline: float
+    ) -> Any:
+        sockfd = sock.fileno()
+        end = offset + count
+        await trio.lowlevel.checkpoint()
+        while offset < end:
+            try:
+                n = os.sendfile(sockfd, fd, offset, min(end - offset, 1 << 30))
+            except BlockingIOError:
+                deadline, phase, limit = self._write_deadline(send_deadline)
+                with trio.CancelScope(deadline=deadline) as scope:
+                    await trio.lowlevel.wait_writable(sock)
+                if scope.cancelled_caught:
+                    raise CommTimeout(phase, limit or 0.0, self._peer) from None
+                continue
+            if n == 0:
+                raise CommError(
+                    f"file ended {end - offset} bytes early while sending to {self._peer}"
+                )
+            offset += n
+            yield n
+
+    async def _send_chunks(
+        self, f: IO[bytes], fd: int | None, offset: int, count: int, send_deadline: float
+    ) -> Any:
+        end = offset + count
+        if fd is None:
+            f.seek(offset)
+        if count == 0:
+            await trio.lowlevel.checkpoint()
+        while offset < end:
+            want = min(end - offset, _FILE_CHUNK)
+            if fd is not None:
+                chunk = await trio.to_thread.run_sync(os.pread, fd, want, offset)
+            else:
+                chunk = f.read(want)
+            if not chunk:
+                raise CommError(
+                    f"file ended {end - offset} bytes early while sending to {self._peer}"
+                )
+            deadline, phase, limit = self._write_deadline(send_deadline)
+            with trio.CancelScope(deadline=deadline) as scope:
+                await self._send_all(chunk)
+            if scope.cancelled_caught:
+                raise CommTimeout(phase, limit or 0.0, self._peer)
+            offset += len(chunk)
+            yield len(chunk)
+
+    # -- receiving -----------------------------------------------------------
+
+    async def receive(self) -> In:
+        """Return the next message.
+
+        Raises:
+            trio.EndOfChannel: the peer closed cleanly between messages.
+            ConnectionLost: the peer closed or reset in the middle of a message.
+            FrameTooLarge, ProtocolError: bad input; the connection is closed.
+            CommTimeout: a receive-side limit ran out; the connection is closed.
+            trio.ClosedResourceError: the connection was closed by us.
+            trio.BusyResourceError: another task is receiving.
+        """
+        if self._pending:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            return self._pending.popleft()
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this connection")
+        self._receiving = True
+        try:
+            return await self._receive_next()
+        finally:
+            self._receiving = False
+
+    def _take_pending(self) -> list[In]:
+        """Remove and return every message already decoded (no I/O)."""
+        items = list(self._pending)
+        self._pending.clear()
+        return items
+
+    @property
+    def pending(self) -> int:
+        """Messages already decoded and waiting to be received (no I/O needed)."""
+        return len(self._pending)
+
+    async def _receive_next(self) -> In:
+        if self._closed:
+            raise trio.ClosedResourceError(f"connection to {self._peer} is closed")
+        if self._eof:
+            await trio.lowlevel.checkpoint()
+            raise trio.EndOfChannel
+        decoder = self._decoder
+        limits = self._limits
+        unlimited = limits.unlimited
+        started = trio.current_time() if not unlimited else 0.0
+        message_deadline = _INF
+        receive_some = self._receive_some
+        while True:
+            try:
+                if unlimited:
+                    data = await receive_some(RECEIVE_SIZE)
+                else:
+                    if decoder.buffered and message_deadline is _INF:
+                        message_deadline = self._receive_deadline(
+                            self._stats.last_receive_at or trio.current_time()
+                        )
+                    data = await self._read_limited(started, message_deadline)
+            except trio.BrokenResourceError as exc:
+                await self._break()
+                raise ConnectionLost(f"connection to {self._peer} lost: {exc or 'reset'}") from exc
+            except CommTimeout:
+                await self._break()
+                raise
+            if not data:
+                self._eof = True
+                if decoder.buffered:
+                    await self._break()
+                    raise ConnectionLost(
+                        f"{self._peer} closed the connection in the middle of a message "
+                        f"({decoder.buffered} bytes of it received)"
+                    )
+                raise trio.EndOfChannel
+            stats = self._stats
+            stats.bytes_received += len(data)
+            stats.last_receive_at = trio.current_time()
+            try:
+                messages = decoder.feed(data)
+            except ProtocolError:
+                await self._break()
+                raise
+            except Exception as exc:
+                # A user codec raising something else still means bad input.
+                await self._break()
+                raise ProtocolError(f"cannot decode data from {self._peer}: {exc!r}") from exc
+            if messages:
+                stats.messages_received += len(messages)
+                if len(messages) > 1:
+                    self._pending.extend(messages[1:])
+                return messages[0]
+
+    def _receive_deadline(self, first_byte_at: float) -> float:
+        receive = self._limits.receive
+        return _INF if receive is None else first_byte_at + receive
+
+    async def _read_limited(self, started: float, message_deadline: float) -> bytes | bytearray:
+        limits = self._limits
+        if message_deadline is _INF and not self._decoder.buffered:
+            # Waiting for the first byte of a message.
+            phase, limit = limits.first_phase, limits.first_timeout
+            deadline = _INF if limit is None else started + limit
+        else:
+            phase, limit, deadline = "receive", limits.receive, message_deadline
+        if limits.inactivity is not None:
+            progress = trio.current_time() + limits.inactivity
+            if progress < deadline:
+                phase, limit, deadline = "inactivity", limits.inactivity, progress
+        with trio.CancelScope(deadline=deadline):
+            return await self._receive_some(RECEIVE_SIZE)
+        # Only reached when this scope's own deadline cancelled the read.
+        raise CommTimeout(phase, limit or 0.0, self._peer)
+
+    # -- closing -------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Close gracefully: a send in progress finishes first, then the stream closes.
+
+        Idempotent. If cancelled, the connection is still closed (forcefully).
+        Use :func:`trio.aclose_forcefully` to close at once (MINA's close-now).
+        """
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._state is not ConnState.ERROR:
+            self._state = ConnState.CLOSING
+        try:
+            if self._sending:
+                await self._acquire_send()
+                self._release_send()
+        finally:
+            self._closed = True
+            if self._state is ConnState.CLOSING:
+                self._state = ConnState.CLOSED
+            await self._stream.aclose()
+
+    async def _break(self) -> None:
+        """Move to ERROR and close at once (shielded: this runs on failure paths)."""
+        self._state = ConnState.ERROR
+        if not self._closed:
+            self._closed = True
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(self._stream)
+
+    # -- hooks for the client and server layers ------------------------------
+
+    def _set_state(self, state: ConnState) -> None:
+        if self._state is not ConnState.ERROR and not self._closed:
+            self._state = state
+
+    def _begin_session(self) -> None:
+        self._sessions += 1
+
+    def _set_limits(
+        self,
+        *,
+        send: float | None = None,
+        first_phase: str = "first_response",
+        first_timeout: float | None = None,
+        receive: float | None = None,
+        inactivity: float | None = None,
+    ) -> None:
+        self._limits = _Limits(
+            send=send,
+            first_phase=first_phase,
+            first_timeout=first_timeout,
+            receive=receive,
+            inactivity=inactivity,
+        )
+
+    @property
+    def _has_unread_bytes(self) -> bool:
+        return bool(self._pending) or self._decoder.buffered > 0

@@ -1,0 +1,358 @@
+"""Framing: codecs that turn bytes into messages and back (sans-I/O).
+
+Nothing here performs I/O or uses Trio. A :class:`Codec` is an immutable,
+hashable description of a wire format; its :meth:`~Codec.decoder` makes the
+per-connection state that cuts an incoming byte stream into messages.
+
+Every decoder is bounded: it never holds more than its limit plus the chunk
+it was just fed, and it rejects an oversized message as soon as the excess is
+known. Decoding cost is linear in the bytes fed: a decoder remembers how far
+it has looked, so a large message arriving one byte at a time is not rescanned.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+from ._errors import FrameTooLarge
+
+__all__ = ["Buffer", "Codec", "Decoder", "LengthPrefixed", "Lines", "Raw"]
+
+#: What codecs accept and return as raw bytes.
+Buffer = bytes | bytearray | memoryview
+
+# Invariant: decoders return a (mutable, so invariant) list of messages.
+In = TypeVar("In")
+Out_contra = TypeVar("Out_contra", contravariant=True)
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+class Decoder(Protocol[In]):
+    """Per-connection decoding state: cuts a byte stream into messages."""
+
+    def feed(self, data: Buffer) -> list[In]:
+        """Add ``data`` and return every message it completes, in order.
+
+        Raises:
+            FrameTooLarge: a message exceeds the codec's bound.
+            ProtocolError: the bytes are not valid for this format.
+        """
+        ...
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held toward a message that is not complete yet."""
+        ...
+
+
+class Codec(Protocol[In, Out_contra]):
+    """A wire format: how to encode outgoing messages and decode incoming ones.
+
+    ``In`` is the type of the messages received, ``Out_contra`` the type of
+    the messages sent. A codec must be immutable and hashable (it is part of a
+    :class:`Target`'s identity); per-connection state lives in the object that
+    :meth:`decoder` returns.
+    """
+
+    def encode(self, message: Out_contra) -> Buffer:
+        """Return the bytes of one message.
+
+        Raises:
+            TypeError: ``message`` is not something this codec can encode.
+        """
+        ...
+
+    def decoder(self) -> Decoder[In]:
+        """Return a fresh decoder, one per connection."""
+        ...
+
+
+def _require_bytes(codec: str, message: object) -> int:
+    """Return the byte length of ``message`` or raise a clear TypeError."""
+    if isinstance(message, (bytes, bytearray)):
+        return len(message)
+    if isinstance(message, memoryview):
+        return message.nbytes
+    hint = " (encode text to bytes first)" if isinstance(message, str) else ""
+    raise TypeError(
+        f"{codec}.encode() takes bytes, bytearray or memoryview, not {type(message).__name__}{hint}"
+    )
+
+
+# -- length-prefixed ---------------------------------------------------------
+
+_HEADER_FORMATS = {
+    "!B", "!H", "!I", "!Q", ">B", ">H", ">I", ">Q", "<H", "<I", "<Q", "B",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LengthPrefixed:
+    """Payloads behind a fixed-size length header.
+
+    Args:
+        header: a :mod:`struct` format for the unsigned length: ``"!B"``,
+            ``"!H"``, ``"!I"`` (default, 4 bytes big-endian), ``"!Q"``,
+            ``"<H"``, ``"<I"`` or ``"<Q"`` (``">"`` works as ``"!"``).
+        max_frame: the largest payload accepted, in bytes (default 16 MiB).
+            A header announcing more raises :class:`FrameTooLarge` at once,
+            before any of the payload is buffered.
+
+    Messages are :class:`bytes` (any bytes-like object may be sent).
+    """
+
+    header: str = "!I"
+    max_frame: int = 16 * MiB
+    _struct: struct.Struct = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.header not in _HEADER_FORMATS:
+            raise ValueError(
+                f"unsupported length header {self.header!r}; "
+                f"use one of {', '.join(sorted(_HEADER_FORMATS))}"
+            )
+        if not isinstance(self.max_frame, int) or self.max_frame < 0:
+            raise ValueError(f"max_frame must be a non-negative int, got {self.max_frame!r}")
+        packer = struct.Struct(self.header)
+        capacity = (1 << (8 * packer.size)) - 1
+        if self.max_frame > capacity:
+            # A larger bound could never be announced by this header.
+            object.__setattr__(self, "max_frame", capacity)
+        object.__setattr__(self, "_struct", packer)
+
+    @property
+    def header_size(self) -> int:
+        """Size of the length header in bytes."""
+        return self._struct.size
+
+    def encode(self, message: Buffer) -> bytes:
+        """Return the length header followed by ``message``."""
+        size = _require_bytes("LengthPrefixed", message)
+        if size > self.max_frame:
+            raise FrameTooLarge(
+                f"cannot send a {size}-byte frame: max_frame is {self.max_frame}",
+                size=size,
+                limit=self.max_frame,
+            )
+        return self._struct.pack(size) + message
+
+    def decoder(self) -> LengthPrefixedDecoder:
+        """Return a fresh decoder."""
+        return LengthPrefixedDecoder(self._struct, self.max_frame)
+
+
+class LengthPrefixedDecoder:
+    """Decoding state of :class:`LengthPrefixed`."""
+
+    __slots__ = ("_buf", "_header", "_max_frame", "_need", "_unpack_from")
+
+    def __init__(self, packer: struct.Struct, max_frame: int) -> None:
+        self._buf = bytearray()
+        self._unpack_from = packer.unpack_from
+        self._header = packer.size
+        self._max_frame = max_frame
+        # Bytes the buffer must hold before parsing can make progress: this
+        # is what keeps byte-at-a-time feeding linear.
+        self._need = packer.size
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: Buffer) -> list[bytes]:
+        out: list[bytes] = []
+        buf = self._buf
+        if not buf:
+            # Fast path: parse straight from the caller's chunk, buffer only the tail.
+            with memoryview(data) as view:
+                pos = self._parse(view, out)
+                if pos < len(view):
+                    buf += view[pos:]
+            return out
+        buf += data
+        if len(buf) < self._need:
+            return out
+        with memoryview(buf) as view:
+            pos = self._parse(view, out)
+        del buf[:pos]  # bytearray drops its head in O(1)
+        return out
+
+    def _parse(self, view: memoryview, out: list[bytes]) -> int:
+        pos = 0
+        end = len(view)
+        header = self._header
+        unpack_from = self._unpack_from
+        while end - pos >= header:
+            (size,) = unpack_from(view, pos)
+            if size > self._max_frame:
+                raise FrameTooLarge(
+                    f"peer announced a {size}-byte frame; max_frame is {self._max_frame}",
+                    size=size,
+                    limit=self._max_frame,
+                )
+            stop = pos + header + size
+            if stop > end:
+                self._need = stop - pos
+                return pos
+            out.append(bytes(view[pos + header : stop]))
+            pos = stop
+        self._need = header
+        return pos
+
+
+# -- lines -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Lines:
+    """Lines ended by a delimiter.
+
+    Args:
+        delimiter: the bytes that end a line (default ``b"\\n"``; use
+            ``b"\\r\\n"`` for most text protocols).
+        max_line: the longest line accepted, delimiter excluded (default
+            64 KiB). A longer line raises :class:`FrameTooLarge` as soon as
+            more than ``max_line`` bytes are buffered without a delimiter.
+
+    Received messages are the lines without their delimiter; :meth:`encode`
+    appends it.
+    """
+
+    delimiter: bytes = b"\n"
+    max_line: int = 64 * KiB
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.delimiter, bytes) or not self.delimiter:
+            raise ValueError(f"delimiter must be non-empty bytes, got {self.delimiter!r}")
+        if not isinstance(self.max_line, int) or self.max_line < 0:
+            raise ValueError(f"max_line must be a non-negative int, got {self.max_line!r}")
+
+    def encode(self, message: Buffer) -> bytes:
+        """Return ``message`` followed by the delimiter.
+
+        Raises:
+            TypeError: ``message`` is not bytes-like.
+            ValueError: ``message`` contains the delimiter (it would be
+                received as two lines).
+            FrameTooLarge: ``message`` is longer than ``max_line``.
+        """
+        size = _require_bytes("Lines", message)
+        data = bytes(message)
+        if self.delimiter in data:
+            raise ValueError(f"a line cannot contain the delimiter {self.delimiter!r}")
+        if size > self.max_line:
+            raise FrameTooLarge(
+                f"cannot send a {size}-byte line: max_line is {self.max_line}",
+                size=size,
+                limit=self.max_line,
+            )
+        return data + self.delimiter
+
+    def decoder(self) -> LinesDecoder:
+        """Return a fresh decoder."""
+        return LinesDecoder(self.delimiter, self.max_line)
+
+
+class LinesDecoder:
+    """Decoding state of :class:`Lines`."""
+
+    __slots__ = ("_buf", "_delimiter", "_max_line", "_scan")
+
+    def __init__(self, delimiter: bytes, max_line: int) -> None:
+        self._buf = bytearray()
+        self._delimiter = delimiter
+        self._max_line = max_line
+        # Where the next search for the delimiter starts: bytes before it
+        # are known not to begin a delimiter, so they are never rescanned.
+        self._scan = 0
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: Buffer) -> list[bytes]:
+        buf = self._buf
+        buf += data
+        out: list[bytes] = []
+        delimiter = self._delimiter
+        width = len(delimiter)
+        max_line = self._max_line
+        start = 0
+        with memoryview(buf) as view:
+            while True:
+                end = buf.find(delimiter, self._scan)
+                if end < 0:
+                    break
+                if end - start > max_line:
+                    self._too_long(end - start)
+                out.append(bytes(view[start:end]))
+                start = end + width
+                self._scan = start
+        rest = len(buf) - start
+        # Up to width-1 trailing bytes may be the start of a delimiter.
+        if rest - (width - 1) > max_line:
+            self._too_long(rest - (width - 1))
+        if start:
+            del buf[:start]
+        self._scan = max(0, len(buf) - width + 1)
+        return out
+
+    def _too_long(self, size: int) -> None:
+        raise FrameTooLarge(
+            f"peer sent a line of at least {size} bytes; max_line is {self._max_line}",
+            size=size,
+            limit=self._max_line,
+        )
+
+
+# -- raw ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Raw:
+    """No framing: messages are the chunks of bytes as they arrive.
+
+    Args:
+        max_chunk: the largest chunk returned at once (default 64 KiB); a
+            larger read is split.
+    """
+
+    max_chunk: int = 64 * KiB
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_chunk, int) or self.max_chunk < 1:
+            raise ValueError(f"max_chunk must be a positive int, got {self.max_chunk!r}")
+
+    def encode(self, message: Buffer) -> Buffer:
+        """Return ``message`` unchanged (it must be bytes-like)."""
+        _require_bytes("Raw", message)
+        return message
+
+    def decoder(self) -> RawDecoder:
+        """Return a fresh decoder."""
+        return RawDecoder(self.max_chunk)
+
+
+class RawDecoder:
+    """Decoding state of :class:`Raw` (it holds nothing between chunks)."""
+
+    __slots__ = ("_max_chunk",)
+
+    def __init__(self, max_chunk: int) -> None:
+        self._max_chunk = max_chunk
+
+    @property
+    def buffered(self) -> int:
+        return 0
+
+    def feed(self, data: Buffer) -> list[bytes]:
+        size = len(data) if not isinstance(data, memoryview) else data.nbytes
+        step = self._max_chunk
+        if size <= step:
+            return [bytes(data)] if size else []
+        with memoryview(data) as view:
+            return [bytes(view[i : i + step]) for i in range(0, size, step)]

@@ -1,0 +1,95 @@
+"""Time limits: the :class:`Timeouts` of a client and the :class:`ServerTimeouts` of a service.
+
+Both are immutable values. Each field is a number of seconds, or ``None`` for
+no limit. Exceeding one raises :class:`CommTimeout` naming the phase.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["ServerTimeouts", "Timeouts"]
+
+
+def _check(value: object, name: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"timeout {name!r} must be a number of seconds or None, got {value!r}")
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"timeout {name!r} must be >= 0, got {value!r}")
+
+
+class _TimeoutsBase:
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            _check(getattr(self, f.name), f.name)
+
+    def replace(self, **changes: Any) -> Any:
+        """Return a copy with the given fields changed (like :func:`dataclasses.replace`)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+@dataclass(frozen=True)
+class Timeouts(_TimeoutsBase):
+    """Per-phase time limits of a client session, in seconds (``None`` = no limit).
+
+    Precedence: a call's ``timeouts=`` beats the target's, which beats
+    ``open_client(timeouts=)``, which beats these defaults. An override
+    replaces the whole value; build one with :meth:`replace`.
+
+    Attributes:
+        connect: TCP connect plus TLS handshake.
+        send: writing the whole request.
+        first_response: from the request being written to the first byte of
+            the reply.
+        receive: from the first byte of the reply to the whole reply.
+        inactivity: the longest wait for any single read or write to make
+            progress.
+        keepalive: how long an idle connection stays pooled; ``0`` closes
+            the connection after each session.
+        pool: waiting for a free slot when ``max_connections`` are in use.
+    """
+
+    connect: float | None = 10.0
+    send: float | None = None
+    first_response: float | None = None
+    receive: float | None = None
+    inactivity: float | None = 10.0
+    keepalive: float | None = 60.0
+    pool: float | None = None
+
+    def replace(self, **changes: Any) -> Timeouts:
+        """Return a copy with the given fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class ServerTimeouts(_TimeoutsBase):
+    """Per-phase time limits of a service, in seconds (``None`` = no limit).
+
+    Attributes:
+        first_request: from accepting a connection to the first byte of its
+            first request.
+        receive: from the first byte of a request to the whole request.
+        inactivity: the longest wait for any single read or write to make
+            progress.
+        send: writing the whole reply.
+        keepalive: between requests: from the last reply to the first byte of
+            the next request.
+        handshake: the TLS handshake.
+    """
+
+    first_request: float | None = 10.0
+    receive: float | None = None
+    inactivity: float | None = 10.0
+    send: float | None = None
+    keepalive: float | None = 60.0
+    handshake: float | None = 10.0
+
+    def replace(self, **changes: Any) -> ServerTimeouts:
+        """Return a copy with the given fields changed."""
+        return dataclasses.replace(self, **changes)
