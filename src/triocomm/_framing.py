@@ -241,16 +241,23 @@ class Lines:
             FrameTooLarge: ``message`` is longer than ``max_line``.
         """
         size = _require_bytes("Lines", message)
-        data = bytes(message)
-        if self.delimiter in data:
-            raise ValueError(f"a line cannot contain the delimiter {self.delimiter!r}")
         if size > self.max_line:
             raise FrameTooLarge(
                 f"cannot send a {size}-byte line: max_line is {self.max_line}",
                 size=size,
                 limit=self.max_line,
             )
-        return data + self.delimiter
+        delimiter = self.delimiter
+        data = b"".join((message, delimiter))
+        # The first delimiter must be the appended one. Searching the joined
+        # bytes also catches a line that merely *ends* with part of a
+        # delimiter that overlaps itself (b"\r\n" before b"\r\n\r\n").
+        if data.find(delimiter) != size:
+            raise ValueError(
+                f"a line cannot contain the delimiter {delimiter!r}"
+                " (nor end with a part of it that would join the appended one)"
+            )
+        return data
 
     def decoder(self) -> LinesDecoder:
         """Return a fresh decoder."""
@@ -293,13 +300,28 @@ class LinesDecoder:
                 start = end + width
                 self._scan = start
         rest = len(buf) - start
-        # Up to width-1 trailing bytes may be the start of a delimiter.
-        if rest - (width - 1) > max_line:
-            self._too_long(rest - (width - 1))
+        if rest > max_line:
+            self._check_unfinished(buf, rest)
         if start:
             del buf[:start]
         self._scan = max(0, len(buf) - width + 1)
         return out
+
+    def _check_unfinished(self, buf: bytearray, rest: int) -> None:
+        """Fail if the unfinished line at the end of ``buf`` is already too long.
+
+        Trailing bytes that could be the start of a delimiter do not count
+        (yet); every other byte does, so the error comes on the first byte
+        that makes the line too long.
+        """
+        delimiter = self._delimiter
+        line = rest
+        for k in range(min(len(delimiter) - 1, rest), 0, -1):
+            if buf.endswith(delimiter[:k]):
+                line = rest - k
+                break
+        if line > self._max_line:
+            self._too_long(line)
 
     def _too_long(self, size: int) -> None:
         raise FrameTooLarge(
