@@ -299,6 +299,8 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         encode = self._encode
         parts = [encode(v) for v in values]
         if not parts:
+            if self._closed:
+                raise trio.ClosedResourceError(f"connection to {self._peer} is closed")
             await trio.lowlevel.checkpoint()
             return
         await self._write(parts[0] if len(parts) == 1 else b"".join(parts), len(parts))
@@ -501,7 +503,7 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             trio.ClosedResourceError: the connection was closed by us.
             trio.BusyResourceError: another task is receiving.
         """
-        if self._pending:
+        if self._pending and not self._closed:
             await trio.lowlevel.checkpoint_if_cancelled()
             return self._pending.popleft()
         if self._receiving:
