@@ -154,6 +154,8 @@ async def measure(
     run.running = False
     for p in run.pingers:
         p.transport.close()
+    # Let the transports finish closing before the loop is torn down.
+    await asyncio.sleep(0)
     if run.errors:
         raise BenchmarkError("; ".join(run.errors[:3]))
     count = end_count - start_count
