@@ -20,6 +20,10 @@ from ._framing import Decoder as Decoder
 from ._framing import LengthPrefixed as LengthPrefixed
 from ._framing import Lines as Lines
 from ._framing import Raw as Raw
+from ._server import Server as Server
+from ._server import ServerStats as ServerStats
+from ._server import serve as serve
+from ._server import serve_connections as serve_connections
 from ._timeouts import ServerTimeouts as ServerTimeouts
 from ._timeouts import Timeouts as Timeouts
 from ._version import __version__ as __version__
@@ -40,7 +44,11 @@ __all__ = [
     "Lines",
     "ProtocolError",
     "Raw",
+    "Server",
+    "ServerStats",
     "ServerTimeouts",
     "Timeouts",
     "UpstreamUnavailable",
+    "serve",
+    "serve_connections",
 ]

@@ -41,6 +41,8 @@ RECEIVE_SIZE = 64 * 1024
 # the limit measures progress, not the time to write the whole message.
 _WRITE_STEP = 256 * 1024
 _FILE_CHUNK = 256 * 1024
+# Waits for a peer to begin a message that the inactivity limit does not cover.
+_QUIET_PHASES = frozenset({"first_request", "keepalive"})
 
 
 class ConnState(enum.Enum):
@@ -592,7 +594,10 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             deadline = _INF if limit is None else started + limit
         else:
             phase, limit, deadline = "receive", limits.receive, message_deadline
-        if limits.inactivity is not None:
+        # A peer that has not started its next request is not stalled, only
+        # quiet: the first_request / keepalive limit alone bounds that wait,
+        # else inactivity (10 s) would silently cut keep-alive (60 s) short.
+        if limits.inactivity is not None and phase not in _QUIET_PHASES:
             progress = trio.current_time() + limits.inactivity
             if progress < deadline:
                 phase, limit, deadline = "inactivity", limits.inactivity, progress
