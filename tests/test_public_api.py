@@ -1,0 +1,245 @@
+"""The public surface: exactly ``__all__``, documented, and layered.
+
+* ``triocomm`` exports exactly the names in ``__all__`` (sorted), nothing
+  more: anything else is private and may change.
+* Every public name, and every public method or property of a public class,
+  has a docstring of its own.
+* Each layer imports only the layers before it (errors and timeouts →
+  framing → connection → client → server → the command line and test kit),
+  and framing works with Trio missing altogether.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import enum
+import inspect
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+import triocomm
+import triocomm.testing
+
+SRC = Path(triocomm.__file__).parent
+
+# Layer of each private module; a module may import only from layers <= its own,
+# and framing may not import from its own layer's neighbours either.
+LAYERS = {
+    "_errors": 0,
+    "_timeouts": 0,
+    "_version": 0,
+    "_framing": 1,
+    "_connection": 2,
+    "_client": 3,
+    "_pool": 3,
+    "_upstream": 3,
+    "_server": 4,
+    "_cli": 5,
+    "__main__": 5,
+    "testing": 5,
+    "__init__": 5,
+}
+
+
+def public_names(module: types.ModuleType) -> set[str]:
+    return {
+        name
+        for name, value in vars(module).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    }
+
+
+def test_package_surface_is_exactly_all() -> None:
+    exported = list(triocomm.__all__)
+    assert exported == sorted(exported), "keep __all__ sorted"
+    assert len(exported) == len(set(exported))
+    assert public_names(triocomm) == set(exported)
+
+
+def test_testing_kit_exports_what_it_defines() -> None:
+    module = triocomm.testing
+    exported = list(module.__all__)
+    assert exported == sorted(exported), "keep __all__ sorted"
+    for name in exported:
+        assert hasattr(module, name), f"triocomm.testing.__all__ names missing {name!r}"
+    # Helpers it imports are not its API; what it defines without a leading
+    # underscore is.
+    defined_here = {
+        name
+        for name in public_names(module)
+        if getattr(getattr(module, name), "__module__", None) == module.__name__
+        and not isinstance(getattr(module, name), TypeVar)
+    }
+    assert defined_here <= set(exported)
+
+
+def test_design_names_are_public() -> None:
+    for name in [
+        "Codec", "Decoder", "LengthPrefixed", "Lines", "Raw", "Connection", "ConnState",
+        "ConnectionStats", "Idle", "CommError", "ConnectionLost", "FrameTooLarge",
+        "ProtocolError", "CommTimeout", "ConnectError", "UpstreamUnavailable", "Timeouts",
+        "ServerTimeouts",
+    ]:  # fmt: skip
+        assert name in triocomm.__all__
+
+
+def own_docstring(obj: object) -> bool:
+    doc = getattr(obj, "__doc__", None)
+    if not doc or not doc.strip():
+        return False
+    if isinstance(obj, type):
+        # Text that Python writes by itself does not count.
+        if dataclasses.is_dataclass(obj) and doc.startswith(f"{obj.__name__}("):
+            return False
+        if issubclass(obj, enum.Enum) and doc == "An enumeration.":
+            return False
+    return True
+
+
+def public_members(cls: type) -> list[tuple[str, object]]:
+    """Methods and properties a class defines itself (not inherited, not private)."""
+    members = []
+    for name, value in vars(cls).items():
+        if name.startswith("_"):
+            continue
+        if isinstance(value, (staticmethod, classmethod)):
+            value = value.__func__
+        if inspect.isfunction(value) or isinstance(value, property):
+            members.append((name, value))
+    return members
+
+
+@pytest.mark.parametrize("module", [triocomm, triocomm.testing], ids=lambda m: m.__name__)
+def test_every_public_name_is_documented(module: types.ModuleType) -> None:
+    missing = []
+    for name in module.__all__:
+        obj = getattr(module, name)
+        if not own_docstring(obj):
+            missing.append(name)
+        if isinstance(obj, type) and not issubclass(obj, enum.Enum):
+            missing += [
+                f"{name}.{member}"
+                for member, value in public_members(obj)
+                if not own_docstring(value)
+            ]
+    assert missing == []
+
+
+def test_errors_are_a_family() -> None:
+    for name in ["ConnectionLost", "FrameTooLarge", "ProtocolError", "CommTimeout",
+                 "ConnectError", "UpstreamUnavailable"]:  # fmt: skip
+        assert issubclass(getattr(triocomm, name), triocomm.CommError)
+    import trio
+
+    assert issubclass(triocomm.ConnectionLost, trio.BrokenResourceError)
+    assert issubclass(triocomm.CommTimeout, TimeoutError)
+    assert issubclass(triocomm.FrameTooLarge, triocomm.ProtocolError)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every module a source file imports, anywhere in it, as written
+    (relative imports keep their leading dot)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = "." * node.level + (node.module or "")
+            if node.level and not node.module:
+                found.update(base + alias.name for alias in node.names)
+            else:
+                found.add(base)
+    return found
+
+
+def own_module(name: str) -> str | None:
+    """The triocomm module an import refers to, or None for another package."""
+    if name.startswith("."):
+        return name.lstrip(".").split(".")[0] or "__init__"
+    if name == "triocomm" or name.startswith("triocomm."):
+        rest = name.split(".")[1:]
+        return rest[0] if rest else "__init__"
+    return None
+
+
+def test_framing_imports_no_trio_and_nothing_above_errors() -> None:
+    imported = imports_of(SRC / "_framing.py")
+    assert not {name for name in imported if name.split(".")[0] == "trio"}
+    assert {own_module(name) for name in imported} - {None} <= {"_errors"}
+
+
+def test_every_module_has_a_layer_and_imports_downwards() -> None:
+    problems = []
+    for path in sorted(SRC.glob("*.py")):
+        module = path.stem
+        if module not in LAYERS:
+            problems.append(f"{module}: new module, give it a layer in LAYERS ({__file__})")
+            continue
+        for name in imports_of(path):
+            target = own_module(name)
+            if target is None or target == module:
+                continue
+            if target not in LAYERS:
+                problems.append(f"{module} imports unknown module {target}")
+            elif LAYERS[target] > LAYERS[module]:
+                problems.append(f"{module} (layer {LAYERS[module]}) imports {target} "
+                                f"(layer {LAYERS[target]})")  # fmt: skip
+            elif LAYERS[target] == LAYERS[module] and module in ("_framing", "_connection"):
+                problems.append(f"{module} imports its sibling {target}")
+    assert problems == []
+
+
+def test_every_module_starts_with_a_docstring() -> None:
+    for path in sorted(SRC.glob("*.py")):
+        doc = ast.get_docstring(ast.parse(path.read_text()))
+        assert doc, f"{path.name} has no module docstring"
+
+
+def test_framing_runs_without_trio() -> None:
+    # Load _framing.py on its own, with `import trio` made to fail and a
+    # minimal stand-in for the error module (the real one derives
+    # ConnectionLost from a Trio class).
+    script = textwrap.dedent(
+        f"""
+        import importlib.util, sys, types
+        sys.modules["trio"] = None  # any `import trio` now raises ImportError
+        package = types.ModuleType("triocomm")
+        package.__path__ = []
+        errors = types.ModuleType("triocomm._errors")
+        class ProtocolError(Exception): pass
+        class FrameTooLarge(ProtocolError):
+            def __init__(self, message, *, size, limit):
+                super().__init__(message)
+                self.size, self.limit = size, limit
+        errors.ProtocolError, errors.FrameTooLarge = ProtocolError, FrameTooLarge
+        sys.modules["triocomm"], sys.modules["triocomm._errors"] = package, errors
+        spec = importlib.util.spec_from_file_location(
+            "triocomm._framing", {str(SRC / "_framing.py")!r})
+        framing = importlib.util.module_from_spec(spec)
+        sys.modules["triocomm._framing"] = framing
+        spec.loader.exec_module(framing)
+        for codec in (framing.LengthPrefixed(), framing.Lines(), framing.Raw()):
+            assert codec.decoder().feed(codec.encode(b"hi")) == [b"hi"], codec
+        try:
+            framing.LengthPrefixed(max_frame=1).decoder().feed(b"\\0\\0\\0\\2")
+        except FrameTooLarge:
+            pass
+        else:
+            raise SystemExit("no FrameTooLarge")
+        assert "trio" not in [m for m in sys.modules if sys.modules[m] is not None]
+        print("ok")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"

@@ -1,0 +1,99 @@
+"""Timeouts and ServerTimeouts: immutable, validated values with the documented defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import pytest
+
+from triocomm import ServerTimeouts, Timeouts
+
+CLIENT_DEFAULTS = {
+    "connect": 10,
+    "send": None,
+    "first_response": None,
+    "receive": None,
+    "inactivity": 10,
+    "keepalive": 60,
+    "pool": None,
+}
+SERVER_DEFAULTS = {
+    "first_request": 10,
+    "receive": None,
+    "inactivity": 10,
+    "send": None,
+    "keepalive": 60,
+    "handshake": 10,
+}
+BOTH = [(Timeouts, CLIENT_DEFAULTS), (ServerTimeouts, SERVER_DEFAULTS)]
+IDS = ["Timeouts", "ServerTimeouts"]
+
+
+@pytest.mark.parametrize(("cls", "defaults"), BOTH, ids=IDS)
+def test_defaults_match_the_design(cls: Any, defaults: dict[str, Any]) -> None:
+    value = cls()
+    assert {f.name: getattr(value, f.name) for f in dataclasses.fields(value)} == defaults
+
+
+@pytest.mark.parametrize(("cls", "defaults"), BOTH, ids=IDS)
+def test_every_field_accepts_none_zero_and_numbers(cls: Any, defaults: dict[str, Any]) -> None:
+    for name in defaults:
+        for good in (None, 0, 0.5, 3, math.inf):
+            assert getattr(cls(**{name: good}), name) == good
+
+
+@pytest.mark.parametrize(("cls", "defaults"), BOTH, ids=IDS)
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [(-1, ValueError), (-0.001, ValueError), (math.nan, ValueError), ("5", TypeError),
+     (True, TypeError), ([1], TypeError)],
+)  # fmt: skip
+def test_bad_values_are_refused_naming_the_field(
+    cls: Any, defaults: dict[str, Any], bad: object, error: type[Exception]
+) -> None:
+    for name in defaults:
+        with pytest.raises(error, match=name):
+            cls(**{name: bad})
+
+
+@pytest.mark.parametrize(("cls", "defaults"), BOTH, ids=IDS)
+def test_frozen_and_hashable(cls: Any, defaults: dict[str, Any]) -> None:
+    value = cls()
+    name = next(iter(defaults))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(value, name, 1)
+    assert value == cls()
+    assert hash(value) == hash(cls())
+    assert value != value.replace(**{name: 123})
+    assert len({cls(), cls(), value.replace(**{name: 123})}) == 2
+
+
+def test_replace_changes_only_the_named_fields() -> None:
+    base = Timeouts()
+    changed = base.replace(connect=1.5, pool=2)
+    assert type(changed) is Timeouts
+    assert (changed.connect, changed.pool) == (1.5, 2)
+    assert changed.keepalive == base.keepalive == 60
+    assert base.connect == 10  # the original is untouched
+    assert dataclasses.replace(base, connect=1.5, pool=2) == changed
+    server = ServerTimeouts().replace(handshake=None)
+    assert type(server) is ServerTimeouts
+    assert server.handshake is None
+
+
+def test_replace_validates() -> None:
+    with pytest.raises(ValueError, match="keepalive"):
+        Timeouts().replace(keepalive=-1)
+    with pytest.raises(TypeError):
+        Timeouts().replace(no_such_field=1)
+    with pytest.raises(TypeError):
+        ServerTimeouts().replace(connect=1)  # a client-only field
+
+
+def test_client_and_server_values_are_distinct_types() -> None:
+    assert Timeouts() != ServerTimeouts()
+    with pytest.raises(TypeError):
+        Timeouts(first_request=1)  # type: ignore[call-arg]
+    assert "inactivity" in repr(Timeouts())
