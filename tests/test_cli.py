@@ -10,14 +10,29 @@ subprocess is bounded in time and killed if a test leaves it running.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import pytest
+import trio
+import trustme
 from hypothesis import given
 from hypothesis import strategies as st
 
+import triocomm
 from triocomm import _cli
 from triocomm._cli import (
     BenchResult,
@@ -29,6 +44,7 @@ from triocomm._cli import (
     parse_duration,
     parse_size,
 )
+from triocomm.testing import connection_pair
 
 # -- argument values -----------------------------------------------------------
 
@@ -285,3 +301,399 @@ def test_report_json_has_the_documented_fields() -> None:
     assert latency["p50"] == pytest.approx(50, abs=1)
     assert latency["max"] == 1000.0
     assert sum(row["count"] for row in data["histogram"]) == 100
+
+
+# -- pieces of the load generator, without sockets ---------------------------------
+
+
+def test_payloads_are_distinct_sized_and_newline_free() -> None:
+    for size in (1, 5, 64, 1000):
+        make = _cli.payload_maker(size)
+        payloads = {make(worker, serial) for worker in range(3) for serial in range(50)}
+        assert all(len(p) == size for p in payloads)
+        assert not any(b"\n" in p or b"\r" in p for p in payloads)
+        if size >= 64:
+            assert len(payloads) == 150
+
+
+def test_run_budget_hands_out_exactly_n_requests() -> None:
+    run = _cli.LoadRun(10, clock=lambda: 0.0)
+    assert [run.claim(4) for _ in range(4)] == [4, 4, 2, 0]
+    unlimited = _cli.LoadRun(None, clock=lambda: 0.0)
+    assert unlimited.claim(7) == 7
+    unlimited.stopping = True
+    assert unlimited.claim(7) == 0
+
+
+def test_run_counts_latency_and_elapsed_to_the_last_reply() -> None:
+    now = [10.0]
+    run = _cli.LoadRun(None, clock=lambda: now[0])
+    now[0] = 10.25
+    run.answered(10.0)
+    now[0] = 11.0  # nothing answered after 10.25
+    assert run.done == 1
+    assert run.elapsed == pytest.approx(0.25)
+    assert run.latency.max == pytest.approx(250_000)
+    run.failed(triocomm.CommTimeout("first_response", 10, "x"), 3)
+    run.failed(trio.EndOfChannel(), 1)
+    assert run.errors == {"timeout (first_response)": 3, "closed by peer": 1}
+    assert run.error_count == 4
+
+
+def test_progress_lines() -> None:
+    plain = _cli.ProgressDisplay(sys.stderr, live=False, duration=3.0, requests=None)
+    assert plain.interval == 1.0
+    assert plain.line(1.0, 1234, 2, 1234.4) == (
+        "triocomm bench: 1.0 s  1,234 req/s  2 errors  1,234 requests"
+    )
+    live = _cli.ProgressDisplay(sys.stderr, live=True, duration=None, requests=100)
+    text = live.line(0.5, 50, 0, 100.0)
+    assert "[██████████░░░░░░░░░░]" in text
+    assert "50/100 requests" in text
+
+
+def test_live_progress_rewrites_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    live = _cli.ProgressDisplay(sys.stderr, live=True, duration=2.0, requests=None, unicode=False)
+    live.show(1.0, 10, 0, 10.0)
+    live.show(2.0, 20, 0, 10.0)
+    live.close()
+    err = capsys.readouterr().err
+    assert "\n" not in err
+    assert err.count("\r") == 3
+    assert err.endswith("\r\x1b[K")
+    assert "[##########----------]" in err
+
+
+class _ChunkedEcho:
+    """A stand-in for the client: ``run()`` hands the session one end of a memory
+    pair whose other end echoes the bytes back cut into odd-sized chunks (or
+    altered), which is what a raw-codec echo over TCP may do."""
+
+    def __init__(self, nursery: trio.Nursery, *, corrupt_at: int | None = None) -> None:
+        self.nursery = nursery
+        self.corrupt_at = corrupt_at
+
+    async def run(
+        self, target: object, session_fn: Any, *args: Any, timeouts: object = None
+    ) -> Any:
+        ours, theirs = connection_pair(triocomm.Raw())
+        self.nursery.start_soon(self._echo, theirs)
+        async with ours:
+            return await session_fn(ours, *args)
+
+    async def _echo(self, conn: triocomm.Connection[bytes, bytes]) -> None:
+        offset = 0
+        # The client hangs up when it sees damage: that ends the echo too.
+        with trio.move_on_after(5), contextlib.suppress(trio.BrokenResourceError):
+            async with conn:
+                async for chunk in conn:
+                    for start in range(0, len(chunk), 7):
+                        piece = bytearray(chunk[start : start + 7])
+                        if self.corrupt_at is not None and 0 <= self.corrupt_at - offset < 7:
+                            piece[self.corrupt_at - offset] ^= 1
+                        offset += len(piece)
+                        await conn.send(bytes(piece))
+
+
+async def test_raw_session_reassembles_chunks_and_counts_each_request() -> None:
+    make = _cli.payload_maker(64)
+    payloads = [make(0, serial) for serial in range(3)]
+    times: list[float] = []
+    async with trio.open_nursery() as nursery:
+        session = _cli.make_session(_ChunkedEcho(nursery), None, framed=False, depth=3)
+        with trio.fail_after(5):
+            await session(payloads, times.append)
+        assert len(times) == 3
+        corrupt = _cli.make_session(
+            _ChunkedEcho(nursery, corrupt_at=100), None, framed=False, depth=3
+        )
+        answered: list[float] = []
+        with pytest.raises(_cli.EchoMismatch, match="differ"):
+            await corrupt(payloads, answered.append)
+        # The first request (bytes 0-63) was echoed intact before the damage.
+        assert len(answered) == 1
+
+
+# -- the command line as a subprocess ------------------------------------------------
+
+CLI = [sys.executable, "-m", "triocomm"]
+# Generous: the machine is shared; these bound a hang, they time nothing.
+STARTUP = 30
+RUN = 60
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"COLUMNS": "80", "PYTHONIOENCODING": "utf-8"})
+    return env
+
+
+async def run_cli(*args: str, timeout: float = RUN) -> subprocess.CompletedProcess[bytes]:
+    """Run ``python -m triocomm ARGS`` to completion (killed if it outlives ``timeout``)."""
+    with trio.fail_after(timeout):
+        return await trio.run_process(
+            [*CLI, *args], capture_stdout=True, capture_stderr=True, check=False, env=_env()
+        )
+
+
+class Output:
+    """Everything a subprocess wrote on one pipe so far, and a way to wait for more."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.ended = False
+        self._changed = trio.Event()
+
+    async def pump(self, stream: trio.abc.ReceiveStream) -> None:
+        async with stream:
+            while chunk := await stream.receive_some():
+                self.data += chunk
+                self._changed.set()
+                self._changed = trio.Event()
+        self.ended = True
+        self._changed.set()
+
+    async def wait_for(self, pattern: str) -> re.Match[str]:
+        while (match := re.search(pattern, self.text)) is None:
+            if self.ended:
+                raise AssertionError(f"output ended without {pattern!r}: {self.text!r}")
+            await self._changed.wait()
+        return match
+
+    @property
+    def text(self) -> str:
+        return self.data.decode()
+
+
+@dataclass
+class Served:
+    process: trio.Process
+    out: Output
+    err: Output
+    address: str
+
+    async def stop(self, signum: int = signal.SIGINT) -> int:
+        self.process.send_signal(signum)
+        with trio.fail_after(STARTUP):
+            return await self.process.wait()
+
+
+@asynccontextmanager
+async def serving(*args: str) -> AsyncIterator[Served]:
+    """Run ``triocomm serve ARGS`` until the block ends; yield it once it listens."""
+    process = await trio.lowlevel.open_process(
+        [*CLI, "serve", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env()
+    )
+    out, err = Output(), Output()
+    try:
+        async with trio.open_nursery() as nursery:
+            assert process.stdout is not None
+            assert process.stderr is not None
+            nursery.start_soon(out.pump, process.stdout)
+            nursery.start_soon(err.pump, process.stderr)
+            with trio.fail_after(STARTUP):
+                match = await out.wait_for(r"listening on (\S+)\n")
+            yield Served(process, out, err, match.group(1))
+            if process.returncode is None:
+                process.kill()
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
+
+
+def _no_traceback(result: subprocess.CompletedProcess[bytes]) -> None:
+    assert b"Traceback" not in result.stderr, result.stderr.decode()
+    assert b"Traceback" not in result.stdout
+
+
+async def test_python_m_triocomm_help() -> None:
+    result = await run_cli("--help")
+    assert result.returncode == 0
+    assert b"usage: triocomm" in result.stdout
+    assert b"serve" in result.stdout
+    assert b"bench" in result.stdout
+
+
+async def test_bad_arguments_exit_2_with_usage_and_one_error_line() -> None:
+    result = await run_cli("bench", "--conns", "0")
+    assert result.returncode == 2
+    _no_traceback(result)
+    lines = result.stderr.decode().strip().splitlines()
+    assert lines[0].startswith("usage: triocomm bench")
+    why = "conns must be a whole number between 1 and 10000, got '0'"
+    assert lines[-1] == f"triocomm bench: error: argument --conns: {why}"
+    assert result.stdout == b""
+
+
+def _closed_port() -> int:
+    # A port that was free a moment ago: nothing listens on it.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_unreachable_address_is_one_clear_line_and_status_1(tmp_path: Path) -> None:
+    port = _closed_port()
+    result = await run_cli("bench", f"127.0.0.1:{port}", "--requests", "10")
+    assert result.returncode == 1
+    _no_traceback(result)
+    lines = result.stderr.decode().strip().splitlines()
+    assert lines == [f"triocomm bench: cannot connect to 127.0.0.1:{port}: Connection refused"]
+    assert result.stdout == b""
+    missing = tmp_path / "nobody.sock"
+    result = await run_cli("bench", str(missing), "--requests", "10")
+    assert result.returncode == 1
+    _no_traceback(result)
+    assert result.stderr.decode().strip().splitlines() == [
+        f"triocomm bench: cannot connect to {missing}: No such file or directory"
+    ]
+
+
+async def test_serve_on_a_busy_port_is_one_clear_line_and_status_1() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = await run_cli("serve", "--port", str(port))
+    assert result.returncode == 1
+    _no_traceback(result)
+    assert result.stderr.decode().strip().splitlines() == [
+        f"triocomm serve: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    ("codec", "where", "pipeline", "signum"),
+    [
+        ("length", "tcp", 1, signal.SIGINT),
+        ("lines", "unix", 4, signal.SIGTERM),
+        ("raw", "tcp", 3, signal.SIGINT),
+        ("length", "tcp6", 8, signal.SIGTERM),
+    ],
+)
+async def test_serve_then_bench_against_it_then_signal(
+    codec: str, where: str, pipeline: int, signum: int, tmp_path: Path
+) -> None:
+    if where == "tcp6" and not _ipv6_loopback():
+        pytest.skip("no IPv6 loopback")
+    place = {
+        "tcp": ["--port", "0"],
+        "tcp6": ["--host", "::1", "--port", "0"],
+        "unix": ["--unix", str(tmp_path / "echo.sock")],
+    }[where]
+    async with serving("--codec", codec, *place) as served:
+        assert served.out.text.startswith(f"triocomm: echo service ({codec}) listening on ")
+        if where == "tcp6":
+            assert served.address.startswith("[::1]:")
+        requests = 203  # not a multiple of the pipeline depth or the connections
+        result = await run_cli(
+            "bench", served.address, "--codec", codec, "--conns", "3",
+            "--pipeline", str(pipeline), "--size", "100", "--requests", str(requests), "--json",
+        )  # fmt: skip
+        _no_traceback(result)
+        assert result.returncode == 0, result.stderr.decode()
+        report = json.loads(result.stdout)
+        assert report["requests"] == requests
+        assert report["errors"] == 0
+        assert report["errors_by_kind"] == {}
+        assert report["requests_per_s"] > 0
+        latency = report["latency_us"]
+        assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"]
+        assert report["settings"]["pipeline"] == pipeline
+        status = await served.stop(signum)
+        assert status == 0
+        await served.out.wait_for("stopped")
+    name = signal.Signals(signum).name
+    assert f"triocomm: {name} received, shutting down" in served.out.text
+    assert "triocomm: echo service stopped" in served.out.text
+    assert "Traceback" not in served.err.text
+
+
+async def test_sigint_stops_serve_promptly_with_an_idle_client_connected() -> None:
+    async with serving("--port", "0", "--grace", "20") as served:
+        host, _, port = served.address.rpartition(":")
+        stream = await trio.open_tcp_stream(host, int(port))
+        async with stream:
+            conn = triocomm.Connection(stream, triocomm.LengthPrefixed())
+            await conn.send(b"ping")
+            assert await conn.receive() == b"ping"
+            # The connection is now idle in keep-alive: shutdown closes it
+            # at once instead of waiting out the 20 s grace.
+            with trio.fail_after(10):
+                assert await served.stop(signal.SIGINT) == 0
+            with trio.fail_after(5), pytest.raises((trio.EndOfChannel, triocomm.ConnectionLost)):
+                await conn.receive()
+    assert "echo service stopped (1 connections, 1 requests served)" in served.out.text
+
+
+async def test_serve_and_bench_over_tls(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert_file, key_file, ca_file = (tmp_path / n for n in ("cert.pem", "key.pem", "ca.pem"))
+    cert_file.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(str(key_file))
+    ca.cert_pem.write_to_path(str(ca_file))
+    async with serving(
+        "--port", "0", "--tls-cert", str(cert_file), "--tls-key", str(key_file)
+    ) as served:
+        assert "(length, TLS)" in served.out.text
+        result = await run_cli(
+            "bench", served.address, "--tls-ca", str(ca_file), "--requests", "50", "--json"
+        )
+        assert result.returncode == 0, result.stderr.decode()
+        report = json.loads(result.stdout)
+        assert (report["requests"], report["errors"]) == (50, 0)
+        assert report["settings"]["tls"] is True
+        assert await served.stop() == 0
+
+
+async def test_bench_with_the_wrong_codec_says_so() -> None:
+    async with serving("--port", "0", "--codec", "length") as served:
+        # A line's first four bytes read as a huge length: the service drops
+        # the connection, and bench explains instead of printing a traceback.
+        result = await run_cli("bench", served.address, "--codec", "lines", "--requests", "10")
+        assert result.returncode == 1
+        _no_traceback(result)
+        lines = result.stderr.decode().strip().splitlines()
+        assert len(lines) == 1
+        assert lines[0].startswith(f"triocomm bench: the first request to {served.address} failed")
+        assert await served.stop() == 0
+
+
+async def test_embedded_bench_json() -> None:
+    result = await run_cli("bench", "--duration", "1", "--conns", "2", "--json")
+    _no_traceback(result)
+    assert result.returncode == 0, result.stderr.decode()
+    report = json.loads(result.stdout)
+    assert report["settings"]["embedded"] is True
+    assert report["settings"]["duration"] == 1.0
+    assert report["requests"] > 0
+    assert report["errors"] == 0
+    assert report["requests_per_s"] > 0
+    assert set(report["latency_us"]) >= {"p50", "p90", "p99", "max"}
+    assert "embedded echo service (length) on 127.0.0.1:" in result.stderr.decode()
+
+
+async def test_embedded_bench_prints_report_and_histogram() -> None:
+    result = await run_cli("bench", "--requests", "300", "--pipeline", "2")
+    _no_traceback(result)
+    assert result.returncode == 0, result.stderr.decode()
+    text = result.stdout.decode()
+    assert "(embedded echo service), codec length, 8 connections" in text
+    assert "requests   300 in " in text
+    assert "errors     0 (every reply checked)" in text
+    assert re.search(r"latency    min .* p50 .* p90 .* p99 .* max ", text)
+    bars = [line for line in text.splitlines() if "│" in line or "|" in line]
+    assert bars
+    assert sum(int(line.split()[-2]) for line in bars) == 300

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import functools
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import signal
@@ -748,7 +750,7 @@ async def _start_echo_service(
     ssl_context: ssl.SSLContext | None = None,
 ) -> Any:
     """Start ``triocomm.serve`` with the echo handler in ``nursery``; return its Server."""
-    from ._server import serve  # type: ignore[import-not-found]
+    from ._server import serve
 
     where = path if path is not None else str(TcpAddress(host or "*", port or 0))
     try:
@@ -926,50 +928,51 @@ def make_session(
     """Return ``session(payloads, answered)``: send the payloads, check every echo.
 
     One request without pipelining is one ``client.request`` (the API most
-    programs use). Pipelined or raw requests borrow a connection with
-    ``client.connection``: the D requests go out in one write, then D replies
-    are read. The raw codec has no message boundaries, so its replies are
-    reassembled and compared byte for byte.
+    programs use). A pipelined batch is one ``client.run`` session: the D
+    requests go out in one write, then D replies are read. The raw codec has
+    no message boundaries, so its replies are reassembled and compared byte
+    for byte. ``answered(sent_at)`` is called for each checked reply.
     """
     clock = trio.current_time
-    extra = {} if timeouts is None else {"timeouts": timeouts}
 
     async def one_request(payloads: list[bytes], answered: Callable[[float], None]) -> None:
         sent_at = clock()
-        reply = await client.request(target, payloads[0], **extra)
+        reply = await client.request(target, payloads[0], timeouts=timeouts)
         _check(reply, payloads[0])
         answered(sent_at)
 
-    async def pipelined(payloads: list[bytes], answered: Callable[[float], None]) -> None:
-        async with client.connection(target, **extra) as conn:
-            sent_at = clock()
-            await conn.send_many(payloads)
-            for payload in payloads:
-                _check(await conn.receive(), payload)
+    async def pipelined(
+        conn: Any, payloads: list[bytes], answered: Callable[[float], None]
+    ) -> None:
+        sent_at = clock()
+        await conn.send_many(payloads)
+        for payload in payloads:
+            _check(await conn.receive(), payload)
+            answered(sent_at)
+
+    async def raw(conn: Any, payloads: list[bytes], answered: Callable[[float], None]) -> None:
+        sent_at = clock()
+        await conn.send_many(payloads)
+        expected = b"".join(payloads)
+        size = len(payloads[0])
+        received = 0
+        while received < len(expected):
+            chunk = await conn.receive()
+            end = received + len(chunk)
+            if chunk != expected[received:end]:
+                raise EchoMismatch(f"bytes {received}-{end} of the echo differ from what was sent")
+            # Every request whose last byte has now arrived is answered.
+            for _ in range(received // size, end // size):
                 answered(sent_at)
+            received = end
 
-    async def raw(payloads: list[bytes], answered: Callable[[float], None]) -> None:
-        async with client.connection(target, **extra) as conn:
-            sent_at = clock()
-            await conn.send_many(payloads)
-            expected = b"".join(payloads)
-            size = len(payloads[0])
-            received = 0
-            while received < len(expected):
-                chunk = await conn.receive()
-                end = received + len(chunk)
-                if chunk != expected[received:end]:
-                    raise EchoMismatch(
-                        f"bytes {received}-{end} of the echo differ from what was sent"
-                    )
-                # Every request whose last byte has now arrived is answered.
-                for _ in range(received // size, end // size):
-                    answered(sent_at)
-                received = end
+    async def batch(payloads: list[bytes], answered: Callable[[float], None]) -> None:
+        # A retry (a stale pooled connection) only happens before any reply
+        # byte, so no request is counted twice.
+        body = pipelined if framed else raw
+        await client.run(target, body, payloads, answered, timeouts=timeouts)
 
-    if not framed:
-        return raw
-    return one_request if depth == 1 else pipelined
+    return one_request if framed and depth == 1 else batch
 
 
 async def _worker(index: int, run: LoadRun, session: Session, depth: int, size: int) -> None:
@@ -1108,10 +1111,29 @@ class _BenchControl:
 
 
 def _cause(exc: BaseException) -> str:
-    cause = exc.__cause__
-    if isinstance(cause, OSError) and cause.strerror:
-        return cause.strerror
-    return str(cause or exc)
+    """The most specific reason behind ``exc``: the innermost OS error message
+    along its causes and inside exception groups ("Connection refused" rather
+    than "all attempts to connect to ... failed")."""
+    reason = None
+    stack = [exc]
+    for _ in range(100):  # bounded, whatever shape the chain has
+        if not stack:
+            break
+        current = stack.pop()
+        if isinstance(current, ssl.SSLError):
+            reason = str(current)
+        elif isinstance(current, OSError) and (current.errno or 0) in errno.errorcode:
+            # Trio words it "Error connecting to (...): Connection refused";
+            # the address is in our own message already.
+            reason = os.strerror(current.errno or 0)
+        elif isinstance(current, OSError) and current.strerror:
+            reason = current.strerror  # e.g. a resolver error, whose errno is not an errno
+        inner = getattr(current, "exceptions", None)
+        if isinstance(inner, tuple):
+            stack.extend(reversed(inner))
+        if current.__cause__ is not None:
+            stack.append(current.__cause__)
+    return reason or str(exc.__cause__ or exc)
 
 
 async def _probe(session: Session, settings: BenchSettings) -> None:
@@ -1139,7 +1161,7 @@ async def _probe(session: Session, settings: BenchSettings) -> None:
 
 
 def _target(address: Address, codec: Codec[bytes, bytes], conns: int, tls_ca: str | None) -> Any:
-    from ._client import Target  # type: ignore[import-not-found]
+    from ._client import Target
 
     if isinstance(address, UnixAddress):
         return Target.unix(address.path, codec, max_connections=conns)
