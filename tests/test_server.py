@@ -1,0 +1,766 @@
+"""Tests of the server: serve / serve_connections over TCP, Unix sockets and TLS.
+
+Every client here is a raw Trio stream that writes and parses frames by hand,
+so a bug in triocomm's own client cannot hide a bug in the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import ssl
+import struct
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+import trustme
+
+import triocomm
+from triocomm import Connection, Idle, LengthPrefixed, Server, ServerTimeouts
+from triocomm._server import MAX_REPLY_BATCH
+
+CODEC = LengthPrefixed()
+LOOPBACK = "127.0.0.1"
+
+
+def frame(payload: bytes) -> bytes:
+    return struct.pack("!I", len(payload)) + payload
+
+
+class RawClient:
+    """A hand-written client: length-prefixed frames over a bare Trio stream."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.buffer = bytearray()
+
+    async def send(self, *payloads: bytes) -> None:
+        await self.stream.send_all(b"".join(frame(p) for p in payloads))
+
+    def _parse(self) -> bytes | None:
+        if len(self.buffer) < 4:
+            return None
+        (size,) = struct.unpack_from("!I", self.buffer)
+        if len(self.buffer) < 4 + size:
+            return None
+        payload = bytes(self.buffer[4 : 4 + size])
+        del self.buffer[: 4 + size]
+        return payload
+
+    async def receive(self, count: int = 1) -> list[bytes]:
+        out: list[bytes] = []
+        while len(out) < count:
+            payload = self._parse()
+            if payload is not None:
+                out.append(payload)
+                continue
+            data = await self.stream.receive_some(65536)
+            if not data:
+                raise EOFError(f"server closed after {len(out)} of {count} replies")
+            self.buffer += data
+        return out
+
+    async def request(self, payload: bytes) -> bytes:
+        await self.send(payload)
+        (reply,) = await self.receive()
+        return reply
+
+    async def closed_by_server(self) -> bool:
+        """True when the server closed (EOF or reset) before sending anything more."""
+        try:
+            data = await self.stream.receive_some(65536)
+        except trio.BrokenResourceError:
+            return True
+        return data == b""
+
+    async def aclose(self) -> None:
+        await trio.aclose_forcefully(self.stream)
+
+
+async def connect(server: Server) -> RawClient:
+    port = server.port
+    assert port is not None
+    return RawClient(await trio.open_tcp_stream(LOOPBACK, port))
+
+
+async def echo(request: bytes, conn: Connection[bytes, bytes]) -> bytes:
+    return request
+
+
+@asynccontextmanager
+async def running(
+    handler: Callable[..., Awaitable[Any]],
+    *,
+    entry: Callable[..., Awaitable[None]] = triocomm.serve,
+    **options: Any,
+) -> AsyncIterator[Server]:
+    options.setdefault("codec", CODEC)
+    if "path" not in options:
+        options.setdefault("host", LOOPBACK)
+        options.setdefault("port", 0)
+    async with trio.open_nursery() as nursery:
+        server: Server = await nursery.start(partial(entry, handler, **options))
+        try:
+            yield server
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def start_fails(**options: Any) -> None:
+    """Start a service that is expected to fail; raise its error as itself."""
+    options.setdefault("codec", CODEC)
+    with trio.fail_after(5):  # a service that does start fails the test with TooSlowError
+        await triocomm.serve(echo, **options)
+
+
+async def settled(server: Server, open_connections: int = 0) -> None:
+    """Wait until the service's connection tasks caught up (closed ones have ended)."""
+    with trio.fail_after(5):
+        while server.stats.connections_open != open_connections:
+            await trio.sleep(0.005)
+
+
+async def reconnect(path: str) -> RawClient:
+    return RawClient(await trio.open_unix_socket(path))
+
+
+def server_records(caplog: pytest.LogCaptureFixture, level: int = logging.INFO) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("triocomm") and r.levelno >= level
+    ]
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture(scope="module")
+def tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost", LOOPBACK).configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    return server_context, client_context
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[str]:
+    # Unix socket paths must fit in 108 bytes; pytest's tmp_path may not.
+    path = tempfile.mkdtemp(prefix="tcs-", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# -- basics ----------------------------------------------------------------------
+
+
+async def test_echo_over_tcp_reports_port_addresses_and_stats() -> None:
+    async with running(echo) as server:
+        assert server.port not in (None, 0)
+        assert server.addresses == [(LOOPBACK, server.port)]
+        client = await connect(server)
+        assert await client.request(b"hello") == b"hello"
+        assert await client.request(b"") == b""
+        assert server.stats.connections_open == 1
+        await client.aclose()
+        with trio.fail_after(5):
+            while server.stats.connections_open:
+                await trio.sleep(0.01)
+        assert server.stats.connections_total == 1
+        assert server.stats.sessions == 2
+        assert not server.stats.errors
+
+
+async def test_none_means_no_reply_and_order_is_kept() -> None:
+    async def handler(request: bytes, conn: Connection[bytes, bytes]) -> bytes | None:
+        return None if request == b"quiet" else request.upper()
+
+    async with running(handler) as server:
+        client = await connect(server)
+        await client.send(b"a", b"quiet", b"b", b"quiet", b"c")
+        assert await client.receive(3) == [b"A", b"B", b"C"]
+        await client.aclose()
+
+
+async def test_seq_counts_requests_per_connection() -> None:
+    async def handler(request: bytes, conn: Connection[bytes, bytes]) -> bytes:
+        conn.context.setdefault("seen", []).append(conn.seq)
+        return str(conn.seq).encode()
+
+    async with running(handler) as server:
+        first, second = await connect(server), await connect(server)
+        assert [await first.request(b"x") for _ in range(3)] == [b"0", b"1", b"2"]
+        assert await second.request(b"x") == b"0"
+        await first.send(b"p", b"q")
+        assert await first.receive(2) == [b"3", b"4"]
+        await first.aclose()
+        await second.aclose()
+
+
+async def test_pipelined_burst_is_answered_in_order_in_one_write() -> None:
+    writes: list[int] = []
+
+    async def handler(request: bytes, conn: Connection[bytes, bytes]) -> bytes:
+        if "counted" not in conn.context:
+            conn.context["counted"] = True
+            send_all = conn._send_all
+
+            async def counting_send_all(data: Any) -> None:
+                writes.append(len(data))
+                await send_all(data)
+
+            conn._send_all = counting_send_all  # type: ignore[method-assign]
+        # Some replies take a scheduling round, some do not: order must hold anyway.
+        if int(request) % 3 == 0:
+            await trio.sleep(0)
+        return request
+
+    async with running(handler) as server:
+        client = await connect(server)
+        requests = [str(i).encode() for i in range(50)]
+        await client.send(*requests)  # one write, so one read on the server
+        assert await client.receive(50) == requests
+        assert writes == [sum(len(frame(r)) for r in requests)]
+        await client.aclose()
+
+
+async def test_a_huge_burst_is_flushed_every_max_reply_batch_replies() -> None:
+    writes: list[int] = []
+
+    async def handler(request: bytes, conn: Connection[bytes, bytes]) -> bytes:
+        if not writes and "counted" not in conn.context:
+            conn.context["counted"] = True
+            send_all = conn._send_all
+
+            async def counting_send_all(data: Any) -> None:
+                writes.append(len(data))
+                await send_all(data)
+
+            conn._send_all = counting_send_all  # type: ignore[method-assign]
+        return request
+
+    count = 2 * MAX_REPLY_BATCH + 10
+    async with running(handler) as server:
+        client = await connect(server)
+        requests = [b"r%d" % i for i in range(count)]
+        await client.send(*requests)
+        assert await client.receive(count) == requests
+        sizes = [sum(len(frame(r)) for r in requests[i : i + MAX_REPLY_BATCH]) for i in (0, 256)]
+        assert writes[:2] == sizes
+        assert sum(writes) == sum(len(frame(r)) for r in requests)
+        await client.aclose()
+
+
+async def test_a_client_that_never_reads_is_back_pressured() -> None:
+    """Read-ahead is bounded: while replies cannot leave, the server stops reading."""
+    payload = b"x" * 1024
+    conns: list[Connection[bytes, bytes]] = []
+
+    async def handler(request: bytes, conn: Connection[bytes, bytes]) -> bytes:
+        if not conns:
+            conns.append(conn)
+        return request
+
+    async with running(handler) as server:
+        client = await connect(server)
+        sent = 0
+        total = 64 * 1024 * 1024
+        chunk = frame(payload) * 64
+
+        async def flood() -> None:
+            nonlocal sent
+            while sent < total:
+                await client.stream.send_all(chunk)
+                sent += len(chunk)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flood)
+            # Wait until the flood stalls: the server stopped reading.
+            last, still = -1, 0
+            with trio.fail_after(20):
+                while still < 5:
+                    await trio.sleep(0.05)
+                    still = still + 1 if sent == last else 0
+                    last = sent
+            assert sent < total
+            (conn,) = conns
+            unanswered = conn.stats.bytes_received - conn.stats.bytes_sent
+            # At most one read of requests plus one unfinished frame is held.
+            assert 0 <= unanswered <= 64 * 1024 + len(frame(payload))
+            assert conn.stats.bytes_received < sent
+            nursery.cancel_scope.cancel()
+        await client.aclose()
+
+
+async def test_unix_socket_serves_and_removes_its_file(sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "svc.sock")
+    async with running(echo, path=path) as server:
+        assert server.port is None
+        assert server.addresses == [path]
+        assert os.path.exists(path)
+        client = RawClient(await trio.open_unix_socket(path))
+        assert await client.request(b"over unix") == b"over unix"
+        await client.aclose()
+    assert not os.path.exists(path)
+
+
+async def test_unix_socket_replaces_a_stale_file_and_refuses_live_or_foreign_ones(
+    sock_dir: str,
+) -> None:
+    stale = os.path.join(sock_dir, "stale.sock")
+    leftover = socket.socket(socket.AF_UNIX)
+    leftover.bind(stale)
+    leftover.close()  # the file stays, nobody listens
+    async with running(echo, path=stale) as server:
+        client = RawClient(await trio.open_unix_socket(stale))
+        assert await client.request(b"ok") == b"ok"
+        await client.aclose()
+        with pytest.raises(OSError, match="already listening"):
+            await start_fails(path=stale)
+        assert os.path.exists(stale)
+        again = await reconnect(stale)
+        assert await again.request(b"alive") == b"alive"
+        await again.aclose()
+        assert server.port is None
+    plain = os.path.join(sock_dir, "plain.txt")
+    with open(plain, "w") as f:
+        f.write("keep me")
+    with pytest.raises(FileExistsError):
+        await start_fails(path=plain)
+    with open(plain) as f:
+        assert f.read() == "keep me"
+
+
+async def test_host_none_binds_every_interface() -> None:
+    async with running(echo, host=None) as server:
+        hosts = {address[0] for address in server.addresses}
+        assert hosts <= {"0.0.0.0", "::"}
+        assert "0.0.0.0" in hosts or "::" in hosts
+        client = await connect(server)
+        assert await client.request(b"any") == b"any"
+        await client.aclose()
+
+
+async def test_ipv6_loopback() -> None:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    async with running(echo, host="::1") as server:
+        assert server.port is not None
+        client = RawClient(await trio.open_tcp_stream("::1", server.port))
+        assert await client.request(b"six") == b"six"
+        await client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"port": None}, ValueError),
+        ({"path": "/tmp/x.sock"}, ValueError),  # together with port=0
+        ({"max_connections": 0}, ValueError),
+        ({"max_connections": 1.5}, TypeError),
+        ({"idle": {Idle.READ: 1.0}}, ValueError),  # no on_idle
+        ({"on_idle": echo}, ValueError),  # no idle
+        ({"idle": {Idle.READ: 0}, "on_idle": echo}, ValueError),
+        ({"idle": {"read": 1.0}, "on_idle": echo}, TypeError),
+        ({"timeouts": triocomm.Timeouts()}, TypeError),
+    ],
+)
+async def test_bad_options_fail_before_binding(options: dict[str, Any], error: type) -> None:
+    with pytest.raises(error):
+        await start_fails(**{"port": 0, "host": LOOPBACK, **options})
+
+
+# -- TLS -------------------------------------------------------------------------
+
+
+async def tls_connect(server: Server, client_context: ssl.SSLContext) -> RawClient:
+    assert server.port is not None
+    raw = await trio.open_tcp_stream(LOOPBACK, server.port)
+    stream = trio.SSLStream(raw, client_context, server_hostname="localhost")
+    await stream.do_handshake()
+    return RawClient(stream)
+
+
+async def test_tls_echo(tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    server_context, client_context = tls_contexts
+
+    async def handler(request: bytes, conn: Connection[bytes, bytes]) -> bytes:
+        return b"secure" if conn.is_secure else b"plain"
+
+    async with running(handler, ssl_context=server_context) as server:
+        client = await tls_connect(server, client_context)
+        assert await client.request(b"?") == b"secure"
+        await client.aclose()
+
+
+async def test_failed_tls_handshake_closes_only_that_connection(
+    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext], caplog: pytest.LogCaptureFixture
+) -> None:
+    server_context, client_context = tls_contexts
+    async with running(echo, ssl_context=server_context) as server:
+        good = await tls_connect(server, client_context)
+        bad = await connect(server)
+        await bad.stream.send_all(b"GET / HTTP/1.1\r\n\r\n")  # plaintext, not TLS
+        with trio.fail_after(5):
+            assert await bad.closed_by_server()
+        await settled(server, 1)
+        assert await good.request(b"still here") == b"still here"
+        assert server.stats.errors == {"handshake": 1}
+        (line,) = server_records(caplog)
+        assert "TLS handshake with 127.0.0.1:" in line
+        assert "failed" in line
+        await good.aclose()
+        await bad.aclose()
+
+
+async def test_tls_handshake_has_its_own_timeout(
+    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext], caplog: pytest.LogCaptureFixture
+) -> None:
+    server_context, _ = tls_contexts
+    timeouts = ServerTimeouts(handshake=0.2, first_request=None)
+    async with running(echo, ssl_context=server_context, timeouts=timeouts) as server:
+        silent = await connect(server)
+        with trio.fail_after(5):
+            assert await silent.closed_by_server()
+        await settled(server, 0)
+        (line,) = server_records(caplog)
+        assert "timed out after 0.2s" in line
+        assert "127.0.0.1:" in line
+        await silent.aclose()
+
+
+# -- timeouts --------------------------------------------------------------------
+
+
+async def test_first_request_timeout(caplog: pytest.LogCaptureFixture) -> None:
+    async with running(echo, timeouts=ServerTimeouts(first_request=0.2)) as server:
+        client = await connect(server)
+        with trio.fail_after(5):
+            assert await client.closed_by_server()
+        await settled(server, 0)
+        assert server.stats.errors == {"timeout": 1}
+        (line,) = server_records(caplog)
+        assert "first_request timeout (limit 0.2s)" in line
+        await client.aclose()
+
+
+async def test_keepalive_closes_quietly_and_inactivity_does_not_cut_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    timeouts = ServerTimeouts(keepalive=0.6, inactivity=0.1)
+    async with running(echo, timeouts=timeouts) as server:
+        client = await connect(server)
+        assert await client.request(b"1") == b"1"
+        await trio.sleep(0.3)  # three inactivity periods, well inside keepalive
+        assert await client.request(b"2") == b"2"
+        start = trio.current_time()
+        with trio.fail_after(5):
+            assert await client.closed_by_server()
+        await settled(server, 0)
+        assert trio.current_time() - start >= 0.5
+        assert not server.stats.errors
+        assert server_records(caplog) == []
+        await client.aclose()
+
+
+async def test_slowloris_is_cut_by_the_receive_limit_and_others_are_served(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    timeouts = ServerTimeouts(receive=0.3)
+    async with running(echo, timeouts=timeouts) as server:
+        slow, fast = await connect(server), await connect(server)
+        message = frame(b"a request sent one byte at a time")
+        closed = False
+        with trio.fail_after(5):
+            for byte in message:
+                try:
+                    await slow.stream.send_all(bytes([byte]))
+                except trio.BrokenResourceError:
+                    closed = True
+                    break
+                assert await fast.request(b"fast") == b"fast"
+                await trio.sleep(0.05)
+            assert closed or await slow.closed_by_server()
+        await settled(server, 1)
+        assert server.stats.errors == {"timeout": 1}
+        (line,) = server_records(caplog)
+        assert "receive timeout (limit 0.3s)" in line
+        assert await fast.request(b"after") == b"after"
+        await slow.aclose()
+        await fast.aclose()
+
+
+# -- isolation -------------------------------------------------------------------
+
+
+async def test_handler_exception_closes_only_its_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def handler(request: bytes, conn: Connection[bytes, bytes]) -> bytes:
+        if request == b"boom":
+            raise RuntimeError("handler bug")
+        return request
+
+    async with running(handler) as server:
+        victim, other = await connect(server), await connect(server)
+        await victim.send(b"before", b"boom", b"after")
+        # The reply to the request before the failure is still delivered.
+        assert await victim.receive() == [b"before"]
+        with trio.fail_after(5):
+            assert await victim.closed_by_server()
+        await settled(server, 1)
+        assert await other.request(b"fine") == b"fine"
+        assert server.stats.errors == {"handler": 1}
+        records = [r for r in caplog.records if r.name.startswith("triocomm")]
+        assert len(records) == 1
+        assert records[0].levelno == logging.ERROR
+        assert "127.0.0.1:" in records[0].getMessage()
+        assert "handler bug" in records[0].getMessage()
+        await victim.aclose()
+        await other.aclose()
+
+
+async def test_unencodable_reply_is_a_handler_error(caplog: pytest.LogCaptureFixture) -> None:
+    async def handler(request: bytes, conn: Connection[bytes, bytes]) -> Any:
+        return "text, not bytes"
+
+    async with running(handler) as server:
+        client = await connect(server)
+        await client.send(b"x")
+        with trio.fail_after(5):
+            assert await client.closed_by_server()
+        await settled(server, 0)
+        assert server.stats.errors == {"handler": 1}
+        (line,) = server_records(caplog)
+        assert "cannot encode" in line
+        await client.aclose()
+
+
+async def test_oversized_frame_closes_only_its_connection(caplog: pytest.LogCaptureFixture) -> None:
+    async with running(echo, codec=LengthPrefixed(max_frame=100)) as server:
+        bad, good = await connect(server), await connect(server)
+        await bad.stream.send_all(struct.pack("!I", 1_000_000))
+        with trio.fail_after(5):
+            assert await bad.closed_by_server()
+        await settled(server, 1)
+        assert await good.request(b"ok") == b"ok"
+        assert server.stats.errors == {"frame_too_large": 1}
+        (line,) = server_records(caplog)
+        assert "frame too large" in line
+        assert "127.0.0.1:" in line
+        await bad.aclose()
+        await good.aclose()
+
+
+async def test_codec_error_closes_only_its_connection(caplog: pytest.LogCaptureFixture) -> None:
+    async with running(echo, codec=triocomm.Lines(max_line=16)) as server:
+        bad, good = await connect(server), await connect(server)
+        await good.stream.send_all(b"line\n")
+        assert await good.stream.receive_some(100) == b"line\n"
+        await bad.stream.send_all(b"x" * 64)
+        with trio.fail_after(5):
+            assert await bad.closed_by_server()
+        await settled(server, 1)
+        await good.stream.send_all(b"again\n")
+        assert await good.stream.receive_some(100) == b"again\n"
+        assert server.stats.errors == {"frame_too_large": 1}
+        assert len(server_records(caplog)) == 1
+        await bad.aclose()
+        await good.aclose()
+
+
+class _StrictCodec:
+    """LengthPrefixed, but a payload starting with '!' is a protocol violation."""
+
+    def encode(self, message: bytes) -> bytes:
+        return frame(message)
+
+    def decoder(self) -> Any:
+        inner = CODEC.decoder()
+
+        class Strict:
+            @property
+            def buffered(self) -> int:
+                return inner.buffered
+
+            def feed(self, data: Any) -> list[bytes]:
+                messages = inner.feed(data)
+                for m in messages:
+                    if m.startswith(b"!"):
+                        raise triocomm.ProtocolError(f"forbidden message {m!r}")
+                return messages
+
+        return Strict()
+
+
+async def test_protocol_error_is_logged_as_bad_input(caplog: pytest.LogCaptureFixture) -> None:
+    async with running(echo, codec=_StrictCodec()) as server:
+        bad, good = await connect(server), await connect(server)
+        await bad.send(b"!evil")
+        with trio.fail_after(5):
+            assert await bad.closed_by_server()
+        await settled(server, 1)
+        assert await good.request(b"nice") == b"nice"
+        assert server.stats.errors == {"protocol": 1}
+        (line,) = server_records(caplog, logging.WARNING)
+        assert "bad input" in line
+        assert "forbidden message" in line
+        await bad.aclose()
+        await good.aclose()
+
+
+async def test_peer_vanishing_mid_request_is_counted_as_lost() -> None:
+    async with running(echo) as server:
+        client = await connect(server)
+        await client.stream.send_all(frame(b"complete request")[:8])
+        await client.aclose()
+        with trio.fail_after(5):
+            while server.stats.connections_open:
+                await trio.sleep(0.01)
+        assert server.stats.errors == {"connection_lost": 1}
+
+
+# -- max_connections -------------------------------------------------------------
+
+
+async def test_at_the_limit_the_longest_idle_keepalive_connection_is_evicted() -> None:
+    async with running(echo, max_connections=2) as server:
+        oldest = await connect(server)
+        assert await oldest.request(b"1") == b"1"
+        newer = await connect(server)
+        assert await newer.request(b"2") == b"2"
+        third = await connect(server)
+        with trio.fail_after(5):
+            assert await third.request(b"3") == b"3"
+            assert await oldest.closed_by_server()
+        assert await newer.request(b"still") == b"still"
+        assert server.stats.connections_open == 2
+        for client in (oldest, newer, third):
+            await client.aclose()
+
+
+async def test_at_the_limit_with_nobody_idle_accepting_pauses_until_a_slot_frees() -> None:
+    release = trio.Event()
+    entered = trio.Event()
+
+    async def handler(request: bytes, conn: Connection[bytes, bytes]) -> bytes:
+        if request == b"slow":
+            entered.set()
+            await release.wait()
+        return request
+
+    async with running(handler, max_connections=1) as server:
+        busy = await connect(server)
+        await busy.send(b"slow")
+        await entered.wait()
+        waiting = await connect(server)  # completes in the kernel's backlog
+        await waiting.send(b"queued")
+        await trio.sleep(0.2)
+        assert server.stats.connections_total == 1
+        assert server.stats.connections_open == 1
+        release.set()
+        assert await busy.receive() == [b"slow"]
+        await busy.aclose()
+        with trio.fail_after(5):
+            assert await waiting.receive() == [b"queued"]
+        assert server.stats.connections_total == 2
+        await waiting.aclose()
+
+
+# -- serve_connections -----------------------------------------------------------
+
+
+async def test_serve_connections_push_and_stream() -> None:
+    async def handler(conn: Connection[bytes, bytes]) -> None:
+        await conn.send(b"welcome")  # server speaks first
+        async for message in conn:
+            await conn.send_many([message, message])
+        await conn.send(b"bye")  # unreachable: the peer closed
+
+    async with running(handler, entry=triocomm.serve_connections) as server:
+        client = await connect(server)
+        assert await client.receive() == [b"welcome"]
+        await client.send(b"x")
+        assert await client.receive(2) == [b"x", b"x"]
+        await client.aclose()
+        with trio.fail_after(5):
+            while server.stats.connections_open:
+                await trio.sleep(0.01)
+        assert server.stats.sessions == 1
+        assert not server.stats.errors
+
+
+async def test_serve_connections_handler_exception_is_isolated(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def handler(conn: Connection[bytes, bytes]) -> None:
+        async for message in conn:
+            if message == b"boom":
+                raise ValueError("bad day")
+            await conn.send(message)
+
+    async with running(handler, entry=triocomm.serve_connections) as server:
+        victim, other = await connect(server), await connect(server)
+        await victim.send(b"boom")
+        with trio.fail_after(5):
+            assert await victim.closed_by_server()
+        await settled(server, 1)
+        assert await other.request(b"ok") == b"ok"
+        assert server.stats.errors == {"handler": 1}
+        (line,) = server_records(caplog)
+        assert "bad day" in line
+        assert "127.0.0.1:" in line
+        await victim.aclose()
+        await other.aclose()
+
+
+async def test_a_timeout_of_the_handlers_own_backend_is_a_handler_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def handler(conn: Connection[bytes, bytes]) -> None:
+        await conn.receive()
+        raise triocomm.CommTimeout("first_response", 1.0, "backend:6379")
+
+    async with running(handler, entry=triocomm.serve_connections) as server:
+        client = await connect(server)
+        await client.send(b"x")
+        with trio.fail_after(5):
+            assert await client.closed_by_server()
+        await settled(server, 0)
+        assert server.stats.errors == {"handler": 1}
+        await client.aclose()
+
+
+# -- structured concurrency ------------------------------------------------------
+
+
+async def test_nothing_outlives_the_service(
+    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext], sock_dir: str
+) -> None:
+    server_context, client_context = tls_contexts
+    before = open_fds()
+    async with (
+        running(echo, ssl_context=server_context) as tls_server,
+        running(echo, path=os.path.join(sock_dir, "a.sock")) as unix_server,
+    ):
+        clients = [await tls_connect(tls_server, client_context) for _ in range(3)]
+        clients.append(RawClient(await trio.open_unix_socket(unix_server.addresses[0])))
+        for client in clients:
+            assert await client.request(b"hi") == b"hi"
+        for client in clients:
+            await client.aclose()
+    assert open_fds() == before
