@@ -1,0 +1,50 @@
+"""Fault class: slowloris — peers that trickle bytes, or read them one at a time.
+
+A trickle keeps every progress-based limit happy, so only the whole-message
+limits (``receive``, ``send``) can end it. While such peers hang on, everyone
+else is served.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from triocomm import ServerTimeouts
+from triocomm.testing import Fault, fault_client
+
+CLIENTS = 30
+LIMIT = 0.3
+
+
+async def test_server_cuts_trickling_clients_and_serves_others(
+    start_server, invariants, codec, serves
+) -> None:
+    server = await start_server(timeouts=ServerTimeouts(receive=LIMIT))
+    await invariants.mark()
+    big = b"x" * 1000  # would take 50 s at one byte per 0.05 s
+    async with fault_client(
+        Fault.slow_writer(0.05), server.port, codec=codec, requests=[big], connections=CLIENTS
+    ) as peer:
+        await serves(server)  # while all of them trickle
+        with trio.fail_after(5):
+            await peer.wait(hangups=CLIENTS)
+    await invariants.check(servers=[server])
+    assert server.stats.errors["timeout"] == CLIENTS
+    assert peer.received == []
+
+
+async def test_server_cuts_a_client_that_reads_one_byte_per_tick(
+    start_server, invariants, codec, serves
+) -> None:
+    server = await start_server(timeouts=ServerTimeouts(send=LIMIT))
+    await invariants.mark()
+    # 8 MiB of replies to read at 100 bytes a second: the send limit ends it.
+    requests = [b"y" * 60_000] * 140
+    async with fault_client(
+        Fault.slow_reader(0.01), server.port, codec=codec, requests=requests
+    ) as peer:
+        await serves(server)
+        with trio.fail_after(5):
+            await peer.wait(hangups=1)
+    assert server.stats.errors["timeout"] == 1
+    await invariants.check(servers=[server])
