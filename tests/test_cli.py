@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -635,6 +636,40 @@ async def test_sigint_stops_serve_promptly_with_an_idle_client_connected() -> No
             with trio.fail_after(5), pytest.raises((trio.EndOfChannel, triocomm.ConnectionLost)):
                 await conn.receive()
     assert "echo service stopped (1 connections, 1 requests served)" in served.out.text
+
+
+async def test_verbose_serve_logs_connection_opens_and_closes() -> None:
+    async with serving("--port", "0", "-v") as served:
+        host, _, port = served.address.rpartition(":")
+        async with await trio.open_tcp_stream(host, int(port)) as stream:
+            conn = triocomm.Connection(stream, triocomm.LengthPrefixed())
+            await conn.send(b"hello")
+            assert await conn.receive() == b"hello"
+            client_port = stream.socket.getsockname()[1]
+        peer = f"127.0.0.1:{client_port}"
+        with trio.fail_after(STARTUP):
+            await served.err.wait_for(rf"connection #\d+ with {peer} opened")
+            await served.err.wait_for(rf"connection #\d+ with {peer} closed .*1 messages in, 1 out")
+        assert await served.stop() == 0
+
+
+async def test_connections_log_open_and_close_at_debug(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="triocomm.connection")
+    left, right = connection_pair(triocomm.LengthPrefixed())
+    await left.send(b"x")
+    assert await right.receive() == b"x"
+    await left.aclose()
+    await right._break()
+    await left.aclose()
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines[0] == f"connection #{left.id} with memory stream opened"
+    assert lines[1] == f"connection #{right.id} with memory stream opened"
+    assert lines[2].startswith(f"connection #{left.id} with memory stream closed (CLOSED): ")
+    assert "0 messages in, 1 out" in lines[2]
+    assert lines[3].startswith(f"connection #{right.id} with memory stream closed (ERROR): ")
+    assert len(lines) == 4  # closing twice logs once
 
 
 async def test_serve_and_bench_over_tls(tmp_path: Path) -> None:

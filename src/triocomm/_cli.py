@@ -768,14 +768,21 @@ async def _start_echo_service(
 
 
 def _configure_logging(verbosity: int) -> None:
-    """Send the ``triocomm`` logger to stderr: INFO with -v, DEBUG with -vv."""
+    """Send triocomm's log to stderr.
+
+    ``-v``: warnings and notices (INFO) from every part of triocomm, plus each
+    connection's open and close (DEBUG lines of ``triocomm.connection``).
+    ``-vv``: everything at DEBUG. Without ``-v`` only warnings and errors show
+    (through Python's last-resort handler), e.g. a peer that sent bad input.
+    """
     if not verbosity:
         return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
-    logger = logging.getLogger("triocomm")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO if verbosity == 1 else logging.DEBUG)
+    root = logging.getLogger("triocomm")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO if verbosity == 1 else logging.DEBUG)
+    logging.getLogger("triocomm.connection").setLevel(logging.DEBUG)
 
 
 def _say(text: str, stream: IO[str] | None = None) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import logging
 import math
 import os
 from collections import deque
@@ -34,6 +35,9 @@ In = TypeVar("In")
 Out = TypeVar("Out")
 
 _ids = itertools.count(1)
+# Opens and closes are logged at DEBUG, as MINA's LoggingFilter does
+# (`triocomm serve -v` shows them).
+logger = logging.getLogger("triocomm.connection")
 _INF = math.inf
 # Reads ask the stream for at most this much at once.
 RECEIVE_SIZE = 64 * 1024
@@ -198,6 +202,7 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             except OSError:
                 pass
         self._peer = format_address(self._remote) if sock is not None else "memory stream"
+        logger.debug("connection #%d with %s opened", self._id, self._peer)
 
     # -- properties ----------------------------------------------------------
 
@@ -627,6 +632,7 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             self._closed = True
             if self._state is ConnState.CLOSING:
                 self._state = ConnState.CLOSED
+            self._log_closed()
             await self._stream.aclose()
 
     async def _break(self) -> None:
@@ -634,8 +640,22 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         self._state = ConnState.ERROR
         if not self._closed:
             self._closed = True
+            self._log_closed()
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self._stream)
+
+    def _log_closed(self) -> None:
+        if logger.isEnabledFor(logging.DEBUG):
+            stats = self._stats
+            logger.debug(
+                "connection #%d with %s closed (%s): %d messages in, %d out, open %.3fs",
+                self._id,
+                self._peer,
+                self._state.name,
+                stats.messages_received,
+                stats.messages_sent,
+                trio.current_time() - stats.created_at,
+            )
 
     # -- hooks for the client and server layers ------------------------------
 
