@@ -4,6 +4,9 @@ The public surface is exactly the names below; everything else lives in
 private modules and may change.
 """
 
+from ._client import Client as Client
+from ._client import Target as Target
+from ._client import open_client as open_client
 from ._connection import Connection as Connection
 from ._connection import ConnectionStats as ConnectionStats
 from ._connection import ConnState as ConnState
@@ -20,6 +23,7 @@ from ._framing import Decoder as Decoder
 from ._framing import LengthPrefixed as LengthPrefixed
 from ._framing import Lines as Lines
 from ._framing import Raw as Raw
+from ._pool import PoolStats as PoolStats
 from ._server import Server as Server
 from ._server import ServerStats as ServerStats
 from ._server import serve as serve
@@ -29,6 +33,7 @@ from ._timeouts import Timeouts as Timeouts
 from ._version import __version__ as __version__
 
 __all__ = [
+    "Client",
     "Codec",
     "CommError",
     "CommTimeout",
@@ -42,13 +47,16 @@ __all__ = [
     "Idle",
     "LengthPrefixed",
     "Lines",
+    "PoolStats",
     "ProtocolError",
     "Raw",
     "Server",
     "ServerStats",
     "ServerTimeouts",
+    "Target",
     "Timeouts",
     "UpstreamUnavailable",
+    "open_client",
     "serve",
     "serve_connections",
 ]

@@ -1,0 +1,592 @@
+"""The client: targets, ``open_client`` and the session API.
+
+A :class:`Target` says where to connect and how to speak (codec, TLS,
+time limits, pool size, a handshake). :func:`open_client` opens a
+:class:`Client`, whose nursery holds one task per connection; a keep-alive
+pool per target (``_pool.py``) lends those connections to sessions.
+
+A *session* runs in its caller's task: it borrows a connection, sends and
+receives under the per-phase limits of :class:`Timeouts` (applied inside
+:class:`Connection`), and gives the connection back only if it ended cleanly
+with nothing unread. Anything else (an error, a timeout, a cancellation)
+closes the connection, so a late reply can never be read by the next session.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+import os
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import trio
+
+from ._connection import Connection, ConnState
+from ._errors import CommTimeout, ConnectError, ConnectionLost
+from ._pool import KeepAlivePool, PooledConnection, PoolStats
+from ._timeouts import Timeouts
+
+if TYPE_CHECKING:
+    from ._framing import Codec
+
+__all__ = ["Client", "Target", "open_client"]
+
+logger = logging.getLogger("triocomm.client")
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+R = TypeVar("R")
+
+_DEFAULT_TIMEOUTS = Timeouts()
+_INF = math.inf
+
+
+@dataclass(frozen=True)
+class Target(Generic[In, Out]):
+    """Where a client connects, and how it talks there.
+
+    ``Target(host, port, codec)`` is a TCP address: ``host`` is a name, an
+    IPv4 address or an IPv6 address (``"::1"``; brackets are accepted and
+    dropped). Names resolving to several addresses are tried with happy
+    eyeballs (:func:`trio.open_tcp_stream`). ``Target.unix(path, codec)`` is a
+    Unix socket.
+
+    Args:
+        host: host name or address literal.
+        port: TCP port.
+        codec: how messages are framed, e.g. ``LengthPrefixed()``. It must be
+            hashable (the built-in codecs are).
+        ssl_context: speak TLS with this context. Pass
+            ``ssl.create_default_context()`` (add ``cafile=`` for a private
+            CA): it verifies the certificate chain *and* the host name. Nothing
+            is disabled for you; a context that skips verification must be
+            built on purpose.
+        server_hostname: the name to verify the certificate against and to
+            send as SNI; defaults to ``host``. A Unix target with TLS needs it
+            unless the context skips host name checks.
+        timeouts: this target's :class:`Timeouts`; replaces the client's as a
+            whole value.
+        max_connections: the most connections to this target at once (open or
+            being opened); further sessions wait, FIFO, up to
+            ``Timeouts.pool``.
+        on_connect: ``async def on_connect(conn)``, run once on every new
+            connection before its first session, as the session with
+            ``conn.seq == 0`` (AUTH, SELECT, protocol negotiation). If it
+            raises, the connection is closed and the session gets the error.
+
+    Targets are immutable and hashable; equal targets share one pool in a
+    client. ``str(target)`` is its address, as used in error messages.
+    """
+
+    host: str | None
+    port: int | None
+    codec: Codec[In, Out]
+    ssl_context: ssl.SSLContext | None = field(default=None, kw_only=True)
+    server_hostname: str | None = field(default=None, kw_only=True)
+    timeouts: Timeouts | None = field(default=None, kw_only=True)
+    max_connections: int = field(default=200, kw_only=True)
+    on_connect: Callable[[Connection[In, Out]], Awaitable[object]] | None = field(
+        default=None, kw_only=True
+    )
+    path: str | None = field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        if self.path is None:
+            if not isinstance(self.host, str) or not self.host:
+                raise TypeError(f"Target host must be a non-empty str, got {self.host!r}")
+            if self.host.startswith("[") and self.host.endswith("]"):
+                object.__setattr__(self, "host", self.host[1:-1])
+            port = self.port
+            if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+                raise ValueError(f"Target port must be an int in 1..65535, got {port!r}")
+        elif self.host is not None or self.port is not None:
+            raise TypeError("a Unix socket target takes a path, not a host and port")
+        if self.timeouts is not None and not isinstance(self.timeouts, Timeouts):
+            raise TypeError(f"timeouts must be a Timeouts, got {self.timeouts!r}")
+        if (
+            isinstance(self.max_connections, bool)
+            or not isinstance(self.max_connections, int)
+            or self.max_connections < 1
+        ):
+            raise ValueError(f"max_connections must be an int >= 1, got {self.max_connections!r}")
+        if self.ssl_context is not None:
+            if not isinstance(self.ssl_context, ssl.SSLContext):
+                raise TypeError(f"ssl_context must be an ssl.SSLContext, got {self.ssl_context!r}")
+            if (
+                self.path is not None
+                and self.server_hostname is None
+                and self.ssl_context.check_hostname
+            ):
+                raise ValueError(
+                    "a Unix socket target with TLS needs server_hostname= to verify "
+                    "the certificate against"
+                )
+        hash(self)  # fail here, not inside the client, on an unhashable codec
+
+    @classmethod
+    def unix(
+        cls,
+        path: str | os.PathLike[str],
+        codec: Codec[In, Out],
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        timeouts: Timeouts | None = None,
+        max_connections: int = 200,
+        on_connect: Callable[[Connection[In, Out]], Awaitable[object]] | None = None,
+    ) -> Target[In, Out]:
+        """A target reached through the Unix socket at ``path``.
+
+        Takes the same keyword options as :class:`Target`.
+        """
+        return cls(
+            None,
+            None,
+            codec,
+            ssl_context=ssl_context,
+            server_hostname=server_hostname,
+            timeouts=timeouts,
+            max_connections=max_connections,
+            on_connect=on_connect,
+            path=os.fspath(path),
+        )
+
+    @property
+    def address(self) -> str:
+        """``host:port`` (``[v6]:port`` for an IPv6 address) or the Unix path."""
+        if self.path is not None:
+            return self.path
+        host = self.host or ""
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    def __str__(self) -> str:
+        return self.address
+
+    def _tls_hostname(self) -> str | None:
+        if self.server_hostname is not None:
+            return self.server_hostname
+        return self.host
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+async def _open_stream(target: Target[Any, Any]) -> trio.abc.Stream:
+    """Connect (and handshake) to ``target``; failures become :class:`ConnectError`."""
+    where = target.address
+    try:
+        if target.path is not None:
+            stream: trio.SocketStream = await trio.open_unix_socket(target.path)
+        else:
+            assert target.host is not None
+            assert target.port is not None
+            stream = await trio.open_tcp_stream(target.host, target.port)
+    except OSError as exc:
+        # Refused, unreachable, unresolvable (socket.gaierror), no such path.
+        raise ConnectError(f"cannot connect to {where}: {exc}", address=where) from exc
+    if target.ssl_context is None:
+        return stream
+    try:
+        tls = trio.SSLStream(
+            stream,
+            target.ssl_context,
+            server_hostname=target._tls_hostname(),
+            https_compatible=False,
+        )
+        await tls.do_handshake()
+    except BaseException as exc:
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(stream)
+        if isinstance(exc, (trio.BrokenResourceError, ssl.SSLError, ValueError)):
+            # The SSL error (e.g. SSLCertVerificationError) is the useful cause.
+            cause = exc.__cause__ if isinstance(exc.__cause__, ssl.SSLError) else exc
+            raise ConnectError(
+                f"TLS handshake with {where} failed: {cause}", address=where
+            ) from cause
+        raise
+    return tls
+
+
+async def _exchange(conn: Connection[In, Out], message: Out) -> In:
+    """The session of :meth:`Client.request`: send one message, receive one reply."""
+    await conn.send(message)
+    conn._set_state(ConnState.RECEIVING)
+    return await conn.receive()
+
+
+def _apply_limits(conn: Connection[Any, Any], timeouts: Timeouts) -> None:
+    conn._set_limits(
+        send=timeouts.send,
+        first_phase="first_response",
+        first_timeout=timeouts.first_response,
+        receive=timeouts.receive,
+        inactivity=timeouts.inactivity,
+    )
+
+
+def _peer_went_away(exc: BaseException) -> bool:
+    # Closed or reset by the peer: what a stale pooled connection looks like.
+    # Timeouts, bad input and the caller's own errors are not retried.
+    return isinstance(exc, (trio.BrokenResourceError, trio.EndOfChannel))
+
+
+class Client:
+    """Sessions with targets over pooled keep-alive connections.
+
+    Made by :func:`open_client`; valid inside its ``async with`` block. Each
+    method takes the target, ``timeouts=`` (a whole :class:`Timeouts` for this
+    call, beating the target's and the client's) and ``key=`` (for an
+    ``Upstream`` with consistent hashing; a plain :class:`Target` ignores it).
+
+    Sessions run in the caller's task. Errors reach the caller as themselves,
+    never wrapped in an ``ExceptionGroup``.
+    """
+
+    def __init__(self, nursery: trio.Nursery, timeouts: Timeouts | None, retries: int) -> None:
+        self._nursery = nursery
+        self._timeouts = timeouts
+        self._retries = retries
+        self._pools: dict[Target[Any, Any], KeepAlivePool] = {}
+        self._closed = False
+
+    # -- public API ----------------------------------------------------------
+
+    async def request(
+        self,
+        target: Target[In, Out],
+        message: Out,
+        *,
+        timeouts: Timeouts | None = None,
+        key: object = None,
+    ) -> In:
+        """One session: send ``message``, return the one reply.
+
+        Reuses a pooled connection when there is a sound one, else opens one.
+        If a *reused* connection turns out closed or reset before any byte of
+        the reply arrived, the request is sent once more on a fresh connection
+        (``open_client(retries=)``); never once reply bytes arrived.
+
+        Raises:
+            ConnectError: a new connection could not be made.
+            CommTimeout: a limit of :class:`Timeouts` ran out (``phase`` says
+                which); the connection is closed.
+            ConnectionLost: the peer closed or reset the connection before the
+                whole reply arrived.
+            ProtocolError, FrameTooLarge: the reply was not valid for the codec.
+        """
+        return await self._session(
+            target, key, timeouts, lambda conn: _exchange(conn, message), request=True
+        )
+
+    async def run(
+        self,
+        target: Target[In, Out],
+        session_fn: Callable[..., Awaitable[R]],
+        *args: Any,
+        timeouts: Timeouts | None = None,
+        key: object = None,
+    ) -> R:
+        """One session of your own: ``await session_fn(conn, *args)`` on a pooled connection.
+
+        Use it for exchanges that are not one message each way (a pipelined
+        batch, a multi-part reply). The connection goes back to the pool only
+        if ``session_fn`` returns and left nothing unread; if it raises, the
+        connection is closed and the exception reaches you unchanged. The
+        retry rule of :meth:`request` applies: ``session_fn`` is called again
+        on a fresh connection if a reused one was found closed or reset before
+        anything was received.
+        """
+        return await self._session(
+            target, key, timeouts, lambda conn: session_fn(conn, *args), request=False
+        )
+
+    def connection(
+        self,
+        target: Target[In, Out],
+        *,
+        timeouts: Timeouts | None = None,
+        key: object = None,
+    ) -> AbstractAsyncContextManager[Connection[In, Out]]:
+        """Borrow a connection for the duration of an ``async with`` block.
+
+        ``async with client.connection(target) as conn:`` gives you the
+        :class:`Connection` for a longer session (a subscription, a
+        conversation). Leaving the block normally with nothing unread returns
+        it to the pool; leaving by an exception closes it. The block's body
+        cannot be replayed, so there is no retry: a stale pooled connection
+        shows as an error in the body (:class:`ConnectionLost`,
+        :class:`trio.EndOfChannel`).
+        """
+        return self._borrow(target, key, timeouts)
+
+    def stats(self, target: Target[Any, Any]) -> PoolStats:
+        """A :class:`PoolStats` snapshot of ``target``'s pool (zeros if it was never used)."""
+        pool = self._pools.get(target)
+        return PoolStats() if pool is None else pool.stats()
+
+    # -- the seam for Upstream ----------------------------------------------
+    #
+    # A session attempt goes through exactly two points that know what the
+    # caller passed as the destination:
+    #   _resolve(dest, key, tried) -> the Target for this attempt;
+    #   _report(dest, target, ok)  -> how the attempt ended (True: success,
+    #       False: a failure of that address, None: neither, e.g. cancelled
+    #       or the caller's own error).
+    # and _may_retry_connect(dest, tried) says whether a failed *connect* may
+    # be retried (never for a plain Target, whose address just failed).
+    # An Upstream plugs in here and nowhere else.
+
+    def _resolve(
+        self, dest: Target[Any, Any], key: object, tried: list[Target[Any, Any]]
+    ) -> Target[Any, Any]:
+        return dest
+
+    def _report(self, dest: Target[Any, Any], target: Target[Any, Any], ok: bool | None) -> None:
+        return None
+
+    def _may_retry_connect(self, dest: Target[Any, Any], tried: list[Target[Any, Any]]) -> bool:
+        return False
+
+    # -- internals -----------------------------------------------------------
+
+    def _effective_timeouts(self, target: Target[Any, Any], call: Timeouts | None) -> Timeouts:
+        # Whole-value precedence: call > target > client > defaults.
+        if call is not None:
+            return call
+        if target.timeouts is not None:
+            return target.timeouts
+        if self._timeouts is not None:
+            return self._timeouts
+        return _DEFAULT_TIMEOUTS
+
+    def _pool(self, target: Target[Any, Any]) -> KeepAlivePool:
+        pool = self._pools.get(target)
+        if pool is None:
+            if self._closed:
+                raise trio.ClosedResourceError("the client is closed")
+            pool = self._pools[target] = KeepAlivePool(target.address, target.max_connections)
+        return pool
+
+    async def _checkout(
+        self,
+        target: Target[Any, Any],
+        pool: KeepAlivePool,
+        timeouts: Timeouts,
+        fresh: bool,
+    ) -> tuple[PooledConnection, bool]:
+        """Borrow a connection: ``(entry, reused)``. Opens one if the pool has none."""
+        entry = await pool.acquire(timeouts.pool, fresh=fresh)
+        if entry is not None:
+            return entry, True
+        # We hold a CONNECTING slot: the connection's own task opens it.
+        started: list[PooledConnection] = []
+        try:
+            result = await self._nursery.start(
+                pool.connection_task, lambda: self._open(target, timeouts), started
+            )
+        except BaseException:
+            if started:
+                pool.abandon_new(started[0])
+            else:
+                pool.cancel_connecting()
+            raise
+        if isinstance(result, BaseException):
+            pool.cancel_connecting()
+            raise result
+        entry = result
+        if target.on_connect is not None:
+            conn = entry.conn
+            conn._begin_session()  # on_connect is the session with seq == 0
+            _apply_limits(conn, timeouts)
+            try:
+                await target.on_connect(conn)
+            except BaseException:
+                pool.abandon_new(entry)
+                await conn._break()
+                raise
+            if conn._has_unread_bytes:
+                pool.abandon_new(entry)
+                await conn._break()
+                raise ConnectionLost(
+                    f"on_connect left unread data on the connection to {target}; "
+                    "it cannot be reused safely"
+                )
+        pool.connected(entry)
+        return entry, False
+
+    async def _open(self, target: Target[Any, Any], timeouts: Timeouts) -> Connection[Any, Any]:
+        limit = timeouts.connect
+        deadline = _INF if limit is None else trio.current_time() + limit
+        with trio.CancelScope(deadline=deadline):
+            stream = await _open_stream(target)
+            conn: Connection[Any, Any] = Connection(stream, target.codec)
+            if target.host is not None and not _is_ip(target.host):
+                # Name the target as the user wrote it, next to the address.
+                conn._peer = f"{target.address} ({conn.peer})"
+            logger.debug("connected to %s", conn.peer)
+            return conn
+        raise CommTimeout("connect", limit or 0.0, target.address)
+
+    async def _session(
+        self,
+        dest: Target[Any, Any],
+        key: object,
+        call_timeouts: Timeouts | None,
+        body: Callable[[Connection[Any, Any]], Awaitable[R]],
+        *,
+        request: bool,
+    ) -> R:
+        tried: list[Target[Any, Any]] = []
+        retries_left = self._retries
+        fresh = False
+        while True:
+            target = self._resolve(dest, key, tried)
+            tried.append(target)
+            timeouts = self._effective_timeouts(target, call_timeouts)
+            pool = self._pool(target)
+            try:
+                entry, reused = await self._checkout(target, pool, timeouts, fresh)
+            except BaseException as exc:
+                pool.record_failure()
+                connect_failed = isinstance(exc, (ConnectError, CommTimeout))
+                self._report(dest, target, False if connect_failed else None)
+                if connect_failed and self._may_retry_connect(dest, tried):
+                    continue
+                raise
+            conn = entry.conn
+            received_before = conn.stats.bytes_received
+            conn._begin_session()
+            _apply_limits(conn, timeouts)
+            try:
+                result = await body(conn)
+            except BaseException as exc:
+                # Bookkeeping first: the close below may be cancelled.
+                pool.release(entry, reusable=False)
+                pool.record_failure()
+                await conn._break()
+                nothing_received = conn.stats.bytes_received == received_before
+                self._report(dest, target, False if _peer_went_away(exc) else None)
+                if reused and nothing_received and retries_left > 0 and _peer_went_away(exc):
+                    logger.debug("pooled connection to %s was stale; retrying", conn.peer)
+                    retries_left -= 1
+                    fresh = True
+                    continue
+                if request and isinstance(exc, trio.EndOfChannel):
+                    raise ConnectionLost(
+                        f"{conn.peer} closed the connection before replying"
+                    ) from exc
+                raise
+            self._finish(entry, pool, timeouts)
+            self._report(dest, target, True)
+            return result
+
+    def _finish(self, entry: PooledConnection, pool: KeepAlivePool, timeouts: Timeouts) -> None:
+        """A session ended well: pool its connection unless something is left unread."""
+        conn = entry.conn
+        reusable = not entry.peer_spoke(poll=False)
+        if reusable:
+            conn._set_state(ConnState.SUCCESS)
+        else:
+            logger.debug("unrequested data from %s after a session; closing", conn.peer)
+        pool.release(entry, reusable=reusable, keepalive=timeouts.keepalive)
+
+    @asynccontextmanager
+    async def _borrow(
+        self, dest: Target[Any, Any], key: object, call_timeouts: Timeouts | None
+    ) -> AsyncIterator[Connection[Any, Any]]:
+        target = self._resolve(dest, key, [])
+        timeouts = self._effective_timeouts(target, call_timeouts)
+        pool = self._pool(target)
+        try:
+            entry, _ = await self._checkout(target, pool, timeouts, False)
+        except BaseException as exc:
+            pool.record_failure()
+            self._report(dest, target, False if isinstance(exc, ConnectError) else None)
+            raise
+        conn = entry.conn
+        conn._begin_session()
+        _apply_limits(conn, timeouts)
+        try:
+            yield conn
+        except BaseException as exc:
+            pool.release(entry, reusable=False)
+            pool.record_failure()
+            await conn._break()
+            self._report(dest, target, False if _peer_went_away(exc) else None)
+            raise
+        self._finish(entry, pool, timeouts)
+        self._report(dest, target, True)
+
+    def _shutdown(self) -> None:
+        self._closed = True
+        for pool in self._pools.values():
+            pool.close()
+        # Ends every connection task; each closes its own socket.
+        self._nursery.cancel_scope.cancel()
+
+
+class _ClientContext(AbstractAsyncContextManager[Client]):
+    """What :func:`open_client` returns: enters a nursery, yields a :class:`Client`."""
+
+    def __init__(self, timeouts: Timeouts | None, retries: int) -> None:
+        self._timeouts = timeouts
+        self._retries = retries
+        self._nursery_manager: Any = None
+        self._client: Client | None = None
+
+    async def __aenter__(self) -> Client:
+        if self._nursery_manager is not None:
+            raise RuntimeError("an open_client() context can be entered only once")
+        self._nursery_manager = trio.open_nursery()
+        nursery = await self._nursery_manager.__aenter__()
+        self._client = Client(nursery, self._timeouts, self._retries)
+        return self._client
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        assert self._client is not None
+        self._client._shutdown()
+        # The body's exception is not handed to the nursery: it would come out
+        # wrapped in an ExceptionGroup. The connection tasks never raise, so
+        # the nursery ends cleanly and the exception propagates as itself.
+        await self._nursery_manager.__aexit__(None, None, None)
+        return False
+
+
+def open_client(
+    *, timeouts: Timeouts | None = None, retries: int = 1
+) -> AbstractAsyncContextManager[Client]:
+    """Open a :class:`Client`: ``async with triocomm.open_client() as client: ...``.
+
+    Args:
+        timeouts: the client-wide :class:`Timeouts`, used for targets that
+            have none of their own (defaults: ``Timeouts()``).
+        retries: how many times a session is sent again on a fresh
+            connection when a *reused* connection was found closed or reset
+            before any reply byte arrived (0 disables). A failed connect is
+            never retried to the same target.
+
+    Every connection is a task in the client's nursery. Leaving the block
+    closes every connection and waits for every task: no task, socket or file
+    descriptor outlives it.
+    """
+    if timeouts is not None and not isinstance(timeouts, Timeouts):
+        raise TypeError(f"timeouts must be a Timeouts, got {timeouts!r}")
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+    return _ClientContext(timeouts, retries)

@@ -1,0 +1,535 @@
+"""The keep-alive pool: one small, explicit state machine per target.
+
+A :class:`KeepAlivePool` decides which connection serves which session of one
+target, and nothing else: the client (``_client.py``) opens connections and
+runs sessions, the pool lends and takes back. Every connection has an entry
+that moves through four states::
+
+    CONNECTING ──► IN_USE ◄──► IDLE
+        │            │          │
+        └────────────┴──────────┴──► CLOSED
+
+``CONNECTING`` holds a slot while the socket, the TLS handshake and the
+target's ``on_connect`` run; ``IN_USE`` is lent to one session; ``IDLE`` sits
+on a LIFO stack, watched for the keep-alive deadline, the peer closing and
+stray bytes; ``CLOSED`` is final. All bookkeeping happens synchronously in the
+methods below (never after an ``await``), so a cancellation at any checkpoint
+cannot lose a slot, and the counters of :class:`PoolStats` hold at every
+moment.
+
+Each connection lives in a task of the client's nursery
+(:meth:`KeepAlivePool.connection_task`) that owns its socket: it connects,
+waits while sessions use the connection (sessions run in their caller's task,
+so a pooled request costs no hop to another task), watches it while idle, and
+closes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import select
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from ._connection import Connection, ConnState
+from ._errors import CommTimeout
+
+__all__ = ["KeepAlivePool", "PoolStats"]
+
+logger = logging.getLogger("triocomm.client")
+
+_INF = math.inf
+# A graceful close (TLS close_notify) of a connection the pool retires may
+# take this long before the socket is closed regardless.
+_CLOSE_GRACE = 1.0
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """A snapshot of one target's keep-alive pool (``client.stats(target)``).
+
+    Gauges (what is true right now):
+
+    Attributes:
+        open: connections that are connected: ``idle + in_use``.
+        idle: connections waiting in the pool for their next session.
+        in_use: connections lent to a session.
+        connecting: connections being opened (socket, TLS handshake,
+            ``on_connect``); they count toward ``max_connections``.
+        waiting: sessions queued for a slot because ``max_connections`` are
+            taken.
+
+    Counters (since the client opened):
+
+    Attributes:
+        created: connections opened successfully; each served the session it
+            was opened for.
+        reused: sessions served by a pooled connection.
+        closed: opened connections that have been closed since, for any
+            reason.
+        failed: session attempts that raised (a failed connect, a pool
+            timeout, an error, a timeout or a cancellation during the session).
+
+    These always hold: ``open == idle + in_use``, ``open == created - closed``,
+    and ``created + reused`` is the number of session attempts that got a
+    connection.
+    """
+
+    open: int = 0
+    idle: int = 0
+    in_use: int = 0
+    connecting: int = 0
+    waiting: int = 0
+    created: int = 0
+    reused: int = 0
+    closed: int = 0
+    failed: int = 0
+
+
+class _State:
+    CONNECTING = "connecting"
+    IN_USE = "in use"
+    IDLE = "idle"
+    CLOSED = "closed"
+
+
+def _socket_readable(sock: trio.socket.SocketType) -> bool:
+    """Whether the kernel holds bytes (or an EOF) for ``sock``, without blocking."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
+    readable, _, _ = select.select([sock.fileno()], [], [], 0)  # pragma: no cover - Windows
+    return bool(readable)
+
+
+def _raw_socket(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
+    while isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    return stream.socket if isinstance(stream, trio.SocketStream) else None
+
+
+class PooledConnection:
+    """The pool's record of one connection (private to the client layer)."""
+
+    __slots__ = (
+        "_changed",
+        "conn",
+        "graceful",
+        "idle_deadline",
+        "pool",
+        "sock",
+        "spoke",
+        "state",
+        "tls",
+        "watch_exited",
+        "watch_scope",
+    )
+
+    def __init__(self, pool: KeepAlivePool, conn: Connection[Any, Any]) -> None:
+        self.pool = pool
+        self.conn = conn
+        self.state = _State.CONNECTING
+        self.idle_deadline = _INF
+        self.sock = _raw_socket(conn.stream)
+        self.tls = isinstance(conn.stream, trio.SSLStream)
+        self.watch_scope: trio.CancelScope | None = None
+        self.watch_exited: trio.Event | None = None
+        # Whether the connection task closes it politely (it was retired, not
+        # broken or cancelled).
+        self.graceful = True
+        # Set by the idle watcher when the peer sent bytes, closed or reset.
+        self.spoke = False
+        self._changed = trio.Event()
+
+    def wake(self) -> None:
+        """Tell the connection task that the state changed."""
+        # Swap before setting, so the task always waits on an event that the
+        # next change will set, however the two interleave.
+        changed, self._changed = self._changed, trio.Event()
+        changed.set()
+        if self.watch_scope is not None:
+            self.watch_scope.cancel()
+
+    def peer_spoke(self, *, poll: bool = True) -> bool:
+        """Whether the peer sent anything (bytes, EOF, reset) beyond the session.
+
+        ``poll=False`` skips asking the kernel (a system call): the check when
+        a session ends relies on the check when the connection is next lent.
+        """
+        conn = self.conn
+        if self.spoke or conn.is_closed or conn._has_unread_bytes:
+            return True
+        if self.tls and conn.stream.pending():  # type: ignore[attr-defined]
+            return True  # decrypted bytes already buffered inside the TLS object
+        return poll and self.sock is not None and _socket_readable(self.sock)
+
+
+class _Waiter:
+    __slots__ = ("closed", "entry", "event", "fresh", "granted")
+
+    def __init__(self, fresh: bool) -> None:
+        self.fresh = fresh
+        self.event = trio.Event()
+        self.granted = False
+        self.closed = False
+        # None with granted=True: a free slot to open a new connection in.
+        self.entry: PooledConnection | None = None
+
+
+class KeepAlivePool:
+    """The keep-alive connections of one target, and the sessions waiting for one.
+
+    Args:
+        name: the target, as text for errors and logs.
+        max_connections: the most connections (open or being opened) at once.
+
+    Reuse is LIFO: the connection used last is the warmest (its peer is the
+    least likely to have timed it out). Waiters are served FIFO, and a slot or
+    a connection is handed to a waiter directly, so a newcomer never jumps the
+    queue.
+    """
+
+    def __init__(self, name: str, max_connections: int) -> None:
+        self.name = name
+        self.max_connections = max_connections
+        self._idle: list[PooledConnection] = []
+        self._waiters: deque[_Waiter] = deque()
+        self._connecting = 0
+        self._in_use = 0
+        self._created = 0
+        self._reused = 0
+        self._closed = 0
+        self._failed = 0
+        self._closing = False
+
+    def stats(self) -> PoolStats:
+        """A consistent snapshot of the counters (see :class:`PoolStats`)."""
+        idle = len(self._idle)
+        return PoolStats(
+            open=idle + self._in_use,
+            idle=idle,
+            in_use=self._in_use,
+            connecting=self._connecting,
+            waiting=len(self._waiters),
+            created=self._created,
+            reused=self._reused,
+            closed=self._closed,
+            failed=self._failed,
+        )
+
+    def _slots_taken(self) -> int:
+        return self._connecting + self._in_use + len(self._idle)
+
+    # -- lending -------------------------------------------------------------
+
+    async def acquire(
+        self, pool_timeout: float | None, *, fresh: bool = False
+    ) -> PooledConnection | None:
+        """Lend a pooled connection, or grant a slot to open a new one.
+
+        Returns the entry of an idle connection (now ``IN_USE``; counted as
+        reused), or ``None``: the caller then holds a ``CONNECTING`` slot and
+        must end it with :meth:`connected`, :meth:`abandon_new` or
+        :meth:`cancel_connecting`. ``fresh=True`` (the retry after a reused
+        connection failed) always grants a slot for a new connection.
+
+        Raises:
+            CommTimeout: phase ``"pool"``: no slot within ``pool_timeout``.
+            trio.ClosedResourceError: the client is closing.
+        """
+        while True:
+            if self._closing:
+                await trio.lowlevel.checkpoint()
+                raise trio.ClosedResourceError(f"the client of {self.name} is closed")
+            if not fresh:
+                entry = self._take_idle()
+                if entry is not None:
+                    if entry.watch_exited is not None:
+                        # A TLS watcher is inside SSLStream.receive_some, which
+                        # holds the stream's receive lock until it unwinds.
+                        try:
+                            await entry.watch_exited.wait()
+                        except BaseException:
+                            self.release(entry, reusable=False)
+                            raise
+                        if entry.peer_spoke():
+                            self._retire(entry, "the peer sent data while idle")
+                            continue
+                    self._reused += 1
+                    return entry
+            if not self._waiters and self._slots_taken() < self.max_connections:
+                # No checkpoint from here on: the caller must own the slot
+                # before anything can cancel it.
+                self._connecting += 1
+                return None
+            if fresh and self._idle and not self._waiters:
+                # The pool is full of idle connections; make room for a new one.
+                self._retire(self._idle[0], "room for a fresh connection")
+                continue
+            entry = await self._wait(pool_timeout, fresh)
+            if entry is not None:
+                self._reused += 1
+            return entry
+
+    def _take_idle(self) -> PooledConnection | None:
+        """Pop the most recently pooled connection that is still sound (LIFO)."""
+        idle = self._idle
+        now = trio.current_time()
+        while idle:
+            entry = idle.pop()
+            if entry.idle_deadline <= now:
+                self._retire(entry, "keep-alive time is up", popped=True)
+                continue
+            if entry.watch_exited is None and entry.peer_spoke():
+                self._retire(entry, "the peer closed or sent data while idle", popped=True)
+                continue
+            entry.state = _State.IN_USE
+            self._in_use += 1
+            entry.conn._set_state(ConnState.CONNECTED)
+            if entry.watch_scope is not None:
+                # Aborting wait_readable is synchronous: the socket is ours now.
+                entry.watch_scope.cancel()
+            return entry
+        return None
+
+    async def _wait(self, pool_timeout: float | None, fresh: bool) -> PooledConnection | None:
+        waiter = _Waiter(fresh)
+        self._waiters.append(waiter)
+        deadline = _INF if pool_timeout is None else trio.current_time() + pool_timeout
+        try:
+            with trio.CancelScope(deadline=deadline):
+                await waiter.event.wait()
+        except BaseException:
+            self._abandon_wait(waiter)
+            raise
+        if waiter.closed:
+            raise trio.ClosedResourceError(f"the client of {self.name} is closed")
+        if not waiter.granted:
+            self._abandon_wait(waiter)
+            raise CommTimeout("pool", pool_timeout or 0.0, self.name)
+        return waiter.entry
+
+    def _abandon_wait(self, waiter: _Waiter) -> None:
+        """A waiter leaves (cancelled, timed out): it must not take a slot with it."""
+        if not waiter.granted:
+            if not waiter.closed:
+                self._waiters.remove(waiter)
+            return
+        # Granted in the same instant it was cancelled (the netty#9669 race):
+        # pass what it was given on to the next in line.
+        waiter.granted = False
+        if waiter.entry is None:
+            self._connecting -= 1
+            self._slot_freed()
+        else:
+            entry, waiter.entry = waiter.entry, None
+            self._in_use -= 1
+            self._give_back(entry)
+
+    def _grant(self, entry: PooledConnection | None) -> bool:
+        """Hand a connection (or, with ``None``, a free slot) to the first waiter."""
+        if self._closing or not self._waiters:
+            return False
+        waiter = self._waiters.popleft()
+        if entry is not None and waiter.fresh:
+            # A retry must not get another pooled connection: trade it for its slot.
+            entry.state = _State.IN_USE
+            self._in_use += 1
+            self._retire(entry, "room for a fresh connection", regrant=False)
+            entry = None
+        if entry is None:
+            self._connecting += 1
+        else:
+            entry.state = _State.IN_USE
+            self._in_use += 1
+        waiter.granted = True
+        waiter.entry = entry
+        waiter.event.set()
+        return True
+
+    def _slot_freed(self) -> None:
+        self._grant(None)
+
+    # -- taking back ---------------------------------------------------------
+
+    def connected(self, entry: PooledConnection) -> None:
+        """A new connection is ready (``CONNECTING → IN_USE``) for its first session."""
+        if entry.state is not _State.CONNECTING:
+            return  # the client closed meanwhile; the session will fail on it
+        self._connecting -= 1
+        entry.state = _State.IN_USE
+        self._in_use += 1
+        self._created += 1
+
+    def cancel_connecting(self) -> None:
+        """Give back a ``CONNECTING`` slot whose connection never came to be."""
+        self._connecting -= 1
+        self._slot_freed()
+
+    def abandon_new(self, entry: PooledConnection) -> None:
+        """A new connection failed before its first session (e.g. in ``on_connect``)."""
+        if entry.state is _State.CONNECTING:
+            self._connecting -= 1
+            entry.state = _State.CLOSED
+            entry.graceful = False
+            entry.wake()
+            self._slot_freed()
+
+    def record_failure(self) -> None:
+        """Count one failed session attempt."""
+        self._failed += 1
+
+    def release(
+        self, entry: PooledConnection, *, reusable: bool, keepalive: float | None = None
+    ) -> None:
+        """The session on ``entry`` ended: pool the connection or retire it.
+
+        Synchronous on purpose: callers run it first, before any ``await``, so
+        that a cancellation cannot skip it.
+        """
+        if entry.state is not _State.IN_USE:
+            return  # already retired (the client closed while it was lent)
+        if not reusable or keepalive == 0 or self._closing:
+            entry.graceful = reusable
+            self._retire(entry, "not reusable" if not reusable else "keep-alive is 0")
+            return
+        entry.idle_deadline = _INF if keepalive is None else trio.current_time() + keepalive
+        self._in_use -= 1
+        self._give_back(entry)
+
+    def _give_back(self, entry: PooledConnection) -> None:
+        """A sound connection is free: to the first waiter, else onto the idle stack."""
+        if self._grant(entry):
+            return
+        entry.state = _State.IDLE
+        entry.conn._set_state(ConnState.IDLE)
+        self._idle.append(entry)
+        entry.wake()
+
+    def _retire(
+        self,
+        entry: PooledConnection,
+        reason: str,
+        *,
+        popped: bool = False,
+        regrant: bool = True,
+    ) -> None:
+        """Account a connection as closed and tell its task to close it."""
+        if entry.state is _State.IDLE and not popped:
+            self._idle.remove(entry)
+        elif entry.state is _State.IN_USE:
+            self._in_use -= 1
+        elif entry.state is _State.CONNECTING:
+            self._connecting -= 1
+            entry.state = _State.CLOSED
+            entry.wake()
+            if regrant:
+                self._slot_freed()
+            return
+        elif entry.state is _State.CLOSED:
+            return
+        logger.debug("closing connection to %s: %s", entry.conn.peer, reason)
+        entry.state = _State.CLOSED
+        self._closed += 1
+        entry.wake()
+        if regrant:
+            self._slot_freed()
+
+    def close(self) -> None:
+        """The client is closing: refuse new sessions and retire idle connections."""
+        self._closing = True
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            waiter.closed = True
+            waiter.event.set()
+        for entry in list(self._idle):
+            self._retire(entry, "the client is closing")
+
+    # -- the connection task -------------------------------------------------
+
+    async def connection_task(
+        self,
+        open_connection: Callable[[], Awaitable[Connection[Any, Any]]],
+        started: list[PooledConnection],
+        *,
+        task_status: trio.TaskStatus[PooledConnection | Exception] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run one connection's life: connect, serve sessions, keep alive, close.
+
+        Started with ``nursery.start`` by the session that needs a new
+        connection: until ``task_status.started`` it runs under that session
+        (so cancelling the session cancels the connect). A connect failure is
+        handed to the session as a value rather than raised, so it never
+        becomes an ``ExceptionGroup`` and never reaches the client's nursery.
+        ``started`` receives the entry before it is handed over, so the session
+        can retire it even if it is cancelled in that very instant.
+        """
+        try:
+            conn = await open_connection()
+        except Exception as exc:
+            task_status.started(exc)
+            return
+        entry = PooledConnection(self, conn)
+        started.append(entry)
+        task_status.started(entry)
+        try:
+            await self._live(entry)
+        except Exception:  # pragma: no cover - a bug here must not kill the client
+            logger.exception("connection task for %s failed", conn.peer)
+        finally:
+            # Bookkeeping before any await: a cancelled close would skip it.
+            if entry.state is not _State.CLOSED:
+                entry.graceful = False
+                self._retire(entry, "the client is closing")
+            with trio.CancelScope(shield=True):
+                if entry.graceful and not conn.is_closed:
+                    with trio.move_on_after(_CLOSE_GRACE):
+                        await conn.aclose()
+                await trio.aclose_forcefully(conn)
+
+    async def _live(self, entry: PooledConnection) -> None:
+        while True:
+            state = entry.state
+            if state is _State.CLOSED:
+                return
+            if state is _State.IDLE:
+                await self._watch_idle(entry)
+            else:
+                # CONNECTING or IN_USE: the session runs in its own task.
+                await entry._changed.wait()
+
+    async def _watch_idle(self, entry: PooledConnection) -> None:
+        """Wait in keep-alive until the deadline, the peer speaks, or a session borrows it."""
+        conn = entry.conn
+        stream = conn.stream
+        with trio.CancelScope(deadline=entry.idle_deadline) as scope:
+            entry.watch_scope = scope
+            try:
+                if entry.sock is not None and not entry.tls:
+                    await trio.lowlevel.wait_readable(entry.sock)
+                else:
+                    # Over TLS a readable socket may only carry a session
+                    # ticket; only a real receive tells tickets (handled
+                    # inside SSLStream) from data or EOF.
+                    entry.watch_exited = trio.Event()
+                    await stream.receive_some(1)
+                entry.spoke = True
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                entry.spoke = True  # a reset: stale as well
+            finally:
+                entry.watch_scope = None
+                if entry.watch_exited is not None:
+                    entry.watch_exited.set()
+                    entry.watch_exited = None
+        if entry.state is _State.IDLE:
+            if not entry.spoke:
+                self._retire(entry, "keep-alive time is up")
+            else:
+                entry.graceful = False
+                self._retire(entry, "the peer closed or sent data while idle")
