@@ -22,6 +22,10 @@ Python                      RESP2
 ``list``                    array ``*2\\r\\n...`` of any of these
 ==========================  ==================================================
 
+A server built on ``triocomm.serve`` cannot return ``None`` for a null
+reply, because ``serve`` reads ``None`` as "send no reply"; it returns
+:data:`NULL` instead, which encodes exactly like ``None``.
+
 Commands are arrays of bulk strings (:func:`command` builds one). A server may
 also accept *inline* commands, the plain text lines a person types into telnet
 (``PING\\r\\n``): pass ``Resp(inline=True)``.
@@ -39,7 +43,7 @@ from typing import TypeAlias
 
 from triocomm import FrameTooLarge, ProtocolError
 
-__all__ = ["ErrorReply", "Resp", "RespDecoder", "RespValue", "command"]
+__all__ = ["NULL", "ErrorReply", "Null", "Resp", "RespDecoder", "RespValue", "command"]
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -74,6 +78,27 @@ class ErrorReply:
 
 #: Every value RESP2 can carry; see the table in the module docstring.
 RespValue: TypeAlias = int | bytes | str | ErrorReply | list["RespValue"] | None
+
+
+class Null:
+    """The type of :data:`NULL`: a null reply that is not ``None``."""
+
+    _instance: Null | None = None
+
+    def __new__(cls) -> Null:
+        # One instance, so `reply is NULL` works like `reply is None`.
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "NULL"
+
+
+#: A null bulk string to *send* (``$-1``) where ``None`` means something else,
+#: as in a ``triocomm.serve`` handler, for which ``None`` means "no reply".
+#: It is received as ``None``.
+NULL = Null()
 
 
 def command(*args: bytes | str | int) -> list[RespValue]:
@@ -137,7 +162,7 @@ class Resp:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
 
-    def encode(self, message: RespValue) -> bytes:
+    def encode(self, message: RespValue | Null) -> bytes:
         """Return the bytes of one value.
 
         Raises:
@@ -184,7 +209,7 @@ def _encode_into(parts: list[bytes], value: object, depth_left: int, items: int)
         parts.append(b"*%d\r\n" % len(value))
         for item in value:
             items = _encode_into(parts, item, depth_left - 1, items)
-    elif value is None:
+    elif value is None or value is NULL:
         parts.append(b"$-1\r\n")
     elif isinstance(value, bool):
         # bool is an int subclass; True would silently become ":1".
@@ -203,7 +228,7 @@ def _encode_into(parts: list[bytes], value: object, depth_left: int, items: int)
     else:
         raise TypeError(
             f"cannot encode {type(value).__name__} as RESP: use bytes, str, int, None, "
-            "ErrorReply or a list of these"
+            "NULL, ErrorReply or a list of these"
         )
     return items
 

@@ -6,7 +6,7 @@ import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from resp import INT64_MAX, INT64_MIN, ErrorReply, Resp, RespValue, command
+from resp import INT64_MAX, INT64_MIN, NULL, ErrorReply, Null, Resp, RespValue, command
 
 import triocomm
 from triocomm.testing import connection_pair
@@ -331,3 +331,12 @@ async def test_peer_closing_inside_an_array_is_connection_lost() -> None:
         with pytest.raises(triocomm.ConnectionLost, match="middle of a message"):
             with trio.fail_after(5):
                 await right.receive()
+
+
+def test_null_is_a_none_that_serve_does_not_skip() -> None:
+    codec = Resp()
+    assert codec.encode(NULL) == codec.encode(None) == b"$-1\r\n"
+    assert codec.encode([NULL, b"x"]) == b"*2\r\n$-1\r\n$1\r\nx\r\n"  # type: ignore[list-item]
+    assert Null() is NULL
+    assert repr(NULL) == "NULL"
+    assert decode_all(codec, codec.encode(NULL)) == [None]
