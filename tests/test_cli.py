@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 import trustme
 from hypothesis import given
 from hypothesis import strategies as st
@@ -326,19 +327,35 @@ def test_run_budget_hands_out_exactly_n_requests() -> None:
     assert unlimited.claim(7) == 0
 
 
-def test_run_counts_latency_and_elapsed_to_the_last_reply() -> None:
+def test_run_counts_latency_errors_and_elapsed() -> None:
     now = [10.0]
     run = _cli.LoadRun(None, clock=lambda: now[0])
     now[0] = 10.25
     run.answered(10.0)
-    now[0] = 11.0  # nothing answered after 10.25
     assert run.done == 1
-    assert run.elapsed == pytest.approx(0.25)
     assert run.latency.max == pytest.approx(250_000)
+    assert run.elapsed == pytest.approx(0.25)  # still running: up to now
+    now[0] = 11.0
+    run.finished_at = 10.5
+    assert run.elapsed == pytest.approx(0.5)
     run.failed(triocomm.CommTimeout("first_response", 10, "x"), 3)
     run.failed(trio.EndOfChannel(), 1)
     assert run.errors == {"timeout (first_response)": 3, "closed by peer": 1}
     assert run.error_count == 4
+
+
+async def test_requests_unanswered_when_the_end_grace_runs_out_are_errors(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def stalled(payloads: list[bytes], answered: Any) -> None:
+        answered(trio.current_time())  # the first reply of the batch came back
+        await trio.sleep_forever()
+
+    run = _cli.LoadRun(None)
+    with trio.move_on_after(5):
+        await _cli._worker(0, run, stalled, 4, 64)
+    assert run.done == 1
+    assert run.errors == {"unanswered at the end": 3}
 
 
 def test_progress_lines() -> None:
@@ -732,3 +749,61 @@ async def test_embedded_bench_prints_report_and_histogram() -> None:
     bars = [line for line in text.splitlines() if "│" in line or "|" in line]
     assert bars
     assert sum(int(line.split()[-2]) for line in bars) == 300
+
+
+@asynccontextmanager
+async def benching(*args: str) -> AsyncIterator[tuple[trio.Process, Output, Output]]:
+    """Run ``triocomm bench ARGS`` in the background for the block's duration."""
+    process = await trio.lowlevel.open_process(
+        [*CLI, "bench", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env()
+    )
+    out, err = Output(), Output()
+    try:
+        async with trio.open_nursery() as nursery:
+            assert process.stdout is not None
+            assert process.stderr is not None
+            nursery.start_soon(out.pump, process.stdout)
+            nursery.start_soon(err.pump, process.stderr)
+            yield process, out, err
+            with trio.fail_after(RUN):
+                await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
+
+
+async def test_sigint_ends_bench_early_and_still_reports() -> None:
+    async with benching("--duration", "60", "--conns", "2", "--json") as (process, out, err):
+        with trio.fail_after(STARTUP):
+            # Not a terminal: one plain progress line per second.
+            await err.wait_for(r"triocomm bench: 1\.0 s  [\d,]+ req/s  0 errors  [\d,]+ requests\n")
+        process.send_signal(signal.SIGINT)
+        with trio.fail_after(STARTUP):
+            status = await process.wait()
+    assert status == 0, err.text
+    assert "Traceback" not in err.text
+    report = json.loads(out.text)
+    assert report["interrupted"] is True
+    assert report["requests"] > 0
+    assert report["errors"] == 0
+    assert report["elapsed_s"] < 50
+
+
+async def test_bench_counts_errors_when_the_service_dies_and_exits_1() -> None:
+    async with serving("--port", "0") as served:
+        bench = benching(served.address, "--duration", "3", "--conns", "2")
+        async with bench as (process, out, err):
+            with trio.fail_after(STARTUP):
+                await err.wait_for(r"triocomm bench: 1\.0 s ")
+            served.process.kill()
+            with trio.fail_after(RUN):
+                status = await process.wait()
+    assert status == 1
+    assert "Traceback" not in err.text + out.text
+    match = re.search(r"errors     (\d+) \((.*)\)", out.text)
+    assert match is not None, out.text
+    assert int(match.group(1)) > 0
+    # What a vanished service looks like: refused connects, lost connections.
+    assert re.search(r"ConnectError|ConnectionLost|closed by peer", match.group(2))

@@ -65,8 +65,8 @@ MAX_SIZE = 16 * 1024 * 1024
 # failed: long enough for a loaded machine, short enough to explain a wrong
 # --codec (the reply never comes) while the user is still looking.
 PROBE_TIMEOUT = 5.0
-# After the run's end, requests in flight get this long to finish before they
-# are abandoned (they then count neither as done nor as errors).
+# After the run's end, requests in flight get this long to finish; any still
+# unanswered then count as errors ("unanswered at the end").
 STOP_GRACE = 2.0
 # A worker whose connect failed waits this long before trying again, so an
 # unreachable peer is not hammered in a tight loop.
@@ -882,7 +882,7 @@ class LoadRun:
         self.latency = LatencyHistogram()
         self.clock = clock
         self.started_at = clock()
-        self.last_done_at = self.started_at
+        self.finished_at: float | None = None
 
     def claim(self, depth: int) -> int:
         """Take up to ``depth`` requests from the budget (0: the run is over)."""
@@ -899,7 +899,6 @@ class LoadRun:
         now = self.clock()
         self.latency.record((now - sent_at) * 1e6)
         self.done += 1
-        self.last_done_at = now
 
     def failed(self, exc: BaseException, count: int) -> None:
         """Count ``count`` requests lost to ``exc``."""
@@ -912,9 +911,8 @@ class LoadRun:
 
     @property
     def elapsed(self) -> float:
-        """From the start to the last checked reply (in-flight stragglers abandoned
-        at the end do not stretch it)."""
-        end = self.last_done_at if self.done else self.clock()
+        """From the start to the moment the last worker ended (or to now, while running)."""
+        end = self.finished_at if self.finished_at is not None else self.clock()
         return end - self.started_at
 
 
@@ -998,6 +996,10 @@ async def _worker(index: int, run: LoadRun, session: Session, depth: int, size: 
         answered_here = 0
         try:
             await session(payloads, answered)
+        except trio.Cancelled:
+            # Abandoned when the run's end grace ran out: still unanswered.
+            run.errors["unanswered at the end"] += count - answered_here
+            raise
         except Exception as exc:
             # The requests of this batch that got no checked reply failed.
             run.failed(exc, count - answered_here)
@@ -1225,6 +1227,7 @@ async def _measure(
                         workers.start_soon(
                             _worker, index, run, session, settings.pipeline, settings.size
                         )
+            run.finished_at = run.clock()
             control.stop_load = None
             nursery.cancel_scope.cancel()
         display.close()
