@@ -42,16 +42,23 @@ def task_count() -> int:
     return count(trio.lowlevel.current_root_task())
 
 
-def pool_problems(client: Any, target: Any, *, in_use: int = 0) -> list[str]:
-    """What is wrong with a client's pool for ``target`` (empty when nothing is)."""
+def pool_problems(client: Any, target: Any) -> list[str]:
+    """What is wrong with a quiet client's pool for ``target`` (empty when nothing is).
+
+    Quiet means no session is running, so no slot may be in use, nobody may
+    be waiting and nothing may be half-way through connecting.
+    """
     stats = client.stats(target)
     problems = []
     if stats.open != stats.idle + stats.in_use:
         problems.append(f"open {stats.open} != idle {stats.idle} + in_use {stats.in_use}")
-    if stats.in_use != in_use:
-        problems.append(f"{stats.in_use} slots in use, expected {in_use} (a slot was lost)")
-    if stats.waiting:
-        problems.append(f"{stats.waiting} sessions still waiting for a slot")
+    if stats.open != stats.created - stats.closed:
+        problems.append(f"open {stats.open} != created {stats.created} - closed {stats.closed}")
+    if stats.in_use or stats.connecting or stats.waiting:
+        problems.append(
+            f"slots lost: {stats.in_use} in use, {stats.connecting} connecting, "
+            f"{stats.waiting} waiting with no session running"
+        )
     return problems
 
 

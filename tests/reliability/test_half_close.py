@@ -7,9 +7,11 @@ lost the connection.
 
 from __future__ import annotations
 
+import pytest
 import trio
 
-from triocomm.testing import Fault, fault_client
+from triocomm import ConnectionLost, Target, open_client
+from triocomm.testing import Fault, fault_client, fault_server
 
 REQUEST = b"hello"  # 9 bytes on the wire
 
@@ -54,3 +56,15 @@ async def test_server_closes_on_eof_before_any_request(start_server, invariants,
             await peer.wait(hangups=1)
     await invariants.check(servers=[server])
     assert not server.stats.errors
+
+
+@pytest.mark.parametrize("after", [0, 6])  # before the reply, inside it
+async def test_client_reports_a_server_that_half_closes(after, invariants, codec) -> None:
+    async with fault_server(Fault.half_close(after=after), codec=codec) as peer:
+        target = Target("127.0.0.1", peer.port, codec)
+        await invariants.mark()
+        async with open_client() as client:
+            with trio.fail_after(5), pytest.raises(ConnectionLost):
+                await client.request(target, REQUEST)
+            await invariants.check((client, target))
+        await invariants.check()

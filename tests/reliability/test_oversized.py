@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import trio
 
-from triocomm.testing import Fault, fault_client
+from triocomm import FrameTooLarge, Target, open_client
+from triocomm.testing import Fault, fault_client, fault_server
 
 
 @pytest.mark.parametrize("after", [0, 9])  # first thing, or after one good request
@@ -29,3 +30,18 @@ async def test_server_refuses_an_oversized_frame(
     # The good request before the bad frame was still answered.
     assert peer.received == ([b"hello"] if after else [])
     await serves(server)
+
+
+async def test_client_refuses_an_oversized_reply_and_never_reuses_the_connection(
+    invariants, codec
+) -> None:
+    async with fault_server(Fault.oversized(), codec=codec) as peer:
+        target = Target("127.0.0.1", peer.port, codec)
+        await invariants.mark()
+        async with open_client() as client:
+            for attempt in range(1, 3):
+                with trio.fail_after(5), pytest.raises(FrameTooLarge) as info:
+                    await client.request(target, b"hello")
+                assert (info.value.size, info.value.limit) == (codec.max_frame + 1, codec.max_frame)
+                await invariants.check((client, target))
+                assert peer.connections == attempt  # a fresh connection each time

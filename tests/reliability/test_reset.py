@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import trio
 
-from triocomm.testing import Fault, fault_client
+from triocomm import ConnectionLost, Target, open_client
+from triocomm.testing import Fault, fault_client, fault_server
 
 # Offsets into a 4-byte header + 5-byte payload: inside the header, right
 # after it, inside the payload.
@@ -33,3 +34,17 @@ async def test_server_survives_a_client_reset(
         assert server.stats.errors["connection_lost"] == 1
     await serves(server)
     await invariants.check(servers=[server])
+
+
+@pytest.mark.parametrize("after", [0, *MID_FRAME])
+async def test_client_reports_a_reset_and_keeps_its_pool_sound(after, invariants, codec) -> None:
+    async with fault_server(Fault.reset(after=after), codec=codec) as peer:
+        target = Target("127.0.0.1", peer.port, codec)
+        await invariants.mark()
+        async with open_client() as client:
+            with trio.fail_after(5), pytest.raises(ConnectionLost):
+                await client.request(target, b"hello")
+            await invariants.check((client, target))
+            stats = client.stats(target)
+            assert (stats.open, stats.failed) == (0, 1)
+        await invariants.check()

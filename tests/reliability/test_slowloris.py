@@ -7,10 +7,11 @@ else is served.
 
 from __future__ import annotations
 
+import pytest
 import trio
 
-from triocomm import ServerTimeouts
-from triocomm.testing import Fault, fault_client
+from triocomm import CommTimeout, ServerTimeouts, Target, Timeouts, open_client
+from triocomm.testing import Fault, fault_client, fault_server
 
 CLIENTS = 30
 LIMIT = 0.3
@@ -48,3 +49,15 @@ async def test_server_cuts_a_client_that_reads_one_byte_per_tick(
             await peer.wait(hangups=1)
     assert server.stats.errors["timeout"] == 1
     await invariants.check(servers=[server])
+
+
+async def test_client_receive_limit_ends_a_trickling_reply(invariants, codec) -> None:
+    reply = b"z" * 1000  # 50 s at one byte per 0.05 s
+    async with fault_server(Fault.slow_writer(0.05), codec=codec, respond=lambda _: reply) as peer:
+        target = Target("127.0.0.1", peer.port, codec)
+        await invariants.mark()
+        async with open_client(timeouts=Timeouts(receive=LIMIT)) as client:
+            with trio.fail_after(5), pytest.raises(CommTimeout) as info:
+                await client.request(target, b"hello")
+            assert info.value.phase == "receive"
+            await invariants.check((client, target), extra_fds=1, extra_tasks=1)
