@@ -731,3 +731,28 @@ async def test_memory_stream_has_no_addresses() -> None:
 )
 def test_format_address(address: object, text: str) -> None:
     assert format_address(address) == text
+
+
+async def test_receive_limit_does_not_count_time_spent_elsewhere(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A pipelined peer sent the start of its second message together with the
+    # first. The application then worked for a long time before receiving
+    # again: that time is not the peer's fault, so the receive limit counts
+    # from the call, not from when those first bytes arrived.
+    client, server = memory_pair()
+    second = CODEC.encode(b"second")
+    await trio.sleep(1)  # the first bytes arrive at a non-zero time
+    await server.stream.send_all(CODEC.encode(b"first") + second[:5])
+    assert await client.receive() == b"first"
+    await trio.sleep(100)
+    client._set_limits(receive=5)
+
+    async def rest_soon() -> None:
+        await trio.sleep(1)
+        await server.stream.send_all(second[5:])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rest_soon)
+        assert await client.receive() == b"second"
+    assert client.state is ConnState.CONNECTED

@@ -550,8 +550,11 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
                     data = await receive_some(RECEIVE_SIZE)
                 else:
                     if decoder.buffered and message_deadline is _INF:
+                        # From the message's first byte, but not before this
+                        # call: time the application spent elsewhere while
+                        # those bytes sat buffered is not the peer's delay.
                         message_deadline = self._receive_deadline(
-                            self._stats.last_receive_at or trio.current_time()
+                            max(self._stats.last_receive_at or started, started)
                         )
                     data = await self._read_limited(started, message_deadline)
             except trio.BrokenResourceError as exc:
