@@ -208,19 +208,42 @@ async def test_seq_counts_requests_per_connection() -> None:
         await second.aclose()
 
 
-async def test_pipelined_burst_is_answered_in_order_in_one_write() -> None:
-    writes: list[int] = []
+class CountingStream(trio.abc.Stream):
+    """Wraps an accepted stream and records the size of every write."""
 
+    def __init__(self, inner: trio.abc.Stream, writes: list[int]) -> None:
+        self.inner = inner
+        self.writes = writes
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(memoryview(data).nbytes)
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.fixture
+def writes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Sizes of the server's writes: every accepted stream is a CountingStream."""
+    sizes: list[int] = []
+    accept = trio.SocketListener.accept
+
+    async def counting_accept(self: trio.SocketListener) -> trio.abc.Stream:
+        return CountingStream(await accept(self), sizes)
+
+    monkeypatch.setattr(trio.SocketListener, "accept", counting_accept)
+    return sizes
+
+
+async def test_pipelined_burst_is_answered_in_order_in_one_write(writes: list[int]) -> None:
     async def handler(request: bytes, conn: Connection[bytes, bytes]) -> bytes:
-        if "counted" not in conn.context:
-            conn.context["counted"] = True
-            send_all = conn._send_all
-
-            async def counting_send_all(data: Any) -> None:
-                writes.append(len(data))
-                await send_all(data)
-
-            conn._send_all = counting_send_all  # type: ignore[method-assign]
         # Some replies take a scheduling round, some do not: order must hold anyway.
         if int(request) % 3 == 0:
             await trio.sleep(0)
@@ -235,28 +258,17 @@ async def test_pipelined_burst_is_answered_in_order_in_one_write() -> None:
         await client.aclose()
 
 
-async def test_a_huge_burst_is_flushed_every_max_reply_batch_replies() -> None:
-    writes: list[int] = []
-
-    async def handler(request: bytes, conn: Connection[bytes, bytes]) -> bytes:
-        if not writes and "counted" not in conn.context:
-            conn.context["counted"] = True
-            send_all = conn._send_all
-
-            async def counting_send_all(data: Any) -> None:
-                writes.append(len(data))
-                await send_all(data)
-
-            conn._send_all = counting_send_all  # type: ignore[method-assign]
-        return request
-
+async def test_a_huge_burst_is_flushed_every_max_reply_batch_replies(writes: list[int]) -> None:
     count = 2 * MAX_REPLY_BATCH + 10
-    async with running(handler) as server:
+    async with running(echo) as server:
         client = await connect(server)
         requests = [b"r%d" % i for i in range(count)]
         await client.send(*requests)
         assert await client.receive(count) == requests
-        sizes = [sum(len(frame(r)) for r in requests[i : i + MAX_REPLY_BATCH]) for i in (0, 256)]
+        sizes = [
+            sum(len(frame(r)) for r in requests[i : i + MAX_REPLY_BATCH])
+            for i in (0, MAX_REPLY_BATCH)
+        ]
         assert writes[:2] == sizes
         assert sum(writes) == sum(len(frame(r)) for r in requests)
         await client.aclose()
@@ -764,3 +776,335 @@ async def test_nothing_outlives_the_service(
         for client in clients:
             await client.aclose()
     assert open_fds() == before
+
+
+# Idle tests wait far longer than the default keep-alive limits; switch them off.
+PATIENT = ServerTimeouts(first_request=None, keepalive=None, inactivity=None)
+
+
+# -- idle detection --------------------------------------------------------------
+
+
+async def test_read_idle_fires_every_period_and_io_restarts_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    calls: list[tuple[Idle, float]] = []
+    t0 = trio.current_time()
+
+    async def on_idle(conn: Connection[Any, Any], status: Idle) -> None:
+        calls.append((status, round(trio.current_time() - t0, 3)))
+
+    async with running(echo, idle={Idle.READ: 5.0}, on_idle=on_idle, timeouts=PATIENT) as server:
+        client = await connect(server)
+        await trio.sleep(12)
+        assert await client.request(b"x") == b"x"  # at t=12: read, so idle restarts
+        await trio.sleep(11.5)
+        assert calls == [(Idle.READ, 5), (Idle.READ, 10), (Idle.READ, 17), (Idle.READ, 22)]
+        await client.aclose()
+
+
+async def test_both_idle_counts_from_the_later_of_read_and_write(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    calls: list[tuple[Idle, float]] = []
+    t0 = trio.current_time()
+
+    async def on_idle(conn: Connection[Any, Any], status: Idle) -> None:
+        calls.append((status, round(trio.current_time() - t0, 3)))
+
+    async def handler(conn: Connection[bytes, bytes]) -> None:
+        await conn.receive()
+        await trio.sleep(5)
+        await conn.send(b"late")  # the first write, 5 s after the read
+        await trio.sleep_forever()
+
+    periods = {Idle.READ: 4.0, Idle.WRITE: 4.0, Idle.BOTH: 4.0}
+    async with running(
+        handler, entry=triocomm.serve_connections, idle=periods, on_idle=on_idle, timeouts=PATIENT
+    ) as server:
+        client = await connect(server)
+        await trio.sleep(1)
+        await client.send(b"go")  # read at t=1, write at t=6
+        await trio.sleep(9.5)
+        assert sorted(calls, key=lambda c: (c[1], c[0].value)) == [
+            (Idle.WRITE, 4),  # nothing written since the connection opened
+            (Idle.BOTH, 5),  # 4 s after the read at t=1
+            (Idle.READ, 5),
+            (Idle.READ, 9),
+            (Idle.BOTH, 10),  # 4 s after the write at t=6
+            (Idle.WRITE, 10),
+        ]
+        await client.aclose()
+
+
+async def test_a_slow_write_in_progress_is_not_write_idle(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """netty#6150: a large write to a slow reader must not look write-idle."""
+    calls: list[float] = []
+    written: list[float] = []
+    t0 = trio.current_time()
+    big = b"z" * (32 * 1024 * 1024)
+
+    async def on_idle(conn: Connection[Any, Any], status: Idle) -> None:
+        calls.append(trio.current_time() - t0)
+
+    async def handler(conn: Connection[bytes, bytes]) -> None:
+        await conn.receive()
+        written.append(trio.current_time() - t0)
+        await conn.send(big)
+        written.append(trio.current_time() - t0)
+        await trio.sleep_forever()
+
+    async with running(
+        handler,
+        entry=triocomm.serve_connections,
+        idle={Idle.WRITE: 5.0},
+        on_idle=on_idle,
+        timeouts=PATIENT,
+        codec=LengthPrefixed(max_frame=len(big)),
+    ) as server:
+        client = await connect(server)
+        await client.send(b"go")
+        received = 0
+        with trio.fail_after(1000):
+            while received < len(big) + 4:
+                received += len(await client.stream.receive_some(256 * 1024))
+                await trio.sleep(1)  # a slow reader: 256 KiB a second
+        await trio.sleep(12)
+        started, finished = written
+        assert finished - started > 20  # the write really was slow
+        during = [t for t in calls if started < t < finished]
+        assert during == []
+        after = [round(t - finished) for t in calls if t >= finished]
+        assert after == [5, 10][: len(after)]
+        assert len(after) >= 2
+        await client.aclose()
+
+
+async def test_a_slow_callback_delays_nobody_and_never_piles_up(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    calls: dict[bytes, list[float]] = {b"slow": [], b"quick": []}
+    cancelled = trio.Event()
+    t0 = trio.current_time()
+
+    async def handler(request: bytes, conn: Connection[bytes, bytes]) -> bytes:
+        conn.context["name"] = request
+        return request
+
+    async def on_idle(conn: Connection[Any, Any], status: Idle) -> None:
+        name = conn.context["name"]
+        calls[name].append(round(trio.current_time() - t0))
+        if name == b"slow":
+            try:
+                await trio.sleep_forever()
+            finally:
+                cancelled.set()
+
+    async with running(handler, idle={Idle.READ: 5.0}, on_idle=on_idle, timeouts=PATIENT) as server:
+        slow, quick = await connect(server), await connect(server)
+        assert await slow.request(b"slow") == b"slow"
+        assert await quick.request(b"quick") == b"quick"
+        await trio.sleep(21)
+        assert calls == {b"slow": [5], b"quick": [5, 10, 15, 20]}
+        # The connection's callback ends with the connection.
+        await slow.aclose()
+        with trio.fail_after(1):
+            await cancelled.wait()
+        await quick.aclose()
+
+
+async def test_on_idle_may_close_the_connection(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def on_idle(conn: Connection[Any, Any], status: Idle) -> None:
+        await conn.send(b"bye")
+        await conn.aclose()
+
+    async with running(echo, idle={Idle.READ: 30.0}, on_idle=on_idle, timeouts=PATIENT) as server:
+        client = await connect(server)
+        assert await client.request(b"hi") == b"hi"
+        assert await client.receive() == [b"bye"]
+        assert await client.closed_by_server()
+        await settled(server)
+        assert not server.stats.errors
+        assert server_records(caplog) == []
+        await client.aclose()
+
+
+async def test_a_failing_on_idle_closes_only_its_connection(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def on_idle(conn: Connection[Any, Any], status: Idle) -> None:
+        if conn.context.get("doomed"):
+            raise RuntimeError("heartbeat bug")
+
+    async def handler(request: bytes, conn: Connection[bytes, bytes]) -> bytes:
+        conn.context["doomed"] = request == b"doomed"
+        return request
+
+    async with running(handler, idle={Idle.READ: 5.0}, on_idle=on_idle, timeouts=PATIENT) as server:
+        doomed, other = await connect(server), await connect(server)
+        assert await doomed.request(b"doomed") == b"doomed"
+        assert await other.request(b"other") == b"other"
+        await trio.sleep(6)
+        assert await doomed.closed_by_server()
+        assert await other.request(b"still") == b"still"
+        await settled(server, 1)
+        assert server.stats.errors == {"on_idle": 1}
+        (line,) = server_records(caplog)
+        assert "on_idle(READ) raised" in line
+        assert "heartbeat bug" in line
+        assert "127.0.0.1:" in line
+        await doomed.aclose()
+        await other.aclose()
+
+
+# -- shutdown --------------------------------------------------------------------
+
+
+async def test_shutdown_stops_accepting_closes_idle_and_finishes_in_flight() -> None:
+    entered, release = trio.Event(), trio.Event()
+    served, shut = trio.Event(), trio.Event()
+
+    async def handler(request: bytes, conn: Connection[bytes, bytes]) -> bytes:
+        if request == b"slow":
+            entered.set()
+            await release.wait()
+        return request
+
+    async def run(task_status: trio.TaskStatus[triocomm.Server]) -> None:
+        await triocomm.serve(handler, 0, host=LOOPBACK, codec=CODEC, task_status=task_status)
+        served.set()
+
+    async def shutdown(server: triocomm.Server) -> None:
+        await server.shutdown(grace=30)
+        shut.set()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            server: triocomm.Server = await nursery.start(run)
+            port = server.port
+            idle = await connect(server)
+            assert await idle.request(b"done") == b"done"
+            silent = await connect(server)  # accepted, no request yet
+            busy = await connect(server)
+            await busy.send(b"slow", b"pipelined")
+            await entered.wait()
+            assert server.stats.connections_open == 3
+            nursery.start_soon(shutdown, server)
+            assert await idle.closed_by_server()
+            assert await silent.closed_by_server()
+            assert port is not None
+            with pytest.raises(OSError):
+                await trio.open_tcp_stream(LOOPBACK, port)
+            assert server.shutting_down
+            assert not shut.is_set()
+            release.set()
+            # Requests already received are answered before the connection closes.
+            assert await busy.receive(2) == [b"slow", b"pipelined"]
+            assert await busy.closed_by_server()
+            await shut.wait()
+            assert served.is_set()
+            assert server.stats.connections_open == 0
+            for client in (idle, silent, busy):
+                await client.aclose()
+
+
+async def test_shutdown_cancels_what_is_left_when_grace_runs_out(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    cancelled = trio.Event()
+
+    async def handler(request: bytes, conn: Connection[bytes, bytes]) -> bytes:
+        try:
+            await trio.sleep_forever()
+        finally:
+            cancelled.set()
+
+    async with running(handler, timeouts=PATIENT) as server:
+        client = await connect(server)
+        await client.send(b"never answered")
+        await trio.sleep(1)
+        start = trio.current_time()
+        await server.shutdown(grace=3.0)
+        assert trio.current_time() - start == pytest.approx(3.0)
+        assert cancelled.is_set()
+        assert await client.closed_by_server()
+        assert server.stats.connections_open == 0
+        await client.aclose()
+
+
+async def test_serve_connections_handler_gets_the_grace_period(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def handler(conn: Connection[bytes, bytes]) -> None:
+        while True:
+            await conn.send(b"tick")
+            await trio.sleep(1)
+            if server.shutting_down:
+                await conn.send(b"goodbye")
+                return
+
+    async with running(handler, entry=triocomm.serve_connections, timeouts=PATIENT) as server:
+        client = await connect(server)
+        assert await client.receive(2) == [b"tick", b"tick"]
+        start = trio.current_time()
+        await server.shutdown(grace=10)
+        assert trio.current_time() - start <= 1
+        messages: list[bytes] = []
+        with pytest.raises(EOFError):
+            while True:
+                messages += await client.receive()
+        assert messages[-1] == b"goodbye"
+        assert set(messages[:-1]) <= {b"tick"}
+        await client.aclose()
+
+
+async def test_shutdown_with_no_connections_returns_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running(echo) as server:
+        start = trio.current_time()
+        await server.shutdown(grace=100)
+        await server.shutdown(grace=100)  # idempotent
+        assert trio.current_time() == start
+
+
+async def test_cancelling_serve_stops_everything_at_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    before = open_fds()
+    entered = trio.Event()
+    handler_cancelled = trio.Event()
+
+    async def handler(request: bytes, conn: Connection[bytes, bytes]) -> bytes:
+        entered.set()
+        try:
+            await trio.sleep_forever()
+        finally:
+            handler_cancelled.set()
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(
+                partial(triocomm.serve, handler, 0, host=LOOPBACK, codec=CODEC)
+            )
+            busy, silent = await connect(server), await connect(server)
+            await busy.send(b"stuck")
+            await entered.wait()
+            nursery.cancel_scope.cancel()
+        assert handler_cancelled.is_set()
+        assert await busy.closed_by_server()
+        assert await silent.closed_by_server()
+        await busy.aclose()
+        await silent.aclose()
+    assert open_fds() == before
+    assert server_records(caplog, logging.WARNING) == []
+
+
+async def test_invalid_grace_is_refused() -> None:
+    async with running(echo) as server:
+        with pytest.raises(ValueError, match="grace"):
+            await server.shutdown(grace=-1)

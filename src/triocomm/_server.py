@@ -102,7 +102,7 @@ class _HandlerFailed(Exception):
 class _Entry:
     """The service's bookkeeping for one accepted connection."""
 
-    __slots__ = ("conn", "idle_callback", "idle_fired", "waiting")
+    __slots__ = ("conn", "idle_callback", "idle_due", "idle_fired", "waiting")
 
     def __init__(self) -> None:
         self.conn: Connection[Any, Any] | None = None
@@ -111,9 +111,13 @@ class _Entry:
         self.waiting: trio.CancelScope | None = None
         self.idle_fired: dict[Idle, float] = {}
         self.idle_callback: trio.CancelScope | None = None
+        # Statuses that came due while the callback was busy, each at most once.
+        self.idle_due: list[Idle] = []
 
 
-def _peer_of(stream: trio.SocketStream) -> str:
+def _peer_of(stream: trio.abc.Stream) -> str:
+    if not isinstance(stream, trio.SocketStream):
+        return "unknown peer"
     try:
         return format_address(stream.socket.getpeername())
     except OSError:
@@ -411,7 +415,7 @@ class Server:
 
     # -- one connection ------------------------------------------------------
 
-    async def _connection_task(self, stream: trio.SocketStream) -> None:
+    async def _connection_task(self, stream: trio.abc.Stream) -> None:
         entry = _Entry()
         self._entries.add(entry)
         try:
@@ -459,7 +463,7 @@ class Server:
         if self._draining and stats.connections_open == 0:
             self._drained.set()
 
-    async def _handshake(self, stream: trio.SocketStream, peer: str) -> trio.SSLStream[Any] | None:
+    async def _handshake(self, stream: trio.abc.Stream, peer: str) -> trio.SSLStream[Any] | None:
         ssl_stream = trio.SSLStream(stream, self._ssl_context, server_side=True)
         limit = self._timeouts.handshake
         deadline = math.inf if limit is None else trio.current_time() + limit
@@ -548,11 +552,14 @@ class Server:
                 if due <= now:
                     entry.idle_fired[status] = now
                     due = now + period
-                    # At most one callback per connection at a time, so a slow
-                    # one skips beats instead of piling up.
+                    # One callback task per connection at a time: statuses
+                    # that come due meanwhile wait for it, each at most once,
+                    # so a slow callback skips beats instead of piling up.
                     if entry.idle_callback is None and self._service is not None:
                         entry.idle_callback = trio.CancelScope()
                         self._service.start_soon(self._call_on_idle, entry, conn, status)
+                    elif status not in entry.idle_due:
+                        entry.idle_due.append(status)
                 heapq.heappush(heap, (due, next(self._idle_tiebreak), entry, status))
             with trio.CancelScope(deadline=heap[0][0] if heap else math.inf) as sleep:
                 self._idle_sleep = sleep
@@ -565,8 +572,11 @@ class Server:
         assert self._on_idle is not None
         try:
             with scope:
-                if entry.conn is conn:
+                while entry.conn is conn:
                     await self._on_idle(conn, status)
+                    if not entry.idle_due:
+                        break
+                    status = entry.idle_due.pop(0)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass  # the connection went away while the callback used it
         except Exception as exc:
@@ -581,6 +591,7 @@ class Server:
             await conn._break()
         finally:
             entry.idle_callback = None
+            entry.idle_due.clear()
 
 
 def _from_connection(conn: Connection[Any, Any], exc: Exception) -> bool:
