@@ -180,6 +180,22 @@ async def test_reset_is_connection_lost(stream_pair: MakeStreamPair, kind: str) 
     assert client.state is ConnState.ERROR
 
 
+@pytest.mark.parametrize("kind", ["tcp", "tcp6"])
+async def test_reset_in_the_middle_of_a_message_is_connection_lost(
+    stream_pair: MakeStreamPair, kind: str
+) -> None:
+    client, server = await connections(stream_pair, kind)
+    await server.send(b"whole")
+    await server.stream.send_all(CODEC.encode(b"never finished")[:7])
+    assert await client.receive() == b"whole"
+    socket_of(server).setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await server.aclose()
+    with pytest.raises(ConnectionLost):
+        await client.receive()
+    assert client.state is ConnState.ERROR
+    assert socket_of(client).fileno() == -1
+
+
 @pytest.mark.parametrize("kind", ["tcp", "unix"])
 async def test_sending_to_a_vanished_peer_is_connection_lost(
     stream_pair: MakeStreamPair, kind: str
@@ -244,8 +260,9 @@ async def test_receive_after_our_close_ignores_already_decoded_messages() -> Non
         await client.receive()
 
 
-async def test_close_while_another_task_receives() -> None:
-    client, _server = memory_pair()
+@pytest.mark.parametrize("kind", STREAM_KINDS)
+async def test_close_while_another_task_receives(stream_pair: MakeStreamPair, kind: str) -> None:
+    client, _server = await connections(stream_pair, kind)
 
     async def receiver() -> None:
         with pytest.raises(trio.ClosedResourceError):
@@ -452,6 +469,39 @@ async def test_concurrent_sends_are_serialized_in_fifo_order() -> None:
         received = [await server.receive() for _ in messages]
     assert received == messages
     assert client.stats.messages_sent == len(messages)
+
+
+@pytest.mark.parametrize("kind", ["tcp", "unix", "tls"])
+async def test_concurrent_sends_over_full_socket_buffers_stay_whole(
+    stream_pair: MakeStreamPair, kind: str
+) -> None:
+    client, server = await connections(stream_pair, kind)
+    for conn in (client, server):
+        sock = socket_of(conn)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    # Each message is far larger than the buffers, so every send is cut into
+    # many partial writes, any of which could interleave with another task's.
+    messages = [bytes([i]) * 300_000 for i in range(8)]
+    async with trio.open_nursery() as nursery:
+        for message in messages:
+            nursery.start_soon(client.send, message)
+        received = [await server.receive() for _ in messages]
+    assert sorted(received) == sorted(messages)
+    assert client.stats.bytes_sent == sum(len(m) + 4 for m in messages)
+
+
+async def test_async_with_closes_the_socket_even_on_error(stream_pair: MakeStreamPair) -> None:
+    raw_client, _raw_server = await stream_pair("tcp")
+    assert isinstance(raw_client, trio.SocketStream)
+    sock = raw_client.socket
+    assert sock.fileno() >= 0
+    with pytest.raises(KeyError):
+        async with Connection(raw_client, CODEC) as conn:
+            assert conn.state is ConnState.CONNECTED
+            raise KeyError("boom")
+    assert conn.is_closed
+    assert sock.fileno() == -1
 
 
 async def test_a_cancelled_queued_send_does_not_block_the_others() -> None:
