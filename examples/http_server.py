@@ -42,7 +42,7 @@ import trio
 
 import triocomm
 
-__all__ = ["FileBody", "Site", "main", "serve_http"]
+__all__ = ["FileBody", "Site", "main", "serve_http", "serve_site"]
 
 log = logging.getLogger("triocomm.examples.http")
 
@@ -254,6 +254,29 @@ async def _send_error(
         pass  # the client is gone (triocomm.ConnectionLost): no one to tell
 
 
+async def serve_site(
+    site: Site,
+    port: int = 8080,
+    *,
+    host: str | None = "127.0.0.1",
+    task_status: trio.TaskStatus[triocomm.Server] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``site`` over HTTP on ``host:port`` until cancelled or shut down.
+
+    Use it with ``nursery.start`` to learn the bound port (``port=0`` picks a
+    free one)::
+
+        server = await nursery.start(serve_site, Site(root=Path("public")), 0)
+    """
+    await triocomm.serve_connections(
+        functools.partial(serve_http, site),
+        port,
+        host=host,
+        codec=triocomm.Raw(),
+        task_status=task_status,
+    )
+
+
 async def main(argv: list[str] | None = None) -> None:
     """Run the server until interrupted (Ctrl-C)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
@@ -262,10 +285,7 @@ async def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", type=Path, default=Path(os.curdir), help="served under /files/")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    site = Site(root=args.root)
-    await triocomm.serve_connections(
-        functools.partial(serve_http, site), args.port, host=args.host, codec=triocomm.Raw()
-    )
+    await serve_site(Site(root=args.root), args.port, host=args.host)
 
 
 if __name__ == "__main__":
