@@ -124,6 +124,11 @@ class LengthPrefixed:
             object.__setattr__(self, "max_frame", capacity)
         object.__setattr__(self, "_struct", packer)
 
+    def __reduce__(self) -> tuple[type[LengthPrefixed], tuple[str, int]]:
+        # The compiled struct does not pickle; the two fields rebuild it
+        # (codecs travel to serve_workers' processes).
+        return (LengthPrefixed, (self.header, self.max_frame))
+
     @property
     def header_size(self) -> int:
         """Size of the length header in bytes."""

@@ -774,13 +774,18 @@ async def _serve(
     idle: Mapping[Idle, float] | None,
     on_idle: IdleCallback | None,
     task_status: trio.TaskStatus[Server],
+    *,
+    listeners: list[trio.SocketListener] | None = None,
 ) -> None:
+    # ``listeners``: pre-made listening sockets (serve_workers' SO_REUSEPORT
+    # ones) used instead of binding ``port``/``host``/``path`` here.
     _check_options(max_connections, idle, on_idle)
     if timeouts is None:
         timeouts = ServerTimeouts()
     elif not isinstance(timeouts, ServerTimeouts):
         raise TypeError(f"timeouts must be a ServerTimeouts, got {type(timeouts).__name__}")
-    listeners = await _open_listeners(port, host, path)
+    if listeners is None:
+        listeners = await _open_listeners(port, host, path)
     try:
         server = Server(
             listeners,
