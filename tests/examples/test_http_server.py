@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -24,6 +25,11 @@ async def site_server(data_file: Path) -> AsyncIterator[tuple[Site, triocomm.Ser
         server = await nursery.start(serve_site, site, 0)
         yield site, server
         nursery.cancel_scope.cancel()
+
+
+def status_and_connects(line: str) -> str:
+    """``"[200 0 23]"`` -> ``"200 0"``: the status and the new connections."""
+    return line.strip("[]").rsplit(" ", 1)[0]
 
 
 async def curl(*args: str) -> tuple[int, bytes, bytes]:
@@ -48,12 +54,12 @@ async def test_several_urls_share_one_connection(
     assert code == 0, err
     lines = out.decode().splitlines()
     # curl opened one connection for the first URL and reused it for the rest.
-    assert [line for line in lines if line.startswith("[")] == [
-        "[200 1 23]",
-        "[200 0 29]",
-        "[200 0 23]",
-        "[404 0 20]",
-        "[200 0 23]",
+    assert [status_and_connects(line) for line in lines if line.startswith("[")] == [
+        "200 1",
+        "200 0",
+        "200 0",
+        "404 0",
+        "200 0",
     ]
     conn_lines = [line for line in lines if line.startswith("connection ")]
     assert len({line.split()[1] for line in conn_lines}) == 1
@@ -81,8 +87,9 @@ async def test_a_file_of_several_mib_arrives_intact(
     )  # fmt: skip
     assert code == 0, err
     first, file, page, last = out.decode().splitlines()
-    assert (first, file, last) == ("[200 1 29]", f"[200 0 {size}]", "[200 0 23]")
-    assert page.startswith("connection ") and page.endswith(" request 2")
+    assert (first, file) == ("[200 1 29]", f"[200 0 {size}]")
+    assert status_and_connects(last) == "200 0"
+    assert re.fullmatch(r"connection \d+ request 2", page)
     assert size >= 5 * 1024 * 1024
     assert out_file.stat().st_size == size
     assert hashlib.sha256(out_file.read_bytes()).digest() == (
