@@ -6,9 +6,10 @@ reports throughput, latency percentiles and a latency histogram. With no
 address, ``bench`` starts an embedded echo service in its own process, so
 ``triocomm bench`` alone works on a fresh install.
 
-The module sits on top of every other layer: it only uses the public API
-(``serve``, ``open_client``, ``Target``) plus the address formatting that the
-connection layer already does for its log lines. The pieces that need no
+The module sits on top of every other layer: it drives the server
+(``serve``) and the client (``open_client``, ``Target``) exactly as a user
+program would, and borrows the connection layer's address formatting so its
+lines name addresses the way triocomm's log lines do. The pieces that need no
 network — argument parsing, the latency histogram, the report — are plain
 functions and classes, tested without sockets.
 """
@@ -35,9 +36,11 @@ from typing import IO, Any, NoReturn
 
 import trio
 
-from ._connection import format_address
+from ._client import Client, Target, open_client
+from ._connection import Connection, format_address
 from ._errors import CommError, CommTimeout, ConnectError
 from ._framing import Codec, LengthPrefixed, Lines, Raw
+from ._server import Server, serve
 from ._timeouts import Timeouts
 from ._version import __version__
 
@@ -748,17 +751,16 @@ async def _start_echo_service(
     host: str | None = None,
     path: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
-) -> Any:
+) -> Server:
     """Start ``triocomm.serve`` with the echo handler in ``nursery``; return its Server."""
-    from ._server import serve
-
     where = path if path is not None else str(TcpAddress(host or "*", port or 0))
     try:
-        return await nursery.start(
+        server: Server = await nursery.start(
             functools.partial(
                 serve, _echo, port, host=host, path=path, codec=codec, ssl_context=ssl_context
             )
         )
+        return server
     except BaseException as exc:
         leaf = _leaf(exc)
         if isinstance(leaf, OSError):
@@ -928,7 +930,12 @@ def _check(reply: bytes, request: bytes) -> None:
 
 
 def make_session(
-    client: Any, target: Any, *, framed: bool, depth: int, timeouts: Any = None
+    client: Client,
+    target: Target[bytes, bytes],
+    *,
+    framed: bool,
+    depth: int,
+    timeouts: Timeouts | None = None,
 ) -> Session:
     """Return ``session(payloads, answered)``: send the payloads, check every echo.
 
@@ -947,7 +954,7 @@ def make_session(
         answered(sent_at)
 
     async def pipelined(
-        conn: Any, payloads: list[bytes], answered: Callable[[float], None]
+        conn: Connection[bytes, bytes], payloads: list[bytes], answered: Callable[[float], None]
     ) -> None:
         sent_at = clock()
         await conn.send_many(payloads)
@@ -955,7 +962,9 @@ def make_session(
             _check(await conn.receive(), payload)
             answered(sent_at)
 
-    async def raw(conn: Any, payloads: list[bytes], answered: Callable[[float], None]) -> None:
+    async def raw(
+        conn: Connection[bytes, bytes], payloads: list[bytes], answered: Callable[[float], None]
+    ) -> None:
         sent_at = clock()
         await conn.send_many(payloads)
         expected = b"".join(payloads)
@@ -1169,9 +1178,9 @@ async def _probe(session: Session, settings: BenchSettings) -> None:
         ) from None
 
 
-def _target(address: Address, codec: Codec[bytes, bytes], conns: int, tls_ca: str | None) -> Any:
-    from ._client import Target
-
+def _target(
+    address: Address, codec: Codec[bytes, bytes], conns: int, tls_ca: str | None
+) -> Target[bytes, bytes]:
     if isinstance(address, UnixAddress):
         return Target.unix(address.path, codec, max_connections=conns)
     ssl_context = None
@@ -1191,8 +1200,6 @@ async def _measure(
     control: _BenchControl,
     display: ProgressDisplay,
 ) -> BenchResult:
-    from ._client import open_client
-
     framed = CODECS[settings.codec].framed
     target = _target(address, codec, settings.conns, tls_ca)
     async with open_client(timeouts=BENCH_TIMEOUTS) as client:
@@ -1263,6 +1270,7 @@ async def _bench_command(args: argparse.Namespace) -> int:
             address: Address
             if embedded:
                 server = await _start_echo_service(nursery, codec=codec, port=0, host=DEFAULT_HOST)
+                assert server.port is not None  # a TCP service has a port
                 address = TcpAddress(DEFAULT_HOST, server.port)
                 _say(
                     f"{PROG} bench: embedded echo service ({choice.name}) on {address}", sys.stderr
@@ -1325,5 +1333,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         leaf = _leaf(exc)
         if isinstance(leaf, CliFailure):
             print(f"{PROG} {args.command}: {leaf}", file=sys.stderr, flush=True)
+            return EXIT_FAILED
+        if isinstance(leaf, BrokenPipeError):
+            # The reader went away (`triocomm bench | head -3`): nothing to
+            # report to. Point stdout at /dev/null so the interpreter's final
+            # flush does not complain either.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return EXIT_FAILED
         raise
