@@ -806,3 +806,27 @@ async def test_receive_limit_does_not_count_time_spent_elsewhere(
         nursery.start_soon(rest_soon)
         assert await client.receive() == b"second"
     assert client.state is ConnState.CONNECTED
+
+
+@pytest.mark.parametrize("kind", ["memory", "tcp"])
+@pytest.mark.parametrize(
+    "codec", [Lines(), Lines(b"\r\n"), LengthPrefixed("<H")], ids=["lf", "crlf", "le16"]
+)
+async def test_other_codecs_cross_a_connection(
+    stream_pair: MakeStreamPair, kind: str, codec: Any
+) -> None:
+    client, server = await connections(stream_pair, kind, codec)
+    lines = [b"PING", b"", b"SET k v", b"x" * 5000]
+    await client.send_many(lines)
+    await client.aclose()
+    assert [m async for m in server] == lines
+    assert server.stats.bytes_received == sum(len(codec.encode(m)) for m in lines)
+
+
+async def test_close_in_the_middle_of_a_line_is_connection_lost() -> None:
+    client, server = memory_pair(Lines(b"\r\n"))
+    await server.stream.send_all(b"complete\r\nhalf a line\r")
+    await server.aclose()
+    assert await client.receive() == b"complete"
+    with pytest.raises(ConnectionLost):
+        await client.receive()
