@@ -807,3 +807,18 @@ async def test_bench_counts_errors_when_the_service_dies_and_exits_1() -> None:
     assert int(match.group(1)) > 0
     # What a vanished service looks like: refused connects, lost connections.
     assert re.search(r"ConnectError|ConnectionLost|closed by peer", match.group(2))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_bench_in_process_leaves_no_socket_or_task_behind(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A plain (sync) test, so main() can call trio.run itself, as the command does.
+    before = set(os.listdir("/proc/self/fd"))
+    status = _cli.main(["bench", "--requests", "100", "--conns", "3", "--pipeline", "2", "--json"])
+    after = set(os.listdir("/proc/self/fd"))
+    assert status == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["requests"], report["errors"]) == (100, 0)
+    # The embedded service, its listener, the client's pool: all closed.
+    assert after <= before
