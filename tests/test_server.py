@@ -24,7 +24,7 @@ import trio.testing
 import trustme
 
 import triocomm
-from triocomm import Connection, Idle, LengthPrefixed, Server, ServerTimeouts
+from triocomm import Connection, ConnState, Idle, LengthPrefixed, Server, ServerTimeouts
 from triocomm._server import MAX_REPLY_BATCH
 
 CODEC = LengthPrefixed()
@@ -522,7 +522,10 @@ async def test_slowloris_is_cut_by_the_receive_limit_and_others_are_served(
 async def test_handler_exception_closes_only_its_connection(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    conns: dict[bytes, Connection[bytes, bytes]] = {}
+
     async def handler(request: bytes, conn: Connection[bytes, bytes]) -> bytes:
+        conns[request] = conn
         if request == b"boom":
             raise RuntimeError("handler bug")
         return request
@@ -542,6 +545,10 @@ async def test_handler_exception_closes_only_its_connection(
         assert records[0].levelno == logging.ERROR
         assert "127.0.0.1:" in records[0].getMessage()
         assert "handler bug" in records[0].getMessage()
+        assert conns[b"boom"].state is ConnState.ERROR
+        await other.aclose()
+        await settled(server)
+        assert conns[b"fine"].state is ConnState.CLOSED
         await victim.aclose()
         await other.aclose()
 

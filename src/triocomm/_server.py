@@ -435,7 +435,8 @@ class Server:
             try:
                 await self._body(self, conn, entry)
             except Exception as exc:
-                self._report(conn, exc)
+                if self._report(conn, exc):
+                    await conn._break()  # failed: ERROR, like a connection error
             finally:
                 if entry.idle_callback is not None:
                     entry.idle_callback.cancel()
@@ -482,8 +483,8 @@ class Server:
         await trio.aclose_forcefully(ssl_stream)
         return None
 
-    def _report(self, conn: Connection[Any, Any], exc: Exception) -> None:
-        """Log why a connection ended abnormally (one line) and count it."""
+    def _report(self, conn: Connection[Any, Any], exc: Exception) -> bool:
+        """Log why a connection ended (one line) and count it; say if it failed."""
         errors = self._stats.errors
         peer = conn.peer
         if isinstance(exc, _HandlerFailed):
@@ -492,9 +493,9 @@ class Server:
                 "closing connection from %s: %s: %r", peer, exc.what, exc.error, exc_info=exc.error
             )
         elif isinstance(exc, trio.EndOfChannel):
-            pass  # a connection handler let the peer's clean close escape
+            return False  # a connection handler let the peer's clean close escape
         elif isinstance(exc, trio.ClosedResourceError) and conn.is_closed:
-            pass  # closed on purpose: by on_idle, eviction or the handler itself
+            return False  # closed on purpose: by on_idle, eviction or the handler itself
         elif not _from_connection(conn, exc):
             errors["handler"] += 1
             logger.error(
@@ -506,11 +507,11 @@ class Server:
         elif isinstance(exc, CommTimeout):
             if exc.phase == "keepalive":
                 logger.debug("closing keep-alive connection from %s: idle for %gs", peer, exc.limit)
-            else:
-                errors["timeout"] += 1
-                logger.warning(
-                    "closing connection from %s: %s timeout (limit %gs)", peer, exc.phase, exc.limit
-                )
+                return False
+            errors["timeout"] += 1
+            logger.warning(
+                "closing connection from %s: %s timeout (limit %gs)", peer, exc.phase, exc.limit
+            )
         elif isinstance(exc, FrameTooLarge):
             errors["frame_too_large"] += 1
             logger.warning("closing connection from %s: frame too large: %s", peer, exc)
@@ -520,6 +521,7 @@ class Server:
         else:
             errors["connection_lost"] += 1
             logger.info("connection from %s lost: %s", peer, exc)
+        return True
 
     # -- idle detection ------------------------------------------------------
 
