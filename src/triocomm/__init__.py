@@ -30,9 +30,14 @@ from ._server import serve as serve
 from ._server import serve_connections as serve_connections
 from ._timeouts import ServerTimeouts as ServerTimeouts
 from ._timeouts import Timeouts as Timeouts
+from ._upstream import AddressStats as AddressStats
+from ._upstream import Upstream as Upstream
 from ._version import __version__ as __version__
+from ._workers import WorkerGroup as WorkerGroup
+from ._workers import serve_workers as serve_workers
 
 __all__ = [
+    "AddressStats",
     "Client",
     "Codec",
     "CommError",
@@ -55,8 +60,11 @@ __all__ = [
     "ServerTimeouts",
     "Target",
     "Timeouts",
+    "Upstream",
     "UpstreamUnavailable",
+    "WorkerGroup",
     "open_client",
     "serve",
     "serve_connections",
+    "serve_workers",
 ]

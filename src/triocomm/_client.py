@@ -28,9 +28,10 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import trio
 
 from ._connection import Connection, ConnState
-from ._errors import CommTimeout, ConnectError, ConnectionLost
+from ._errors import CommError, CommTimeout, ConnectError, ConnectionLost, UpstreamUnavailable
 from ._pool import KeepAlivePool, PooledConnection, PoolStats
 from ._timeouts import Timeouts
+from ._upstream import Upstream
 
 if TYPE_CHECKING:
     from ._framing import Codec
@@ -235,6 +236,26 @@ def _apply_limits(conn: Connection[Any, Any], timeouts: Timeouts) -> None:
     )
 
 
+# Where a session goes: one target, or an Upstream that picks one per attempt.
+_Dest = Target[Any, Any] | Upstream[Target[Any, Any]]
+
+
+def _address_failed(exc: BaseException) -> bool | None:
+    """How an attempt's exception reflects on the address, for an Upstream's fuses.
+
+    False: the address failed (could not connect, lost the connection, timed
+    out, sent bad bytes). None: says nothing about it (cancelled, the pool was
+    full, or the caller's own code raised).
+    """
+    if isinstance(exc, UpstreamUnavailable) or (
+        isinstance(exc, CommTimeout) and exc.phase == "pool"
+    ):
+        return None
+    if isinstance(exc, (CommError, trio.BrokenResourceError, trio.EndOfChannel)):
+        return False
+    return None
+
+
 def _peer_went_away(exc: BaseException) -> bool:
     # Closed or reset by the peer: what a stale pooled connection looks like.
     # Timeouts, bad input and the caller's own errors are not retried.
@@ -264,7 +285,7 @@ class Client:
 
     async def request(
         self,
-        target: Target[In, Out],
+        target: Target[In, Out] | Upstream[Target[In, Out]],
         message: Out,
         *,
         timeouts: Timeouts | None = None,
@@ -291,7 +312,7 @@ class Client:
 
     async def run(
         self,
-        target: Target[In, Out],
+        target: Target[In, Out] | Upstream[Target[In, Out]],
         session_fn: Callable[..., Awaitable[R]],
         *args: Any,
         timeouts: Timeouts | None = None,
@@ -313,7 +334,7 @@ class Client:
 
     def connection(
         self,
-        target: Target[In, Out],
+        target: Target[In, Out] | Upstream[Target[In, Out]],
         *,
         timeouts: Timeouts | None = None,
         key: object = None,
@@ -347,16 +368,23 @@ class Client:
     # be retried (never for a plain Target, whose address just failed).
     # An Upstream plugs in here and nowhere else.
 
-    def _resolve(
-        self, dest: Target[Any, Any], key: object, tried: list[Target[Any, Any]]
-    ) -> Target[Any, Any]:
+    def _resolve(self, dest: _Dest, key: object, tried: list[Target[Any, Any]]) -> Target[Any, Any]:
+        if isinstance(dest, Upstream):
+            return dest._select(key, tried)
         return dest
 
-    def _report(self, dest: Target[Any, Any], target: Target[Any, Any], ok: bool | None) -> None:
-        return None
+    def _report(self, dest: _Dest, target: Target[Any, Any], ok: bool | None) -> None:
+        if isinstance(dest, Upstream):
+            dest._finished(target, ok)
 
-    def _may_retry_connect(self, dest: Target[Any, Any], tried: list[Target[Any, Any]]) -> bool:
-        return False
+    def _may_retry_connect(self, dest: _Dest, tried: list[Target[Any, Any]]) -> bool:
+        # An Upstream retries a failed connect on another address, within the
+        # client's retry budget and while untried addresses remain.
+        return (
+            isinstance(dest, Upstream)
+            and len(tried) <= self._retries
+            and len(tried) < len(dest.targets)
+        )
 
     # -- internals -----------------------------------------------------------
 
@@ -440,7 +468,7 @@ class Client:
 
     async def _session(
         self,
-        dest: Target[Any, Any],
+        dest: _Dest,
         key: object,
         call_timeouts: Timeouts | None,
         body: Callable[[Connection[Any, Any]], Awaitable[R]],
@@ -459,7 +487,9 @@ class Client:
                 entry, reused = await self._checkout(target, pool, timeouts, fresh)
             except BaseException as exc:
                 pool.record_failure()
-                connect_failed = isinstance(exc, (ConnectError, CommTimeout))
+                connect_failed = isinstance(exc, ConnectError) or (
+                    isinstance(exc, CommTimeout) and exc.phase == "connect"
+                )
                 self._report(dest, target, False if connect_failed else None)
                 if connect_failed and self._may_retry_connect(dest, tried):
                     continue
@@ -476,7 +506,7 @@ class Client:
                 pool.record_failure()
                 await conn._break()
                 nothing_received = conn.stats.bytes_received == received_before
-                self._report(dest, target, False if _peer_went_away(exc) else None)
+                self._report(dest, target, _address_failed(exc))
                 if reused and nothing_received and retries_left > 0 and _peer_went_away(exc):
                     logger.debug("pooled connection to %s was stale; retrying", conn.peer)
                     retries_left -= 1
@@ -503,7 +533,7 @@ class Client:
 
     @asynccontextmanager
     async def _borrow(
-        self, dest: Target[Any, Any], key: object, call_timeouts: Timeouts | None
+        self, dest: _Dest, key: object, call_timeouts: Timeouts | None
     ) -> AsyncIterator[Connection[Any, Any]]:
         target = self._resolve(dest, key, [])
         timeouts = self._effective_timeouts(target, call_timeouts)
@@ -523,7 +553,7 @@ class Client:
             pool.release(entry, reusable=False)
             pool.record_failure()
             await conn._break()
-            self._report(dest, target, False if _peer_went_away(exc) else None)
+            self._report(dest, target, _address_failed(exc))
             raise
         self._finish(entry, pool, timeouts)
         self._report(dest, target, True)
