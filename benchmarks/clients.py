@@ -115,9 +115,11 @@ async def drive(worker: Worker, conns: int, duration: float, warmup: float) -> d
         await trio.sleep(warmup)
         start_count = counter.done
         start = time.perf_counter()
+        start_cpu = time.process_time()
         await trio.sleep(duration)
         count = counter.done - start_count
         elapsed = time.perf_counter() - start
+        cpu = time.process_time() - start_cpu
         # Workers finish the request in flight and stop: nothing is cut off.
         counter.running = False
     if counter.errors:
@@ -125,6 +127,7 @@ async def drive(worker: Worker, conns: int, duration: float, warmup: float) -> d
     result["requests"] = count
     result["seconds"] = elapsed
     result["requests_per_s"] = count / elapsed
+    result["cpu_us_per_request"] = cpu / max(count, 1) * 1e6
     return result
 
 

@@ -59,6 +59,18 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS line for process {pid}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time consumed so far by process ``pid``, from ``/proc``.
+
+    CPU time per request is far less disturbed by other load on the machine
+    than requests per second, so it is reported beside the throughput.
+    """
+    with open(f"/proc/{pid}/stat") as f:
+        # The command name (field 2) may hold spaces; count fields after it.
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def frame(payload: bytes) -> bytes:
     """One RPC echo frame: the length header and the payload."""
     return HEADER.pack(len(payload)) + payload

@@ -160,6 +160,8 @@ async def measure(
         raise BenchmarkError("; ".join(run.errors[:3]))
     count = end_count - start_count
     return {
+        # Every reply, warm-up included: what the server's CPU time covers.
+        "total_requests": end_count,
         "requests": count,
         "seconds": elapsed,
         "requests_per_s": count / elapsed,

@@ -94,8 +94,10 @@ def _json_from(proc: subprocess.CompletedProcess[str], what: str) -> dict[str, A
     return result
 
 
-def run_loadgen(port: int, scenario: str, s: Settings, *, requests: int | None = None) -> float:
-    """Drive the server on ``port`` with one scenario; return requests/s.
+def run_loadgen(
+    port: int, scenario: str, s: Settings, *, requests: int | None = None
+) -> dict[str, Any]:
+    """Drive the server on ``port`` with one scenario; return the load generator's result.
 
     With ``requests``, stop after that many replies instead (a warm-up).
     """
@@ -110,10 +112,10 @@ def run_loadgen(port: int, scenario: str, s: Settings, *, requests: int | None =
     if requests is not None:
         cmd += ["--requests", str(requests)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60 + duration * 2)
-    return float(_json_from(proc, f"load generator ({sc['title']})")["requests_per_s"])
+    return _json_from(proc, f"load generator ({sc['title']})")
 
 
-def run_client(kind: str, port: int, scenario: str, s: Settings) -> float:
+def run_client(kind: str, port: int, scenario: str, s: Settings) -> dict[str, Any]:
     sc = SCENARIOS[scenario]
     cmd = [
         sys.executable, str(harness.HERE / "clients.py"), "--kind", kind, "--port", str(port),
@@ -122,7 +124,7 @@ def run_client(kind: str, port: int, scenario: str, s: Settings) -> float:
         "--core", str(harness.LOAD_CORE),
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60 + s.duration * 2)
-    return float(_json_from(proc, f"{kind} client ({sc['title']})")["requests_per_s"])
+    return _json_from(proc, f"{kind} client ({sc['title']})")
 
 
 def rotated(kinds: tuple[str, ...], rep: int) -> list[str]:
@@ -133,14 +135,27 @@ def rotated(kinds: tuple[str, ...], rep: int) -> list[str]:
 def bench_servers(s: Settings, log: Any) -> dict[str, Any]:
     kinds = [k for k in SERVER_KINDS if available_server(k, s)]
     runs: dict[str, dict[str, list[float]]] = {sc: {k: [] for k in kinds} for sc in SCENARIOS}
+    cpu: dict[str, dict[str, list[float]]] = {sc: {k: [] for k in kinds} for sc in SCENARIOS}
     for rep in range(s.reps):
         for kind in rotated(tuple(kinds), rep):
             with harness.ServerProcess(kind) as server:
                 for sc in SCENARIOS:
-                    rps = run_loadgen(server.port, sc, s)
+                    before = harness.cpu_seconds(server.pid)
+                    result = run_loadgen(server.port, sc, s)
+                    used = harness.cpu_seconds(server.pid) - before
+                    rps = result["requests_per_s"]
+                    cpu_us = used / max(result["total_requests"], 1) * 1e6
                     runs[sc][kind].append(rps)
-                    log(f"  server rep {rep + 1}/{s.reps} {kind:17} {sc}: {rps:10.0f} req/s")
-    return {"runs": runs, "skipped": [k for k in SERVER_KINDS if k not in kinds]}
+                    cpu[sc][kind].append(cpu_us)
+                    log(
+                        f"  server rep {rep + 1}/{s.reps} {kind:17} {sc}: {rps:10.0f} req/s"
+                        f" {cpu_us:7.1f} us CPU/req"
+                    )
+    return {
+        "runs": runs,
+        "cpu_us_per_request": cpu,
+        "skipped": [k for k in SERVER_KINDS if k not in kinds],
+    }
 
 
 def available_server(kind: str, s: Settings) -> bool:
@@ -157,14 +172,25 @@ def bench_clients(s: Settings, log: Any) -> dict[str, Any]:
     runs: dict[str, dict[str, list[float]]] = {
         sc: {k: [] for k in kinds} for sc in CLIENT_SCENARIOS
     }
+    cpu: dict[str, dict[str, list[float]]] = {sc: {k: [] for k in kinds} for sc in CLIENT_SCENARIOS}
     with harness.ServerProcess(fixed) as server:
         for rep in range(s.reps):
             for kind in rotated(tuple(kinds), rep):
                 for sc in CLIENT_SCENARIOS:
-                    rps = run_client(kind, server.port, sc, s)
+                    result = run_client(kind, server.port, sc, s)
+                    rps, cpu_us = result["requests_per_s"], result["cpu_us_per_request"]
                     runs[sc][kind].append(rps)
-                    log(f"  client rep {rep + 1}/{s.reps} {kind:9} {sc}: {rps:10.0f} req/s")
-    return {"server": fixed, "runs": runs, "skipped": [k for k in CLIENT_KINDS if k not in kinds]}
+                    cpu[sc][kind].append(cpu_us)
+                    log(
+                        f"  client rep {rep + 1}/{s.reps} {kind:9} {sc}: {rps:10.0f} req/s"
+                        f" {cpu_us:7.1f} us CPU/req"
+                    )
+    return {
+        "server": fixed,
+        "runs": runs,
+        "cpu_us_per_request": cpu,
+        "skipped": [k for k in CLIENT_KINDS if k not in kinds],
+    }
 
 
 def measure_memory(kind: str, conns: int, s: Settings) -> dict[str, float]:
@@ -245,7 +271,13 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             for base in ("raw-trio", "asyncio-streams"):
                 if "triocomm" in row and base in row:
                     ratios[f"triocomm/{base}"] = row["triocomm"]["median"] / row[base]["median"]
-            table[sc] = {"title": SCENARIOS[sc]["title"], "kinds": row, "ratios": ratios}
+            entry = {"title": SCENARIOS[sc]["title"], "kinds": row, "ratios": ratios}
+            cpu = results[part].get("cpu_us_per_request", {}).get(sc)
+            if cpu:
+                entry["cpu_us_per_request"] = {
+                    k: harness.Summary.of(v).as_dict() for k, v in cpu.items() if v
+                }
+            table[sc] = entry
         out[part] = table
     if "memory" in results:
         mem: dict[str, Any] = {}
@@ -292,6 +324,19 @@ def format_table(summary: dict[str, Any], results: dict[str, Any]) -> str:
             lines.append(line)
         lines.append(f"  (* below the target of {target:.2f}x raw Trio)")
         lines.append("")
+        if all("cpu_us_per_request" in row for row in summary[part].values()):
+            who = "server" if part == "server" else "client"
+            lines.append(f"CPU time of the {who} process per request, microseconds, median")
+            lines.append(f"{'scenario':34}" + "".join(f"{k:>24}" for k in present))
+            for row in summary[part].values():
+                cpu = row["cpu_us_per_request"]
+                lines.append(
+                    f"{row['title']:34}"
+                    + "".join(
+                        f"{cpu[k]['median']:>24.1f}" if k in cpu else f"{'-':>24}" for k in present
+                    )
+                )
+            lines.append("")
     if "memory" in summary:
         mem = summary["memory"]
         conns = results["memory"]["connections"]

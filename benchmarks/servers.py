@@ -30,7 +30,14 @@ from typing import Any
 import harness
 
 HOST = "127.0.0.1"
-KINDS = ("triocomm", "raw-trio", "asyncio-streams", "asyncio-protocol", "uvloop-protocol")
+KINDS = (
+    "triocomm",
+    "raw-trio",
+    "asyncio-streams",
+    "asyncio-protocol",
+    "uvloop-protocol",
+    "trio-connection",
+)
 RECEIVE_SIZE = 65536
 # The memory benchmark holds 10,000 connections open on one server.
 MAX_CONNECTIONS = 100_000
@@ -119,6 +126,34 @@ async def run_triocomm(port: int) -> None:
         _announce(server.port)
 
 
+async def run_trio_connection(port: int) -> None:
+    """A bare ``triocomm.Connection`` echo loop on ``trio.serve_tcp``.
+
+    Not one of the compared servers: it isolates the cost of the Connection
+    layer from the cost of the server layer when profiling.
+    """
+    import trio
+
+    import triocomm
+
+    codec = triocomm.LengthPrefixed()
+
+    async def echo(stream: Any) -> None:
+        conn: Any = triocomm.Connection(stream, codec)
+        try:
+            async for request in conn:
+                batch = [request, *conn._take_pending()]
+                await conn.send_many(batch)
+        except trio.BrokenResourceError:
+            pass
+        finally:
+            await conn.aclose()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(functools.partial(trio.serve_tcp, echo, port, host=HOST))
+        _announce(listeners[0].socket.getsockname()[1])
+
+
 # -- asyncio -------------------------------------------------------------------
 
 
@@ -194,6 +229,10 @@ def main(argv: list[str] | None = None) -> None:
         import trio
 
         trio.run(run_triocomm, args.port)
+    elif args.kind == "trio-connection":
+        import trio
+
+        trio.run(run_trio_connection, args.port)
     elif args.kind == "uvloop-protocol":
         import uvloop
 

@@ -46,15 +46,24 @@ def _loop_name() -> str:
     return "uvloop"
 
 
+def bench_kinds() -> tuple[str, ...]:
+    # Read from servers.py itself, so that a new server is smoke-tested too.
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return tuple(importlib.import_module("servers").KINDS)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
 def _kinds() -> list[Any]:
     import triocomm
 
     params: list[Any] = []
-    for kind in ("triocomm", "raw-trio", "asyncio-streams", "asyncio-protocol", "uvloop-protocol"):
+    for kind in bench_kinds():
         marks = []
         if kind == "uvloop-protocol":
             marks.append(pytest.mark.skipif(_loop_name() != "uvloop", reason="needs uvloop"))
-        if kind == "triocomm":
+        if kind in ("triocomm", "trio-connection"):
             marks.append(
                 pytest.mark.skipif(not hasattr(triocomm, "serve"), reason="no triocomm.serve yet")
             )
