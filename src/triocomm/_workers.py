@@ -307,7 +307,9 @@ async def _supervise(
             first = False
         started_at = trio.current_time()
         await trio.lowlevel.wait_readable(process.sentinel)
-        process.join(0)
+        # The sentinel fires as the child closes its files, a moment before
+        # it can be reaped: join (briefly) so that exitcode is known.
+        await trio.to_thread.run_sync(process.join)
         if group._stopping:
             return
         group._deaths += 1
@@ -331,11 +333,15 @@ async def _stop_all(group: WorkerGroup, grace: float) -> None:
     for process in processes:
         process.terminate()  # SIGTERM: the worker shuts its service down gracefully
     # The supervisors have ended, so nothing else waits on the sentinels now.
-    with trio.move_on_after(grace + 5.0):
+    limit = grace + 5.0
+    with trio.move_on_after(limit):
         for process in processes:
             await trio.lowlevel.wait_readable(process.sentinel)
+            await trio.to_thread.run_sync(process.join)
     for process in processes:
         if process.is_alive():
-            logger.error("worker pid %s ignored SIGTERM for %.1fs; killing it", process.pid, grace)
+            logger.error(
+                "worker pid %s still running %.1fs after SIGTERM; killing it", process.pid, limit
+            )
             process.kill()
-        process.join(1.0)
+            await trio.to_thread.run_sync(process.join)
