@@ -34,7 +34,17 @@ SPHINX = ("sphinx==9.1.1", "myst-parser==5.2.0")
 # compatibility check runs on the last mypy release the plugin works with.
 TRIO_TYPING = ("trio-typing[mypy]==0.10.0", "mypy==1.10.1")
 
-LINT_PATHS = ["src", "tests", "examples", "benchmarks", "typing_compat", "docs", "noxfile.py"]
+# Python files only: ruff would also reformat the code blocks in docs/*.md.
+LINT_PATHS = [
+    "src",
+    "tests",
+    "examples",
+    "benchmarks",
+    "typing_compat",
+    "docs/conf.py",
+    "docs/_ext",
+    "noxfile.py",
+]
 RELIABILITY_DIR = "tests/reliability"
 
 ON_CI = bool(os.environ.get("CI"))
