@@ -15,11 +15,20 @@ from pathlib import Path
 
 import pytest
 import trio
-import trustme
 
 import triocomm
 from triocomm import CommTimeout, Connection, ConnectionLost, FrameTooLarge, LengthPrefixed, Lines
-from triocomm.testing import Fault, FaultyPeer, connection_pair, fault_client, fault_server
+
+# The per-connection driver of the peer, run over memory streams so that the
+# timing faults can be checked on a MockClock, without sockets.
+from triocomm.testing import (
+    Fault,
+    FaultyPeer,
+    _run_link,
+    connection_pair,
+    fault_client,
+    fault_server,
+)
 
 CODEC = LengthPrefixed()
 
@@ -39,16 +48,6 @@ async def dial(peer: FaultyPeer, codec: triocomm.Codec[bytes, bytes] = CODEC) ->
     if isinstance(peer.address, str):
         return Connection(await trio.open_unix_socket(peer.address), codec)
     return Connection(await trio.open_tcp_stream("127.0.0.1", peer.port), codec)
-
-
-@pytest.fixture
-def tls() -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    ca = trustme.CA()
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("localhost").configure_cert(server)
-    client = ssl.create_default_context()
-    ca.configure_trust(client)
-    return server, client
 
 
 # -- connection_pair -----------------------------------------------------------
@@ -212,8 +211,6 @@ async def test_stalled_server_stops_reading_so_big_writes_block() -> None:
 async def test_delay_holds_each_reply(autojump_clock: trio.testing.MockClock) -> None:
     left, right = trio.testing.memory_stream_pair()
     peer = FaultyPeer(Fault.delay(3.0), CODEC, None, lambda m: m)
-    from triocomm.testing import _run_link  # the per-connection driver, without sockets
-
     async with trio.open_nursery() as nursery:
         nursery.start_soon(lambda: _run_link(peer, right, client=False, requests=()))
         conn = Connection(left, CODEC)
@@ -228,8 +225,6 @@ async def test_delay_holds_each_reply(autojump_clock: trio.testing.MockClock) ->
 async def test_slow_writer_sends_one_byte_per_tick(autojump_clock: trio.testing.MockClock) -> None:
     left, right = trio.testing.memory_stream_pair()
     peer = FaultyPeer(Fault.slow_writer(0.5, after=2), CODEC, None, lambda m: m)
-    from triocomm.testing import _run_link
-
     async with trio.open_nursery() as nursery:
         nursery.start_soon(lambda: _run_link(peer, right, client=False, requests=()))
         conn = Connection(left, CODEC)
@@ -245,8 +240,6 @@ async def test_slow_writer_sends_one_byte_per_tick(autojump_clock: trio.testing.
 async def test_slow_reader_reads_one_byte_per_tick(autojump_clock: trio.testing.MockClock) -> None:
     left, right = trio.testing.memory_stream_pair()
     peer = FaultyPeer(Fault.slow_reader(1.0), CODEC, None, lambda m: m)
-    from triocomm.testing import _run_link
-
     async with trio.open_nursery() as nursery:
         nursery.start_soon(lambda: _run_link(peer, right, client=False, requests=()))
         conn = Connection(left, CODEC)
@@ -280,9 +273,9 @@ async def test_oversized_frame_fails_fast() -> None:
 
 
 async def test_handshake_stall_server_never_completes_tls(
-    tls: tuple[ssl.SSLContext, ssl.SSLContext],
+    server_ssl_context: ssl.SSLContext, client_ssl_context: ssl.SSLContext
 ) -> None:
-    server_ctx, client_ctx = tls
+    server_ctx, client_ctx = server_ssl_context, client_ssl_context
     with no_fd_leak():
         async with fault_server(Fault.handshake_stall(), ssl_context=server_ctx) as peer:
             stream = trio.SSLStream(
@@ -298,8 +291,10 @@ async def test_handshake_stall_server_never_completes_tls(
             await trio.aclose_forcefully(stream)
 
 
-async def test_tls_server_echoes(tls: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
-    server_ctx, client_ctx = tls
+async def test_tls_server_echoes(
+    server_ssl_context: ssl.SSLContext, client_ssl_context: ssl.SSLContext
+) -> None:
+    server_ctx, client_ctx = server_ssl_context, client_ssl_context
     async with fault_server(ssl_context=server_ctx) as peer:
         stream = trio.SSLStream(
             await trio.open_tcp_stream("127.0.0.1", peer.port),
@@ -315,9 +310,9 @@ async def test_tls_server_echoes(tls: tuple[ssl.SSLContext, ssl.SSLContext]) -> 
 
 
 async def test_a_client_that_rejects_the_certificate_is_a_hangup(
-    tls: tuple[ssl.SSLContext, ssl.SSLContext],
+    server_ssl_context: ssl.SSLContext,
 ) -> None:
-    server_ctx, _ = tls
+    server_ctx = server_ssl_context
     untrusting = ssl.create_default_context()  # does not trust the test CA
     async with fault_server(ssl_context=server_ctx) as peer:
         stream = trio.SSLStream(
