@@ -5,9 +5,11 @@ the folder that holds them goes on ``sys.path`` and tests import them by
 their file names (``import resp``).
 
 Tests that drive a program we did not write (redis-server, redis-cli,
-redis-benchmark, curl) ask for it with :func:`require_binary`: on a developer
-machine without it the test is skipped, but under ``CI`` a missing program
-fails the run, so CI can never skip these proofs silently.
+redis-benchmark, curl) are marked ``@pytest.mark.needs_binary("name")``
+(``-m "not needs_binary"`` deselects them all); the mark, and fixtures that
+start such a program, go through :func:`require_binary`: on a developer
+machine without the program the test is skipped, but under ``CI`` a missing
+program fails the run, so CI can never skip these proofs silently.
 """
 
 from __future__ import annotations
@@ -38,9 +40,16 @@ def require_binary(name: str) -> str:
     if path is not None:
         return path
     message = f"{name} is not installed (Debian: apt-get install redis-server redis-tools curl)"
-    if os.environ.get("CI"):
+    if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
         pytest.fail(f"{message}; CI must run this test, not skip it", pytrace=False)
     pytest.skip(message)
+
+
+@pytest.fixture(autouse=True)
+def _needed_binaries(request: pytest.FixtureRequest) -> None:
+    """Honour ``@pytest.mark.needs_binary("curl")``: skip, or fail on CI, without it."""
+    for marker in request.node.iter_markers("needs_binary"):
+        require_binary(marker.args[0])
 
 
 def free_port() -> int:

@@ -7,15 +7,15 @@ import sys
 
 import pytest
 
-from conftest import REPO, require_binary
+from conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_redis
 
 
+@pytest.mark.needs_binary("redis-server")
+@pytest.mark.needs_binary("redis-benchmark")
 def test_a_tiny_run_reports_every_command_for_both_servers() -> None:
-    require_binary("redis-server")
-    require_binary("redis-benchmark")
     result = bench_redis.run(True, requests=800)
     assert result["parameters"]["pipeline"] == 16
     assert result["parameters"]["clients"] == 50

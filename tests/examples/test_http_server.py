@@ -14,6 +14,8 @@ from http_server import Site, serve_site
 import triocomm
 from conftest import require_binary
 
+pytestmark = pytest.mark.needs_binary("curl")
+
 # After each transfer curl prints: [status, new connections it made, bytes].
 WRITE_OUT = "[%{http_code} %{num_connects} %{size_download}]\n"
 

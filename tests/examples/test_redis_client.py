@@ -9,6 +9,8 @@ from redis_client import Handshake, Redis, RedisError
 import triocomm
 from conftest import RedisServer
 
+pytestmark = pytest.mark.needs_binary("redis-server")
+
 
 async def test_every_command_returns_what_redis_says(redis_server: RedisServer) -> None:
     async with triocomm.open_client() as client:

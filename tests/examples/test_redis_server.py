@@ -129,6 +129,7 @@ async def redis_cli(port: int, *args: str) -> str:
     return result.stdout.decode()
 
 
+@pytest.mark.needs_binary("redis-cli")
 async def test_redis_cli_drives_every_command(
     redis_example: tuple[RedisStore, triocomm.Server],
 ) -> None:
@@ -158,6 +159,7 @@ async def test_redis_cli_drives_every_command(
             await trio.sleep(0.01)
 
 
+@pytest.mark.needs_binary("redis-benchmark")
 async def test_redis_benchmark_pipelined_reports_no_errors(
     redis_example: tuple[RedisStore, triocomm.Server],
 ) -> None:

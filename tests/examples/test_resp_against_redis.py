@@ -13,6 +13,8 @@ from resp import ErrorReply, Resp, RespValue, command
 import triocomm
 from conftest import RedisServer
 
+pytestmark = pytest.mark.needs_binary("redis-server")
+
 
 async def open_redis_connection(server: RedisServer) -> triocomm.Connection[RespValue, RespValue]:
     stream = await trio.open_tcp_stream("127.0.0.1", server.port)
