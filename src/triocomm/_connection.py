@@ -13,10 +13,12 @@ two tasks receiving at once is a bug and raises :class:`trio.BusyResourceError`.
 from __future__ import annotations
 
 import enum
+import errno
 import itertools
 import logging
 import math
 import os
+import sys
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -109,6 +111,20 @@ def format_address(address: object) -> str:
     return "unknown peer" if address is None else str(address)
 
 
+# Plain sockets are read and written with os.read / os.write on their file
+# descriptor; Windows sockets are not file descriptors.
+_DIRECT_IO = sys.platform != "win32"
+# What trio's SocketStream reports as "closed by us" rather than "broken".
+_CLOSED_ERRNOS = frozenset({errno.EBADF, errno.ENOTSOCK})
+
+
+def _stream_error(exc: OSError) -> trio.ClosedResourceError | trio.BrokenResourceError:
+    """The stream error SocketStream would raise for a failed socket call."""
+    if exc.errno in _CLOSED_ERRNOS:
+        return trio.ClosedResourceError("this socket was already closed")
+    return trio.BrokenResourceError(f"socket connection broken: {exc}")
+
+
 def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
     while isinstance(stream, trio.SSLStream):
         stream = stream.transport_stream
@@ -120,7 +136,7 @@ def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
 class _Limits:
     """Per-phase limits of the current session, set by the client or server layer."""
 
-    __slots__ = ("first_phase", "first_timeout", "inactivity", "receive", "send")
+    __slots__ = ("first_phase", "first_timeout", "inactivity", "receive", "send", "unlimited")
 
     def __init__(
         self,
@@ -136,15 +152,9 @@ class _Limits:
         self.first_timeout = first_timeout
         self.receive = receive
         self.inactivity = inactivity
-
-    @property
-    def unlimited(self) -> bool:
-        return (
-            self.send is None
-            and self.first_timeout is None
-            and self.receive is None
-            and self.inactivity is None
-        )
+        # Read on every send and receive: computed once here.
+        self.unlimited = send is None and first_timeout is None and receive is None
+        self.unlimited = self.unlimited and inactivity is None
 
 
 _NO_LIMITS = _Limits()
@@ -192,6 +202,12 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         self._receiving = False
         self._sending = False
         self._send_queue = trio.lowlevel.ParkingLot()
+        # A plain TCP or Unix socket is read and written directly (see
+        # _read_socket and _write_socket), skipping SocketStream's layers.
+        self._sock = stream.socket if _DIRECT_IO and type(stream) is trio.SocketStream else None
+        # The run's clock, bound once: cheaper than trio.current_time() on
+        # every read and write, and still the MockClock under test.
+        self._now = trio.lowlevel.current_clock().current_time
         sock = _socket_of(stream)
         self._local: object = None
         self._remote: object = None
@@ -334,7 +350,9 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             if self._closed:
                 raise trio.ClosedResourceError(f"connection to {self._peer} is closed")
             try:
-                if self._limits.unlimited:
+                if self._sock is not None:
+                    await self._write_socket(data)
+                elif self._limits.unlimited:
                     await self._send_all(data)
                 else:
                     await self._write_limited(data)
@@ -353,7 +371,46 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         stats = self._stats
         stats.bytes_sent += len(data)
         stats.messages_sent += count
-        stats.last_send_at = trio.current_time()
+        stats.last_send_at = self._now()
+
+    async def _write_socket(self, data: Any) -> None:
+        # SocketStream.send_all's contract without its layers: the common
+        # case (the kernel takes everything at once) costs one system call,
+        # a cancellation check and a schedule point, and no cancel scope.
+        # Only a write that must wait for buffer space gets one, for the
+        # send / inactivity limits.
+        sock = self._sock
+        assert sock is not None
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            sent = os.write(sock.fileno(), data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise _stream_error(exc) from exc
+        total = data.nbytes if isinstance(data, memoryview) else len(data)
+        if sent >= total:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        view = memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        send_deadline = self._send_deadline()
+        while sent < total:
+            deadline, phase, limit = self._write_deadline(send_deadline)
+            if deadline == _INF:
+                await trio.lowlevel.wait_writable(sock)
+            else:
+                with trio.CancelScope(deadline=deadline) as scope:
+                    await trio.lowlevel.wait_writable(sock)
+                if scope.cancelled_caught:
+                    raise CommTimeout(phase, limit or 0.0, self._peer)
+            try:
+                sent += os.write(sock.fileno(), view[sent:])
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise _stream_error(exc) from exc
 
     def _write_deadline(self, send_deadline: float) -> tuple[float, str, float | None]:
         limits = self._limits
@@ -541,13 +598,18 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         decoder = self._decoder
         limits = self._limits
         unlimited = limits.unlimited
-        started = trio.current_time() if not unlimited else 0.0
+        started = self._now() if not unlimited else 0.0
         message_deadline = _INF
         receive_some = self._receive_some
+        # None only comes from _read_socket with a finite deadline, never here.
+        data: bytes | bytearray | None
         while True:
             try:
                 if unlimited:
-                    data = await receive_some(RECEIVE_SIZE)
+                    if self._sock is not None:
+                        data = await self._read_socket(_INF)
+                    else:
+                        data = await receive_some(RECEIVE_SIZE)
                 else:
                     if decoder.buffered and message_deadline is _INF:
                         # From the message's first byte, but not before this
@@ -574,7 +636,7 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
                 raise trio.EndOfChannel
             stats = self._stats
             stats.bytes_received += len(data)
-            stats.last_receive_at = trio.current_time()
+            stats.last_receive_at = self._now()
             try:
                 messages = decoder.feed(data)
             except ProtocolError:
@@ -606,13 +668,53 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         # quiet: the first_request / keepalive limit alone bounds that wait,
         # else inactivity (10 s) would silently cut keep-alive (60 s) short.
         if limits.inactivity is not None and phase not in _QUIET_PHASES:
-            progress = trio.current_time() + limits.inactivity
+            progress = self._now() + limits.inactivity
             if progress < deadline:
                 phase, limit, deadline = "inactivity", limits.inactivity, progress
-        with trio.CancelScope(deadline=deadline):
-            return await self._receive_some(RECEIVE_SIZE)
-        # Only reached when this scope's own deadline cancelled the read.
+        if self._sock is not None:
+            data = await self._read_socket(deadline)
+            if data is not None:
+                return data
+        else:
+            with trio.CancelScope(deadline=deadline):
+                return await self._receive_some(RECEIVE_SIZE)
+        # Only reached when the deadline cancelled the read.
         raise CommTimeout(phase, limit or 0.0, self._peer)
+
+    async def _read_socket(self, deadline: float) -> bytes | None:
+        """Read once from the plain socket; ``None`` if ``deadline`` passed first.
+
+        SocketStream.receive_some's contract without its layers: a read that
+        finds data waiting costs one system call, a cancellation check and
+        a schedule point; one that must wait costs a cancel scope only when
+        a deadline is set.
+        """
+        sock = self._sock
+        assert sock is not None
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            data = os.read(sock.fileno(), RECEIVE_SIZE)
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            raise _stream_error(exc) from exc
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
+        while True:
+            if deadline == _INF:
+                await trio.lowlevel.wait_readable(sock)
+            else:
+                with trio.CancelScope(deadline=deadline) as scope:
+                    await trio.lowlevel.wait_readable(sock)
+                if scope.cancelled_caught:
+                    return None
+            try:
+                return os.read(sock.fileno(), RECEIVE_SIZE)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise _stream_error(exc) from exc
 
     # -- closing -------------------------------------------------------------
 
