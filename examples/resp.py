@@ -175,9 +175,17 @@ class Resp:
             FrameTooLarge: the encoded value exceeds ``max_message`` or
                 ``max_items``.
         """
-        parts: list[bytes] = []
-        items = _encode_into(parts, message, self.max_depth, 0)
-        data = b"".join(parts)
+        # The common replies (OK, a value) skip the general walk.
+        if type(message) is str:
+            data = b"+" + _line_text(message, "simple string") + _CRLF
+            items = 1
+        elif type(message) is bytes:
+            data = b"$%d\r\n%s\r\n" % (len(message), message)
+            items = 1
+        else:
+            parts: list[bytes] = []
+            items = _encode_into(parts, message, self.max_depth, 0)
+            data = b"".join(parts)
         if len(data) > self.max_message:
             raise FrameTooLarge(
                 f"cannot send a {len(data)}-byte RESP value: max_message is {self.max_message}",
@@ -303,147 +311,165 @@ class RespDecoder:
         """
         buf = self._buf
         buf += data
+        have = len(buf)
         out: list[RespValue] = []
+        # The state lives in locals while parsing (attribute access costs
+        # more than the parsing itself) and is written back at the end.
+        stack = self._stack
+        scan, bulk, taken, items = self._scan, self._bulk, self._taken, self._items
+        max_line, max_message, max_items = self._max_line, self._max_message, self._max_items
         pos = 0
         try:
             while True:
-                if self._bulk >= 0:
-                    end = pos + self._bulk
-                    if len(buf) < end + 2:
+                if bulk >= 0:
+                    # The body of a bulk string whose header was read.
+                    stop = pos + bulk
+                    if have < stop + 2:
                         break
-                    if buf[end : end + 2] != _CRLF:
+                    if buf[stop] != 13 or buf[stop + 1] != 10:
                         raise ProtocolError(
-                            f"RESP bulk string of {self._bulk} bytes is not followed by CRLF"
+                            f"RESP bulk string of {bulk} bytes is not followed by CRLF"
                         )
-                    value: RespValue = bytes(buf[pos:end])
-                    self._taken += end + 2 - pos
-                    pos = end + 2
-                    self._scan = pos
-                    self._bulk = -1
+                    value: RespValue = bytes(buf[pos:stop])
+                    taken += stop + 2 - pos
+                    pos = scan = stop + 2
+                    bulk = -1
                 else:
-                    end = buf.find(_CRLF, self._scan)
+                    end = buf.find(_CRLF, scan)
                     if end < 0:
                         # The last byte may be the CR of the CRLF: not counted.
-                        self._check_line_length(len(buf) - pos - 1)
-                        # A CR at the very end may be half of the next CRLF.
-                        self._scan = max(pos, len(buf) - 1)
+                        if have - pos - 1 > max_line:
+                            raise _line_too_long(have - pos - 1, max_line)
+                        scan = max(pos, have - 1)
                         break
-                    self._check_line_length(end - pos)
-                    header_end = end + 2
-                    parsed = self._parse_line(buf, pos, end)
-                    self._taken += header_end - pos
-                    pos = header_end
-                    self._scan = pos
-                    if isinstance(parsed, _More):
-                        if not self._stack and self._bulk < 0:
-                            self._taken = 0  # a skipped empty inline line
-                        continue
-                    if self._taken > self._max_message:
+                    if end - pos > max_line:
+                        raise _line_too_long(end - pos, max_line)
+                    kind = buf[pos]
+                    line_start = pos
+                    taken += end + 2 - pos
+                    pos = scan = end + 2
+                    if kind == 0x24 or kind == 0x2A:  # "$" bulk string or "*" array header
+                        digits = buf[line_start + 1 : end]
+                        # Plain digits are the common case; _parse_length
+                        # handles -1 and says what is wrong with the rest.
+                        if digits.isdigit() and len(digits) < _MAX_DIGITS:
+                            size = int(digits)
+                        else:
+                            size = _parse_length(buf, line_start + 1, end, kind)
+                        items += 1
+                        if items > max_items or (kind == 0x2A and items + size > max_items):
+                            raise _too_many_items(items + max(size, 0), max_items)
+                        if kind == 0x24:
+                            if size >= 0 and size > max_message - taken - 2:
+                                raise FrameTooLarge(
+                                    f"peer announced a {size}-byte RESP bulk string; "
+                                    f"max_message is {max_message}",
+                                    size=size,
+                                    limit=max_message,
+                                )
+                            if size >= 0:
+                                bulk = size
+                                continue
+                            value = None
+                        elif size == -1:
+                            value = None
+                        else:
+                            if len(stack) >= self._depth:
+                                raise ProtocolError(
+                                    f"RESP arrays nest deeper than max_depth ({self._depth})"
+                                )
+                            if size:
+                                stack.append(_OpenArray(size))
+                                continue
+                            value = []
+                    else:
+                        parsed, count = self._parse_line(buf, line_start, end, not stack)
+                        if isinstance(parsed, _More):
+                            taken = 0  # a skipped empty inline line
+                            continue
+                        items += count
+                        if items > max_items:
+                            raise _too_many_items(items, max_items)
+                        value = parsed
+                    if taken > max_message:
                         raise FrameTooLarge(
-                            f"peer sent a RESP value of at least {self._taken} bytes; "
-                            f"max_message is {self._max_message}",
-                            size=self._taken,
-                            limit=self._max_message,
+                            f"peer sent a RESP value of at least {taken} bytes; "
+                            f"max_message is {max_message}",
+                            size=taken,
+                            limit=max_message,
                         )
-                    value = parsed
                 # One value is complete: put it in its array, closing every
                 # array it completes, or hand it out if it is top-level.
-                while self._stack:
-                    top = self._stack[-1]
+                while stack:
+                    top = stack[-1]
                     top.items.append(value)
                     if len(top.items) < top.size:
                         break
-                    self._stack.pop()
+                    stack.pop()
                     value = top.items
                 else:
                     out.append(value)
-                    self._taken = 0
-                    self._items = 0
+                    taken = 0
+                    items = 0
         finally:
             if pos:
                 del buf[:pos]  # bytearray drops its head in O(1)
-                self._scan -= pos
+                scan -= pos
+            self._scan, self._bulk, self._taken, self._items = scan, bulk, taken, items
         return out
 
-    def _check_line_length(self, length: int) -> None:
-        if length > self._max_line:
-            raise FrameTooLarge(
-                f"peer sent a RESP line of at least {length} bytes; max_line is {self._max_line}",
-                size=length,
-                limit=self._max_line,
-            )
-
-    def _count_items(self, count: int) -> None:
-        self._items += count
-        if self._items > self._max_items:
-            raise FrameTooLarge(
-                f"peer sent a RESP value of at least {self._items} items; "
-                f"max_items is {self._max_items}",
-                size=self._items,
-                limit=self._max_items,
-            )
-
-    def _parse_line(self, buf: bytearray, start: int, end: int) -> RespValue | _More:
-        """Parse the line ``buf[start:end]``: a whole value, or ``_MORE`` for a header."""
+    def _parse_line(
+        self, buf: bytearray, start: int, end: int, top: bool
+    ) -> tuple[RespValue | _More, int]:
+        """Parse a line that is a whole value: ``(value, items)``, or ``_MORE`` to skip it."""
         if start == end:
-            if self._inline and not self._stack:
-                return _MORE  # an empty inline line is skipped, as Redis does
+            if self._inline and top:
+                return _MORE, 0  # an empty inline line is skipped, as Redis does
             raise ProtocolError("empty RESP line: expected a type byte")
         kind = buf[start]
-        if kind == 0x24:  # "$" bulk string header
-            size = _parse_int(buf, start + 1, end, "bulk string length")
-            if size == -1:
-                self._count_items(1)
-                return None
-            if size < 0:
-                raise ProtocolError(f"negative RESP bulk string length {size}")
-            self._count_items(1)
-            room = self._max_message - self._taken - (end + 2 - start)
-            if size + 2 > room:
-                raise FrameTooLarge(
-                    f"peer announced a {size}-byte RESP bulk string; "
-                    f"max_message is {self._max_message}",
-                    size=size,
-                    limit=self._max_message,
-                )
-            self._bulk = size
-            return _MORE
-        if kind == 0x2A:  # "*" array header
-            size = _parse_int(buf, start + 1, end, "array length")
-            self._count_items(1)
-            if size == -1:
-                return None
-            if size < 0:
-                raise ProtocolError(f"negative RESP array length {size}")
-            if len(self._stack) >= self._depth:
-                raise ProtocolError(f"RESP arrays nest deeper than max_depth ({self._depth})")
-            if size == 0:
-                return []
-            # Fail fast: the announced elements would exceed max_items.
-            if self._items + size > self._max_items:
-                self._count_items(size)
-            self._stack.append(_OpenArray(size))
-            return _MORE
-        self._count_items(1)
         if kind == 0x3A:  # ":" integer
             number = _parse_int(buf, start + 1, end, "integer")
             if not INT64_MIN <= number <= INT64_MAX:
                 raise ProtocolError(f"RESP integer {number} does not fit in 64 bits")
-            return number
+            return number, 1
         if kind == 0x2B:  # "+" simple string
-            return _text(buf, start + 1, end, "simple string")
+            return _text(buf, start + 1, end, "simple string"), 1
         if kind == 0x2D:  # "-" error
-            return ErrorReply(_text(buf, start + 1, end, "error"))
-        if self._inline and not self._stack:
+            return ErrorReply(_text(buf, start + 1, end, "error")), 1
+        if self._inline and top:
             words = bytes(buf[start:end]).split()
             if not words:
-                return _MORE
-            self._count_items(len(words))
-            return list(words)
+                return _MORE, 0
+            return list(words), len(words)
         raise ProtocolError(
             f"unknown RESP type byte {bytes([kind])!r} at the start of "
             f"{bytes(buf[start : min(end, start + 40)])!r}"
         )
+
+
+def _line_too_long(length: int, limit: int) -> FrameTooLarge:
+    return FrameTooLarge(
+        f"peer sent a RESP line of at least {length} bytes; max_line is {limit}",
+        size=length,
+        limit=limit,
+    )
+
+
+def _too_many_items(count: int, limit: int) -> FrameTooLarge:
+    return FrameTooLarge(
+        f"peer sent a RESP value of at least {count} items; max_items is {limit}",
+        size=count,
+        limit=limit,
+    )
+
+
+def _parse_length(buf: bytearray, start: int, end: int, kind: int) -> int:
+    """The length in a ``$`` or ``*`` header: -1 (null) or more."""
+    what = "bulk string length" if kind == 0x24 else "array length"
+    size = _parse_int(buf, start, end, what)
+    if size < -1:
+        raise ProtocolError(f"negative RESP {what} {size}")
+    return size
 
 
 class _More:
