@@ -340,3 +340,29 @@ def test_null_is_a_none_that_serve_does_not_skip() -> None:
     assert Null() is NULL
     assert repr(NULL) == "NULL"
     assert decode_all(codec, codec.encode(NULL)) == [None]
+
+
+@given(st.binary(max_size=200), st.booleans())
+@settings(max_examples=300)
+def test_garbage_raises_only_protocol_errors(data: bytes, inline: bool) -> None:
+    decoder = Resp(max_message=500, max_line=50, max_items=20, max_depth=4, inline=inline).decoder()
+    try:
+        decoder.feed(data)
+    except triocomm.ProtocolError:  # FrameTooLarge included
+        pass
+
+
+@given(values, st.data())
+@settings(max_examples=300)
+def test_corrupted_values_raise_only_protocol_errors(value: RespValue, data: st.DataObject) -> None:
+    wire = bytearray(Resp().encode(value))
+    position = data.draw(st.integers(0, len(wire) - 1))
+    wire[position] = data.draw(st.integers(0, 255))
+    decoder = Resp(max_message=4096, max_items=200).decoder()
+    chunks = data.draw(st.integers(1, 4))
+    step = max(1, len(wire) // chunks)
+    try:
+        for start in range(0, len(wire), step):
+            decoder.feed(bytes(wire[start : start + step]))
+    except triocomm.ProtocolError:
+        pass
