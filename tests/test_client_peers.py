@@ -118,8 +118,9 @@ async def scripted_server(
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
-            server.closed += 1
-            await trio.aclose_forcefully(stream)
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+            server.closed += 1  # counted once the socket really is closed
 
     if path is not None:
         family = socket.AF_UNIX
