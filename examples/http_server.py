@@ -31,6 +31,7 @@ import argparse
 import email.utils
 import functools
 import logging
+import math
 import mimetypes
 import os
 from dataclasses import dataclass, field
@@ -63,12 +64,18 @@ class Site:
         root: folder served under ``/files/``; ``None`` serves no files.
         max_body: the largest request body accepted, in bytes; a larger one is
             answered with ``413`` and the connection is closed.
+        request_timeout: seconds from a request's first byte to its last
+            (default 10). A client that trickles a request slower than that
+            (a *slowloris*) is cut off: ``408`` if its request head was
+            complete, else a plain close. The wait *between* requests is the
+            server's ``keepalive`` limit instead.
         connections: connections handled so far.
         requests: requests answered so far (any status).
     """
 
     root: Path | None = None
     max_body: int = 64 * 1024
+    request_timeout: float = 10.0
     connections: int = 0
     requests: int = 0
     _resolved_root: Path | None = field(default=None, init=False, repr=False)
@@ -116,39 +123,80 @@ async def serve_http(site: Site, conn: triocomm.Connection[bytes, bytes]) -> Non
     """
     site.connections += 1
     http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+    timer = _RequestTimer(site.request_timeout)
     while True:
         try:
-            event = await _next_event(conn, http)
+            event = await _next_event(conn, http, timer)
             if isinstance(event, h11.ConnectionClosed):
                 return
             assert isinstance(event, h11.Request), event
-            if not await _read_body(site, conn, http):
+            if not await _read_body(site, conn, http, timer):
                 return
             await _respond(site, conn, http, event)
         except h11.RemoteProtocolError as exc:
             log.info("bad HTTP request from %s: %s", conn.peer, exc)
             await _send_error(site, conn, http, exc.error_status_hint, f"{exc}\n")
             return
+        except _RequestTimedOut:
+            log.info("request from %s took over %gs; closing", conn.peer, site.request_timeout)
+            text = f"request not complete within {site.request_timeout:g}s\n"
+            await _send_error(site, conn, http, 408, text)
+            return
         if http.our_state is not h11.DONE or http.their_state is not h11.DONE:
             return  # Connection: close, or an HTTP/1.0 client
         http.start_next_cycle()
+        # The next request may have arrived already (pipelining).
+        timer.reset(started=bool(http.trailing_data[0]))
 
 
-async def _next_event(conn: triocomm.Connection[bytes, bytes], http: h11.Connection) -> object:
-    """Return h11's next event, reading from the connection when it needs data."""
+class _RequestTimedOut(Exception):
+    """The request was not complete within ``Site.request_timeout``."""
+
+
+class _RequestTimer:
+    """The deadline of the request being read: set when its first byte arrives."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self.deadline = math.inf
+
+    def reset(self, *, started: bool) -> None:
+        self.deadline = math.inf
+        if started:
+            self.start()
+
+    def start(self) -> None:
+        if self.deadline == math.inf:
+            self.deadline = trio.current_time() + self.limit
+
+
+async def _next_event(
+    conn: triocomm.Connection[bytes, bytes], http: h11.Connection, timer: _RequestTimer
+) -> object:
+    """Return h11's next event, reading from the connection when it needs data.
+
+    Before a request's first byte, the wait is bounded by the server's
+    keep-alive limit (inside ``conn.receive``); after it, by the timer.
+    Cancelling a receive loses no bytes, so the connection is still usable
+    to answer 408.
+    """
     while True:
         event = http.next_event()
         if event is not h11.NEED_DATA:
             return event
-        try:
-            data = await conn.receive()
-        except trio.EndOfChannel:
-            data = b""  # h11 decides whether the close was clean
-        http.receive_data(data)
+        with trio.move_on_at(timer.deadline):
+            try:
+                data = await conn.receive()
+            except trio.EndOfChannel:
+                data = b""  # h11 decides whether the close was clean
+            timer.start()
+            http.receive_data(data)
+            continue
+        raise _RequestTimedOut
 
 
 async def _read_body(
-    site: Site, conn: triocomm.Connection[bytes, bytes], http: h11.Connection
+    site: Site, conn: triocomm.Connection[bytes, bytes], http: h11.Connection, timer: _RequestTimer
 ) -> bool:
     """Read (and drop) the request body, so the next request can follow.
 
@@ -158,7 +206,7 @@ async def _read_body(
     """
     received = 0
     while True:
-        event = await _next_event(conn, http)
+        event = await _next_event(conn, http, timer)
         if isinstance(event, h11.EndOfMessage):
             return True
         if isinstance(event, h11.Data):
@@ -245,9 +293,14 @@ async def _send_error(
     status: int,
     text: str,
 ) -> None:
-    """Answer with an error status and ``Connection: close``, when HTTP still allows a reply."""
-    if http.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-        return  # a response is already under way: closing is all we can do
+    """Answer with an error status and ``Connection: close``, when HTTP still allows a reply.
+
+    That is once a request head was read, or after h11 rejected the client's
+    bytes; not in the middle of our own response, nor in the middle of a
+    request head (then closing is all we can do).
+    """
+    if http.our_state is not h11.SEND_RESPONSE and http.their_state is not h11.ERROR:
+        return
     try:
         await _send(site, conn, http, status, text, False, [("connection", "close")])
     except trio.BrokenResourceError:

@@ -16,6 +16,7 @@ from pathlib import Path
 import h11
 import pytest
 import trio
+import trio.testing
 from http_server import Site, serve_http
 
 import triocomm
@@ -25,9 +26,11 @@ Conn = triocomm.Connection[bytes, bytes]
 
 
 @asynccontextmanager
-async def http_session(site: Site) -> AsyncIterator[tuple[Conn, trio.Event]]:
+async def http_session(
+    site: Site, *, limit: float = 10.0
+) -> AsyncIterator[tuple[Conn, trio.Event]]:
     """Yield the client end of a connection served by ``serve_http``, and an
-    event set when the handler has returned."""
+    event set when the handler has returned; all within ``limit`` seconds."""
     client, server = connection_pair(triocomm.Raw())
     finished = trio.Event()
 
@@ -36,7 +39,7 @@ async def http_session(site: Site) -> AsyncIterator[tuple[Conn, trio.Event]]:
             await serve_http(site, server)
         finished.set()
 
-    with trio.fail_after(10):
+    with trio.fail_after(limit):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run_handler)
             try:
@@ -236,3 +239,45 @@ async def test_a_client_vanishing_mid_request_ends_the_handler_quietly() -> None
         await conn.send(b"GET / HTTP/1.1\r\nhost: a\r\n")
         await conn.aclose()
         await finished.wait()
+
+
+# -- slow clients (MockClock: no real waiting) ---------------------------------
+
+
+async def test_a_trickled_request_head_is_cut_off(autojump_clock: trio.testing.MockClock) -> None:
+    site = Site(request_timeout=10.0)
+    async with http_session(site, limit=200) as (conn, finished):
+        start = trio.current_time()
+        with pytest.raises(trio.BrokenResourceError):
+            for byte in b"GET / HTTP/1.1\r\nhost: a\r\nx-slow: " + b"y" * 100:
+                await conn.send(bytes([byte]))
+                await trio.sleep(1.0)
+        await finished.wait()
+        # Cut off about request_timeout after the first byte, not after 100 s.
+        assert 10.0 <= trio.current_time() - start <= 12.0
+    assert site.requests == 0
+
+
+async def test_a_body_that_stops_coming_gets_408(autojump_clock: trio.testing.MockClock) -> None:
+    site = Site(request_timeout=10.0)
+    async with http_session(site, limit=200) as (conn, finished):
+        await conn.send(b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 100\r\n\r\n" + b"x" * 10)
+        raw = await read_until_closed(conn)
+        await finished.wait()
+    assert raw.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert b"connection: close" in raw.lower()
+
+
+async def test_the_request_timer_restarts_for_each_request(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Waiting between requests is not limited by request_timeout: 30 s of
+    # silence after a response is fine, and each request gets its own 10 s.
+    site = Site(request_timeout=10.0)
+    async with http_session(site, limit=200) as (conn, _finished):
+        client = Client(conn)
+        for _ in range(3):
+            response, _ = await client.request("GET", "/")
+            assert response.status_code == 200
+            await trio.sleep(30.0)
+        assert site.requests == 3
