@@ -39,6 +39,11 @@ INT64_MAX = 2**63 - 1
 #: The codec of this server: RESP2, accepting inline commands as well.
 CODEC = Resp(inline=True)
 
+#: The service's time limits: the defaults, plus a bound on each command
+#: (``receive``: first byte to last), so that a client trickling a command a
+#: byte at a time cannot hold a connection open for ever.
+TIMEOUTS = triocomm.ServerTimeouts(receive=10.0)
+
 Command = Callable[["RedisStore", list[bytes]], "RespValue | Null"]
 
 
@@ -171,6 +176,7 @@ async def serve_redis(
     port: int = 7379,
     *,
     host: str | None = "127.0.0.1",
+    timeouts: triocomm.ServerTimeouts = TIMEOUTS,
     task_status: trio.TaskStatus[triocomm.Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``store`` over RESP on ``host:port`` until cancelled or shut down.
@@ -181,7 +187,13 @@ async def serve_redis(
         server = await nursery.start(serve_redis, RedisStore(), 0)
     """
     await triocomm.serve(
-        store.handle, port, host=host, codec=CODEC, max_connections=10_000, task_status=task_status
+        store.handle,
+        port,
+        host=host,
+        codec=CODEC,
+        timeouts=timeouts,
+        max_connections=10_000,
+        task_status=task_status,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import subprocess
 import sys
@@ -211,6 +212,8 @@ async def test_bad_input_closes_only_that_connection(
             assert await bad.receive_some(100) == b""  # closed without a reply
             await good.send(command("GET", "k"))
             assert await good.receive() == b"v"
+        while not server.stats.errors:  # counted just after the close
+            await trio.sleep(0.01)
     assert server.stats.errors == {"protocol": 1}
 
 
@@ -242,3 +245,25 @@ def test_the_example_runs_as_a_script() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert b"--port" in result.stdout
+
+
+async def test_a_command_trickled_too_slowly_is_cut_off() -> None:
+    # A real socket, so real (short) time: receive=0.5 s from first byte to last.
+    timeouts = triocomm.ServerTimeouts(receive=0.5)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(
+                functools.partial(serve_redis, RedisStore(), 0, timeouts=timeouts)
+            )
+            assert server.port is not None
+            stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+            async with stream:
+                started = trio.current_time()
+                await stream.send_all(b"*1\r\n$4\r\nPI")
+                assert await stream.receive_some(100) == b""  # closed, nothing answered
+                assert trio.current_time() - started >= 0.5
+            # The service logs and counts it just after closing the socket.
+            while not server.stats.errors:
+                await trio.sleep(0.01)
+            assert server.stats.errors == {"timeout": 1}
+            nursery.cancel_scope.cancel()
