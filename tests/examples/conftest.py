@@ -52,6 +52,11 @@ def _needed_binaries(request: pytest.FixtureRequest) -> None:
         require_binary(marker.args[0])
 
 
+def open_fds() -> int:
+    """How many file descriptors this process has open (Linux)."""
+    return len(os.listdir("/proc/self/fd"))
+
+
 def free_port() -> int:
     """A loopback TCP port that was free a moment ago (never Redis's 6379)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import trio
 from redis_client import Handshake, Redis, RedisError
+from resp import Resp, command
 
 import triocomm
-from conftest import RedisServer
+from conftest import RedisServer, open_fds
 
 pytestmark = pytest.mark.needs_binary("redis-server")
 
@@ -122,6 +123,7 @@ async def test_wrong_or_missing_password_is_a_clear_error(redis_server: RedisSer
 
 async def test_200_concurrent_callers_share_8_connections(redis_server: RedisServer) -> None:
     callers, rounds = 200, 5
+    fds_before = open_fds()
     async with triocomm.open_client() as client:
         redis = Redis(
             client, port=redis_server.port, password=redis_server.password, max_connections=8
@@ -161,6 +163,16 @@ async def test_200_concurrent_callers_share_8_connections(redis_server: RedisSer
         clients = await redis.execute("CLIENT", "LIST")
         assert isinstance(clients, bytes)
         assert 1 <= len(clients.splitlines()) <= 8
+    # Leaving open_client closed every connection: no socket is left on our
+    # side, and Redis sees only the connection that asks.
+    assert open_fds() == fds_before
+    stream = await trio.open_tcp_stream("127.0.0.1", redis_server.port)
+    async with triocomm.Connection(stream, Resp()) as conn:
+        await conn.send_many([command("AUTH", redis_server.password), command("CLIENT", "LIST")])
+        assert await conn.receive() == "OK"
+        listing = await conn.receive()
+    assert isinstance(listing, bytes)
+    assert len(listing.splitlines()) == 1
 
 
 async def test_requests_fail_clearly_while_redis_is_down_and_recover(
