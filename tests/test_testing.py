@@ -101,6 +101,14 @@ def test_oversized_needs_a_codec_with_a_bound() -> None:
         FaultyPeer(Fault.oversized(), LengthPrefixed("!B"), None, None)
 
 
+async def test_half_close_over_tls_is_refused_up_front(
+    server_ssl_context: ssl.SSLContext,
+) -> None:
+    with pytest.raises(ValueError, match="cannot half-close"):
+        async with fault_server(Fault.half_close(), ssl_context=server_ssl_context):
+            pytest.fail("the block must not run")
+
+
 # -- fault_server, seen from a bare Connection ---------------------------------
 
 

@@ -239,9 +239,15 @@ class FaultyPeer:
         codec: Codec[Any, Any],
         address: object,
         respond: Callable[[Any], Any] | None,
+        *,
+        tls: bool = False,
     ) -> None:
+        # Fail here, before anything is bound or connected, not later in a
+        # background task.
         if fault.kind == "oversized":
-            _oversized_bytes(codec)  # fail here, not in a background task
+            _oversized_bytes(codec)
+        if fault.kind == "half_close" and tls:
+            raise ValueError("Fault.half_close() needs a plain socket: TLS cannot half-close")
         self.fault = fault
         self.codec = codec
         self.address = address
@@ -536,6 +542,7 @@ async def fault_server(
     """
     fault = fault or Fault()
     codec = codec or LengthPrefixed()
+    peer = FaultyPeer(fault, codec, None, respond, tls=ssl_context is not None)
     if path is not None:
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -545,14 +552,13 @@ async def fault_server(
             sock.close()
             raise
         listener = trio.SocketListener(sock)
-        address: object = os.fspath(path)
+        peer.address = os.fspath(path)
     else:
         listeners = await trio.open_tcp_listeners(port, host=host)
         listener = listeners[0]
         for extra in listeners[1:]:
             await extra.aclose()
-        address = listener.socket.getsockname()[:2]
-    peer = FaultyPeer(fault, codec, address, respond)
+        peer.address = listener.socket.getsockname()[:2]
 
     async def serve_one(stream: trio.SocketStream) -> None:
         peer._count("connections")
@@ -619,7 +625,7 @@ async def fault_client(
     if (port is None) == (path is None):
         raise TypeError("fault_client() needs exactly one of port or path")
     address: object = os.fspath(path) if path is not None else (host, port)
-    peer = FaultyPeer(fault, codec, address, None)
+    peer = FaultyPeer(fault, codec, address, None, tls=ssl_context is not None)
     requests = tuple(requests)
     streams: list[trio.abc.Stream] = []
     try:

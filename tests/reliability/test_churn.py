@@ -31,6 +31,7 @@ async def churn(client, target: Target, cycles: int) -> None:
             nursery.start_soon(worker, first)
 
 
+@pytest.mark.timeout(180)  # 20 s alone; allow for a machine busy with other runs
 @pytest.mark.parametrize(("transport", "cycles"), [("unix", 20_000), ("tcp", 2_000)])
 async def test_churn(transport, cycles, start_server, invariants, codec, short_tmp, capsys) -> None:
     if transport == "unix":
