@@ -438,6 +438,21 @@ async def test_first_response_timeout_covers_the_wait_for_the_first_byte() -> No
     assert exc.limit == 0.2
 
 
+async def test_a_session_timeout_names_the_target_as_written() -> None:
+    async def slow(peer: Peer) -> None:
+        await peer.read_frame()
+        await trio.sleep(5)
+
+    async with scripted_server(slow) as server, open_client() as client:
+        target = Target("localhost", server.port, CODEC, timeouts=Timeouts(first_response=0.1))
+        with pytest.raises(CommTimeout) as info:
+            await client.request(target, b"x")
+    message = str(info.value)
+    assert f"localhost:{server.port}" in message  # the target
+    assert "127.0.0.1" in message  # and the address it resolved to
+    assert "0.1s" in message  # the limit
+
+
 async def test_first_response_does_not_limit_a_reply_that_started() -> None:
     async def trickle(peer: Peer) -> None:
         await peer.read_frame()

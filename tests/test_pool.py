@@ -7,6 +7,9 @@ Servers are scripted raw-Trio servers (``test_client_peers``).
 
 from __future__ import annotations
 
+import socket
+import struct
+
 import pytest
 import trio
 import trio.testing
@@ -167,6 +170,36 @@ async def test_over_tls_an_idle_connection_closed_by_the_peer_is_discarded(
         assert await client.request(target, b"b") == b"b"
         stats = client.stats(target)
         assert (stats.created, stats.reused, stats.closed) == (2, 0, 1)
+
+
+@pytest.mark.parametrize("tls", [False, True])
+async def test_a_reset_while_idle_is_handled_by_the_watcher(
+    tls: bool, server_ssl_context: object, client_ssl_context: object
+) -> None:
+    async def reply_then_reset(peer: Peer) -> None:
+        await peer.send_frame(await peer.read_frame() or b"")
+        if peer.number == 1:
+            raw = peer.stream.transport_stream if tls else peer.stream  # type: ignore[attr-defined]
+            # Linger 0: close() sends an RST instead of a FIN.
+            raw.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return
+        await echo(peer)
+
+    async with (
+        scripted_server(
+            reply_then_reset, ssl_context=server_ssl_context if tls else None
+        ) as server,  # type: ignore[arg-type]
+        open_client() as client,
+    ):
+        host = "localhost" if tls else "127.0.0.1"
+        context = client_ssl_context if tls else None
+        target = Target(host, server.port, CODEC, ssl_context=context)  # type: ignore[arg-type]
+        assert await client.request(target, b"a") == b"a"
+        # The watcher meets the reset; it must not raise into the client's nursery.
+        await wait_for(lambda: client.stats(target).closed == 1)
+        assert await client.request(target, b"b") == b"b"
+        stats = client.stats(target)
+        assert (stats.created, stats.reused, stats.failed) == (2, 0, 0)
 
 
 # -- failed, timed-out and cancelled sessions close their connection --------------------

@@ -118,7 +118,7 @@ class PooledConnection:
     """The pool's record of one connection (private to the client layer)."""
 
     __slots__ = (
-        "_changed",
+        "_changes",
         "conn",
         "graceful",
         "idle_deadline",
@@ -145,14 +145,15 @@ class PooledConnection:
         self.graceful = True
         # Set by the idle watcher when the peer sent bytes, closed or reset.
         self.spoke = False
-        self._changed = trio.Event()
+        # The connection task parks here while the state is CONNECTING or
+        # IN_USE. It re-reads the state after every wake-up, so a change made
+        # while it is not parked is never missed (and no Event is allocated
+        # per session).
+        self._changes = trio.lowlevel.ParkingLot()
 
     def wake(self) -> None:
         """Tell the connection task that the state changed."""
-        # Swap before setting, so the task always waits on an event that the
-        # next change will set, however the two interleave.
-        changed, self._changed = self._changed, trio.Event()
-        changed.set()
+        self._changes.unpark_all()
         if self.watch_scope is not None:
             self.watch_scope.cancel()
 
@@ -502,7 +503,7 @@ class KeepAlivePool:
                 await self._watch_idle(entry)
             else:
                 # CONNECTING or IN_USE: the session runs in its own task.
-                await entry._changed.wait()
+                await entry._changes.park()
 
     async def _watch_idle(self, entry: PooledConnection) -> None:
         """Wait in keep-alive until the deadline, the peer speaks, or a session borrows it."""
