@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import triocomm
-from triocomm.testing import Fault, fault_client
+from triocomm.testing import Fault, fault_client, fault_server
 
 # A small max_frame, so that random headers often exceed it, and garbage
 # that mixes plausible frames with noise.
@@ -55,3 +55,35 @@ async def test_garbage_into_a_live_server(chunks: list[bytes], invariants) -> No
         assert all(isinstance(m, bytes) for m in peer.received)
         await good.aclose()
         nursery.cancel_scope.cancel()
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(chunks=garbage, boundary=st.booleans())
+async def test_garbage_from_a_server(chunks: list[bytes], boundary: bool, invariants) -> None:
+    # Garbage instead of the reply, or after a complete reply (stray bytes).
+    fault = Fault.garbage(b"".join(chunks), after=len(SMALL.encode(b"ping")) if boundary else 0)
+    await invariants.mark()
+    async with fault_server(fault, codec=SMALL) as peer:
+        target = triocomm.Target("127.0.0.1", peer.port, SMALL)
+        # Garbage may also be the start of a frame that never ends.
+        quick = triocomm.Timeouts(first_response=0.5, receive=0.2)
+        async with triocomm.open_client(timeouts=quick) as client:
+            with trio.fail_after(5):
+                try:
+                    reply = await client.request(target, b"ping")
+                except triocomm.CommError:
+                    pass  # refused as bad input: the expected outcome
+                else:
+                    # Garbage that happens to be a whole frame is a reply no
+                    # codec can refuse; after a good reply, the reply stands.
+                    assert isinstance(reply, bytes)
+                    if boundary:
+                        assert reply == b"ping"
+            stats = client.stats(target)
+            assert stats.open == stats.idle + stats.in_use
+            assert stats.in_use == 0
+    await invariants.check()
