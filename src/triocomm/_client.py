@@ -542,7 +542,7 @@ class Client:
             entry, _ = await self._checkout(target, pool, timeouts, False)
         except BaseException as exc:
             pool.record_failure()
-            self._report(dest, target, False if isinstance(exc, ConnectError) else None)
+            self._report(dest, target, _address_failed(exc))
             raise
         conn = entry.conn
         conn._begin_session()
