@@ -75,6 +75,11 @@ class Invariants:
         self.fds = fd_count()
         self.tasks = task_count()
 
+    def check_pools(self, *pools: tuple[Any, Any]) -> None:
+        """Check ``(client, target)`` pools now, while connections may still be pooled."""
+        problems = [p for client, target in pools for p in pool_problems(client, target)]
+        assert not problems, "; ".join(problems)
+
     async def check(
         self,
         *pools: tuple[Any, Any],

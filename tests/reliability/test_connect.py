@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 import trio
 
-from triocomm import CommTimeout, ConnectError, Target, Timeouts, open_client
+from triocomm import (
+    CommTimeout,
+    ConnectError,
+    Target,
+    Timeouts,
+    Upstream,
+    UpstreamUnavailable,
+    open_client,
+)
 from triocomm.testing import Fault, fault_server
 
 
@@ -95,3 +103,35 @@ async def test_client_tls_verifies_the_certificate_and_the_host_name(
         async with open_client() as client:
             with trio.fail_after(5):
                 assert await client.request(good, b"hello") == b"hello"
+
+
+async def test_upstream_routes_around_a_refused_address(invariants, codec) -> None:
+    dead = Target("127.0.0.1", await closed_port(), codec)
+    async with fault_server(codec=codec) as peer:
+        live = Target("127.0.0.1", peer.port, codec)
+        upstream = Upstream([dead, live], max_fails=1, fuse_time=60)
+        await invariants.mark()
+        async with open_client() as client:
+            with trio.fail_after(5):
+                for i in range(10):
+                    message = b"request %d" % i
+                    # A refused connect is retried on the address not yet tried.
+                    assert await client.request(upstream, message) == message
+            # The dead address failed once and was then fused: never tried again.
+            assert client.stats(dead).failed == 1
+            assert client.stats(live).created + client.stats(live).reused == 10
+            invariants.check_pools((client, dead), (client, live))
+        await invariants.check()
+
+
+async def test_an_upstream_with_every_address_refused_fails_at_once(invariants, codec) -> None:
+    targets = [Target("127.0.0.1", await closed_port(), codec) for _ in range(2)]
+    upstream = Upstream(targets, max_fails=1, fuse_time=60)
+    await invariants.mark()
+    async with open_client() as client:
+        with trio.fail_after(5), pytest.raises(ConnectError):
+            await client.request(upstream, b"hello")  # tries both, both refuse
+        with trio.fail_after(5), pytest.raises(UpstreamUnavailable):
+            await client.request(upstream, b"hello")  # both fused now
+        for target in targets:
+            await invariants.check((client, target))
