@@ -8,6 +8,7 @@ their own file, ``test_pool.py``.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import socket
 import ssl
@@ -260,6 +261,7 @@ async def test_refused_connect_is_a_connect_error_naming_the_address() -> None:
         with pytest.raises(ConnectError) as info:
             await client.request(target, b"x")
     assert f"127.0.0.1:{port}" in str(info.value)
+    assert "refused" in str(info.value).lower()  # the reason, not just "failed"
     assert info.value.address == f"127.0.0.1:{port}"
     assert isinstance(info.value.__cause__, OSError)
     assert isinstance(info.value, triocomm.CommError)
@@ -298,6 +300,33 @@ async def test_unresolvable_host_is_a_connect_error() -> None:
                 await client.request(Target("nowhere.invalid", 80, CODEC), b"x")
     finally:
         trio.socket.set_custom_hostname_resolver(None)
+    assert isinstance(info.value.__cause__, OSError)
+
+
+class _Unreachable(trio.abc.SocketFactory):
+    """Real sockets whose connect fails as on a host with no route (no network used)."""
+
+    def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM, proto: int = 0):  # type: ignore[no-untyped-def,override]
+        sock = trio.socket.from_stdlib_socket(socket.socket(family, type, proto))
+
+        async def connect(address: object) -> None:
+            await trio.lowlevel.checkpoint()
+            raise OSError(errno.ENETUNREACH, os.strerror(errno.ENETUNREACH))
+
+        sock.connect = connect  # type: ignore[method-assign]
+        return sock
+
+
+async def test_unreachable_address_is_a_connect_error_with_the_reason() -> None:
+    trio.socket.set_custom_socket_factory(_Unreachable())
+    try:
+        async with open_client() as client:
+            with pytest.raises(ConnectError) as info:
+                await client.request(Target("192.0.2.1", 7000, CODEC), b"x")
+    finally:
+        trio.socket.set_custom_socket_factory(None)
+    assert "192.0.2.1:7000" in str(info.value)
+    assert os.strerror(errno.ENETUNREACH) in str(info.value)
     assert isinstance(info.value.__cause__, OSError)
 
 

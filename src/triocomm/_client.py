@@ -183,6 +183,19 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+def _connect_failure_text(exc: OSError) -> str:
+    """The reasons behind a failed connect, for the error message.
+
+    ``trio.open_tcp_stream`` tries every address and raises one ``OSError``
+    ("all attempts ... failed") caused by a group of the real errors; the
+    user needs those (refused? unreachable?), so they are spelled out.
+    """
+    causes = getattr(exc.__cause__, "exceptions", None)
+    if not causes:
+        return str(exc)
+    return "; ".join(dict.fromkeys(str(cause) for cause in causes))
+
+
 async def _open_stream(target: Target[Any, Any]) -> trio.abc.Stream:
     """Connect (and handshake) to ``target``; failures become :class:`ConnectError`."""
     where = target.address
@@ -195,7 +208,9 @@ async def _open_stream(target: Target[Any, Any]) -> trio.abc.Stream:
             stream = await trio.open_tcp_stream(target.host, target.port)
     except OSError as exc:
         # Refused, unreachable, unresolvable (socket.gaierror), no such path.
-        raise ConnectError(f"cannot connect to {where}: {exc}", address=where) from exc
+        raise ConnectError(
+            f"cannot connect to {where}: {_connect_failure_text(exc)}", address=where
+        ) from exc
     if target.ssl_context is None:
         return stream
     try:
