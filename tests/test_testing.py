@@ -7,7 +7,6 @@ Connection, and every test checks that the peer leaves no socket behind.
 from __future__ import annotations
 
 import functools
-import os
 import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,30 +17,25 @@ import trio
 
 import triocomm
 from triocomm import CommTimeout, Connection, ConnectionLost, FrameTooLarge, LengthPrefixed, Lines
-
-# The per-connection driver of the peer, run over memory streams so that the
-# timing faults can be checked on a MockClock, without sockets.
 from triocomm.testing import (
     Fault,
     FaultyPeer,
-    _run_link,
+    _run_link,  # the per-connection driver: run over memory streams on a MockClock
     connection_pair,
     fault_client,
     fault_server,
+    open_fd_count,
+    task_count,
 )
 
 CODEC = LengthPrefixed()
 
 
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 @contextmanager
 def no_fd_leak() -> Iterator[None]:
-    before = fd_count()
+    before = open_fd_count()
     yield
-    assert fd_count() == before
+    assert open_fd_count() == before
 
 
 async def dial(peer: FaultyPeer, codec: triocomm.Codec[bytes, bytes] = CODEC) -> Connection:
@@ -441,17 +435,26 @@ async def test_wait_rejects_unknown_counters() -> None:
 
 
 async def test_no_task_outlives_the_block() -> None:
-    root = trio.lowlevel.current_root_task()
-
-    def count(task: trio.lowlevel.Task) -> int:
-        return 1 + sum(count(t) for n in task.child_nurseries for t in n.child_tasks)
-
-    before = count(root)
+    before = task_count()
     async with fault_server(Fault.stall()) as peer:
         conns = [await dial(peer) for _ in range(3)]
         with trio.fail_after(5):
             await peer.wait(faults=3)
-        assert count(root) > before
-    assert count(root) == before
+        assert task_count() > before
+    assert task_count() == before
     for conn in conns:
         await conn.aclose()
+
+
+async def test_the_counters_see_a_socket_and_a_task() -> None:
+    fds, tasks = open_fd_count(), task_count()
+    sock = trio.socket.socket()
+    assert open_fd_count() == fds + 1
+    sock.close()
+    assert open_fd_count() == fds
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.sleep_forever)
+        await trio.testing.wait_all_tasks_blocked()
+        assert task_count() == tasks + 1
+        nursery.cancel_scope.cancel()
+    assert task_count() == tasks

@@ -4,6 +4,8 @@ Everything here runs in memory or on loopback; nothing reaches the network.
 
 * :func:`connection_pair` joins two :class:`Connection` objects by memory
   streams, for testing a protocol without sockets.
+* :func:`open_fd_count` and :func:`task_count` measure what a test must give
+  back: compare them before and after to catch a leaked socket or task.
 * :func:`fault_server` and :func:`fault_client` start a :class:`FaultyPeer`:
   a real socket peer (TCP on loopback, or a Unix socket) that speaks a codec
   correctly until a :class:`Fault` strikes: it resets the connection, stalls,
@@ -34,7 +36,15 @@ import trio.testing
 from ._connection import Connection, _socket_of, format_address
 from ._framing import Codec, LengthPrefixed, Lines
 
-__all__ = ["Fault", "FaultyPeer", "connection_pair", "fault_client", "fault_server"]
+__all__ = [
+    "Fault",
+    "FaultyPeer",
+    "connection_pair",
+    "fault_client",
+    "fault_server",
+    "open_fd_count",
+    "task_count",
+]
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -52,6 +62,40 @@ def connection_pair(
     make = trio.testing.lockstep_stream_pair if lockstep else trio.testing.memory_stream_pair
     left, right = make()
     return Connection(left, codec), Connection(right, codec)
+
+
+def open_fd_count() -> int:
+    """Return how many file descriptors this process has open (Linux, macOS).
+
+    Take it before and after the code under test: a difference is a leaked
+    socket or file. Closing takes a few scheduler rounds after the code
+    returns, so poll for the expected value with a time bound.
+    """
+    for folder in ("/proc/self/fd", "/dev/fd"):
+        try:
+            # Listing opens one descriptor itself; it is counted every time,
+            # so differences are exact.
+            return len(os.listdir(folder))
+        except FileNotFoundError:
+            continue
+    raise RuntimeError("cannot count open file descriptors on this platform")
+
+
+def task_count() -> int:
+    """Return how many Trio tasks are alive in the current run.
+
+    Walks the task tree from :func:`trio.lowlevel.current_root_task`, so it
+    sees every task, in every nursery. Take it before and after the code
+    under test: a difference is a task that outlived its ``async with``.
+    """
+
+    def count(task: trio.lowlevel.Task) -> int:
+        return 1 + sum(count(child) for n in task.child_nurseries for child in n.child_tasks)
+
+    root = trio.lowlevel.current_root_task()
+    if root is None:  # the run is starting up or shutting down
+        raise RuntimeError("task_count() needs a running Trio run")
+    return count(root)
 
 
 # -- what goes wrong ---------------------------------------------------------

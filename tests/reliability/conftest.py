@@ -14,7 +14,6 @@ after the code under test returns.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -23,23 +22,10 @@ import trio
 import trio.testing
 
 import triocomm
+from triocomm.testing import open_fd_count, task_count
 
 # How long (real seconds) a check waits for closes and task exits to finish.
 SETTLE = 5.0
-
-
-def fd_count() -> int:
-    """Open file descriptors of this process."""
-    return len(os.listdir("/proc/self/fd"))
-
-
-def task_count() -> int:
-    """Trio tasks alive in this run: a walk of the task tree from the root."""
-
-    def count(task: trio.lowlevel.Task) -> int:
-        return 1 + sum(count(child) for n in task.child_nurseries for child in n.child_tasks)
-
-    return count(trio.lowlevel.current_root_task())
 
 
 def pool_problems(client: Any, target: Any) -> list[str]:
@@ -72,7 +58,7 @@ class Invariants:
     async def mark(self) -> None:
         """Record the fds and tasks held now; call it first thing in a test body."""
         await trio.testing.wait_all_tasks_blocked(cushion=0.001)
-        self.fds = fd_count()
+        self.fds = open_fd_count()
         self.tasks = task_count()
 
     def check_pools(self, *pools: tuple[Any, Any]) -> None:
@@ -107,8 +93,8 @@ class Invariants:
                 for server in servers:
                     if server.stats.connections_open:
                         problems.append(f"{server!r} still has connections open")
-                if fd_count() != want_fds:
-                    problems.append(f"{fd_count()} fds open, baseline {want_fds}")
+                if open_fd_count() != want_fds:
+                    problems.append(f"{open_fd_count()} fds open, baseline {want_fds}")
                 if task_count() != want_tasks:
                     problems.append(f"{task_count()} tasks alive, baseline {want_tasks}")
                 if not problems:

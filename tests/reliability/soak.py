@@ -27,7 +27,6 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 import random
 import resource
 import sys
@@ -39,7 +38,7 @@ import trio
 
 import triocomm
 from triocomm import CommError, Connection, ServerTimeouts, Target, Timeouts
-from triocomm.testing import Fault, fault_client, fault_server
+from triocomm.testing import Fault, fault_client, fault_server, open_fd_count, task_count
 
 CODEC = triocomm.LengthPrefixed(max_frame=64 * 1024)
 WORKERS = 16
@@ -83,17 +82,6 @@ class Figures:
         # Keep a few examples of what went wrong, for the report.
         if len(self.examples) < 10:
             self.examples.append(what)
-
-
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def task_count() -> int:
-    def count(task: trio.lowlevel.Task) -> int:
-        return 1 + sum(count(child) for n in task.child_nurseries for child in n.child_tasks)
-
-    return count(trio.lowlevel.current_root_task())
 
 
 def peak_rss_mib() -> float:
@@ -244,7 +232,7 @@ async def reporter(figures: Figures, started: float, every: float) -> None:
         elapsed = trio.current_time() - started
         print(
             f"[{elapsed:6.0f} s] requests {figures.requests:,}  faults {figures.faults_injected:,}"
-            f"  lost {figures.lost}  desynced {figures.desynced}  fds {fd_count()}"
+            f"  lost {figures.lost}  desynced {figures.desynced}  fds {open_fd_count()}"
             f"  rss {peak_rss_mib():.0f} MiB",
             flush=True,
         )
@@ -262,7 +250,7 @@ async def soak(minutes: float, seed: int, report_every: float = 10.0) -> Figures
     """Run the mixed load with faults for ``minutes``; return the figures."""
     figures = Figures(minutes=minutes)
     rng = random.Random(seed)
-    fds_before = fd_count()
+    fds_before = open_fd_count()
     tasks_before = task_count()
     async with trio.open_nursery() as nursery:
         server = await nursery.start(
@@ -308,7 +296,7 @@ async def soak(minutes: float, seed: int, report_every: float = 10.0) -> Figures
             figures.note(f"{vanished} requests ended with no reply, error or cancellation")
         figures.service_errors = {k: v for k, v in server.stats.errors.items() if v}
     # Closing is complete once the nurseries have exited.
-    figures.leaked_fds = fd_count() - fds_before
+    figures.leaked_fds = open_fd_count() - fds_before
     figures.leaked_tasks = task_count() - tasks_before
     figures.peak_rss_mib = round(peak_rss_mib(), 1)
     return figures
