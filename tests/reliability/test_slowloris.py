@@ -64,3 +64,26 @@ async def test_client_receive_limit_ends_a_trickling_reply(invariants, codec) ->
             with trio.fail_after(5):
                 await peer.wait(hangups=1)
             await invariants.check((client, target))
+
+
+async def test_stalled_clients_filling_max_connections_only_delay_a_newcomer(
+    start_server, invariants, codec, serves
+) -> None:
+    server = await start_server(
+        max_connections=5, timeouts=ServerTimeouts(first_request=LIMIT, receive=LIMIT)
+    )
+    await invariants.mark()
+    # Every slot taken by a client that connected and never completes a request.
+    async with fault_client(
+        Fault.stall(after=2), server.port, codec=codec, requests=[b"x"], connections=5
+    ) as peer:
+        with trio.fail_after(5):
+            await peer.wait(faults=5)
+            # Accepting pauses at the limit; the limits free the slots, then
+            # the newcomer is served.
+            await serves(server)
+        # Served only once a limit had freed a slot.
+        assert server.stats.errors["timeout"] >= 1
+        await invariants.check(servers=[server], extra_fds=5, extra_tasks=5)
+    assert server.stats.errors["timeout"] == 5
+    await invariants.check(servers=[server])
