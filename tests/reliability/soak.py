@@ -226,9 +226,14 @@ def pool_violations(client: Any, target: Target[bytes, bytes], figures: Figures)
         figures.note(f"pool of {target}: {stats}")
 
 
-async def reporter(figures: Figures, started: float, every: float) -> None:
+async def reporter(
+    figures: Figures, started: float, every: float, client: Any, targets: list[Target[bytes, bytes]]
+) -> None:
     while True:
         await trio.sleep(every)
+        # These hold at every moment, not only when the load stops.
+        for target in targets:
+            pool_violations(client, target, figures)
         elapsed = trio.current_time() - started
         print(
             f"[{elapsed:6.0f} s] requests {figures.requests:,}  faults {figures.faults_injected:,}"
@@ -274,11 +279,12 @@ async def soak(minutes: float, seed: int, report_every: float = 10.0) -> Figures
                 load.start_soon(
                     client_fault_injector, client, faulty_port, figures, random.Random(rng.random())
                 )
-                load.start_soon(reporter, figures, started, report_every)
+                targets = [target, Target("127.0.0.1", faulty_port, CODEC, timeouts=FAULTY)]
+                load.start_soon(reporter, figures, started, report_every, client, targets)
                 await trio.sleep(minutes * 60)
                 load.cancel_scope.cancel()
             # Nothing runs now: every slot must be back.
-            for each in (target, Target("127.0.0.1", faulty_port, CODEC, timeouts=FAULTY)):
+            for each in targets:
                 pool_violations(client, each, figures)
                 stats = client.stats(each)
                 if stats.in_use or stats.connecting or stats.waiting:
