@@ -63,6 +63,14 @@ async def test_send_and_receive_are_checkpoints() -> None:
         await trio.sleep(0.05)  # the bytes are in right's socket buffer now
         with trio.testing.assert_checkpoints():
             assert await right.receive() == b"one"
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            with pytest.raises(trio.Cancelled):
+                await left.send(b"never")
+        # As on any stream, a cancelled send breaks the connection.
+        assert left.is_closed
+        with pytest.raises(trio.EndOfChannel):
+            await right.receive()  # "never" was not written
 
 
 async def test_large_message_that_must_wait_for_the_peer_arrives_whole(

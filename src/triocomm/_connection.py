@@ -780,6 +780,15 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         receive: float | None = None,
         inactivity: float | None = None,
     ) -> None:
+        limits = self._limits
+        if (
+            limits.send == send
+            and limits.first_phase == first_phase
+            and limits.first_timeout == first_timeout
+            and limits.receive == receive
+            and limits.inactivity == inactivity
+        ):
+            return  # the same limits as the last session: the usual case
         self._limits = _Limits(
             send=send,
             first_phase=first_phase,
