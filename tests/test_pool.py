@@ -202,6 +202,43 @@ async def test_a_reset_while_idle_is_handled_by_the_watcher(
         assert (stats.created, stats.reused, stats.failed) == (2, 0, 0)
 
 
+async def test_over_tls_part_of_a_stray_record_while_idle_discards_the_connection(
+    server_ssl_context: object, client_ssl_context: object
+) -> None:
+    go, sent_part = trio.Event(), trio.Event()
+
+    async def reply_then_half_a_record(peer: Peer) -> None:
+        await peer.send_frame(await peer.read_frame() or b"")
+        if peer.number == 1:
+            await go.wait()  # the client is idle by now
+            # Encrypt a stray message by hand and send only the first bytes of
+            # its TLS record: the client's watcher reads them, and the record
+            # cannot be decrypted yet (reaching into trio's SSLStream is fine
+            # in a test).
+            tls = peer.stream
+            tls._ssl_object.write(frame(b"stray"))  # type: ignore[attr-defined]
+            record = tls._outgoing.read()  # type: ignore[attr-defined]
+            await tls.transport_stream.send_all(record[:7])  # type: ignore[attr-defined]
+            sent_part.set()
+            await trio.sleep_forever()
+        await echo(peer)
+
+    async with (
+        scripted_server(reply_then_half_a_record, ssl_context=server_ssl_context) as server,  # type: ignore[arg-type]
+        open_client() as client,
+    ):
+        target = Target("localhost", server.port, CODEC, ssl_context=client_ssl_context)  # type: ignore[arg-type]
+        assert await client.request(target, b"a") == b"a"
+        await trio.testing.wait_all_tasks_blocked()  # the watcher waits
+        go.set()
+        await sent_part.wait()
+        await trio.sleep(0.05)  # the watcher pulls the partial record in
+        assert client.stats(target).idle == 1  # not decryptable: nothing to see yet
+        assert await client.request(target, b"b") == b"b"
+        stats = client.stats(target)
+        assert (stats.created, stats.reused, stats.failed) == (2, 0, 0)
+
+
 # -- failed, timed-out and cancelled sessions close their connection --------------------
 
 

@@ -120,6 +120,7 @@ class PooledConnection:
     __slots__ = (
         "_changes",
         "conn",
+        "consuming",
         "graceful",
         "idle_deadline",
         "pool",
@@ -127,7 +128,6 @@ class PooledConnection:
         "spoke",
         "state",
         "tls",
-        "watch_exited",
         "watch_scope",
     )
 
@@ -139,7 +139,9 @@ class PooledConnection:
         self.sock = _raw_socket(conn.stream)
         self.tls = isinstance(conn.stream, trio.SSLStream)
         self.watch_scope: trio.CancelScope | None = None
-        self.watch_exited: trio.Event | None = None
+        # Set once the idle watcher of a TLS connection started reading
+        # through the TLS layer: from then on, bytes may have been consumed.
+        self.consuming = False
         # Whether the connection task closes it politely (it was retired, not
         # broken or cancelled).
         self.graceful = True
@@ -251,17 +253,6 @@ class KeepAlivePool:
             if not fresh:
                 entry = self._take_idle()
                 if entry is not None:
-                    if entry.watch_exited is not None:
-                        # A TLS watcher is inside SSLStream.receive_some, which
-                        # holds the stream's receive lock until it unwinds.
-                        try:
-                            await entry.watch_exited.wait()
-                        except BaseException:
-                            self.release(entry, reusable=False)
-                            raise
-                        if entry.peer_spoke():
-                            self._retire(entry, "the peer sent data while idle")
-                            continue
                     self._reused += 1
                     return entry
             if not self._waiters and self._slots_taken() < self.max_connections:
@@ -287,7 +278,7 @@ class KeepAlivePool:
             if entry.idle_deadline <= now:
                 self._retire(entry, "keep-alive time is up", popped=True)
                 continue
-            if entry.watch_exited is None and entry.peer_spoke():
+            if entry.consuming or entry.peer_spoke():
                 self._retire(entry, "the peer closed or sent data while idle", popped=True)
                 continue
             entry.state = _State.IN_USE
@@ -512,22 +503,24 @@ class KeepAlivePool:
         with trio.CancelScope(deadline=entry.idle_deadline) as scope:
             entry.watch_scope = scope
             try:
-                if entry.sock is not None and not entry.tls:
+                # Waiting for readability consumes nothing, and a borrower's
+                # cancel aborts it synchronously: the socket is free at once.
+                if entry.sock is not None:
                     await trio.lowlevel.wait_readable(entry.sock)
-                else:
-                    # Over TLS a readable socket may only carry a session
-                    # ticket; only a real receive tells tickets (handled
-                    # inside SSLStream) from data or EOF.
-                    entry.watch_exited = trio.Event()
+                if entry.tls or entry.sock is None:
+                    # Over TLS a readable socket may carry only a session
+                    # ticket. A real receive tells: the TLS layer handles
+                    # tickets and keeps waiting; data, close_notify, EOF or a
+                    # reset end it. Once it has consumed bytes, though, no one
+                    # can tell a ticket from part of a stray record, so a
+                    # borrower finding `consuming` set discards the connection.
+                    entry.consuming = True
                     await stream.receive_some(1)
                 entry.spoke = True
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 entry.spoke = True  # a reset: stale as well
             finally:
                 entry.watch_scope = None
-                if entry.watch_exited is not None:
-                    entry.watch_exited.set()
-                    entry.watch_exited = None
         if entry.state is _State.IDLE:
             if not entry.spoke:
                 self._retire(entry, "keep-alive time is up")
