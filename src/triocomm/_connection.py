@@ -158,6 +158,9 @@ class _Limits:
 
 
 _NO_LIMITS = _Limits()
+# The pending queue of every connection with nothing pending: never mutated
+# (the one place that adds messages replaces it with a fresh deque first).
+_NO_PENDING: deque[Any] = deque()
 
 FileArg = Union[str, "os.PathLike[str]", IO[bytes]]
 
@@ -190,18 +193,21 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         self._codec = codec
         self._encode = codec.encode
         self._decoder = codec.decoder()
-        self._pending: deque[In] = deque()
+        # Shared and empty until a read decodes more than one message: an
+        # idle connection should not carry a deque (760 bytes) for nothing.
+        self._pending: deque[In] = _NO_PENDING
         self._id = next(_ids)
         self._sessions = 0
         self._state = ConnState.CONNECTED
         self._stats = ConnectionStats(created_at=trio.current_time())
-        self._context: dict[Any, Any] = {}
+        self._context: dict[Any, Any] | None = None  # made on first use
         self._limits = _NO_LIMITS
         self._eof = False
         self._closed = False
         self._receiving = False
         self._sending = False
-        self._send_queue = trio.lowlevel.ParkingLot()
+        # Made on the first contended send (most connections never have one).
+        self._send_queue: trio.lowlevel.ParkingLot | None = None
         # A plain TCP or Unix socket is read and written directly (see
         # _read_socket and _write_socket), skipping SocketStream's layers.
         self._sock = stream.socket if _DIRECT_IO and type(stream) is trio.SocketStream else None
@@ -245,6 +251,8 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
     @property
     def context(self) -> dict[Any, Any]:
         """A dict for the user's own per-connection data."""
+        if self._context is None:
+            self._context = {}
         return self._context
 
     @property
@@ -332,6 +340,8 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         if self._sending:
             # The releasing task hands ownership over directly (FIFO), so a
             # woken waiter never races a newcomer.
+            if self._send_queue is None:
+                self._send_queue = trio.lowlevel.ParkingLot()
             await self._send_queue.park()
         else:
             self._sending = True
@@ -581,7 +591,7 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
     def _take_pending(self) -> list[In]:
         """Remove and return every message already decoded (no I/O)."""
         items = list(self._pending)
-        self._pending.clear()
+        self._pending = _NO_PENDING
         return items
 
     @property
@@ -601,23 +611,21 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         started = self._now() if not unlimited else 0.0
         message_deadline = _INF
         receive_some = self._receive_some
-        # None only comes from _read_socket with a finite deadline, never here.
-        data: bytes | bytearray | None
+        data: bytes | bytearray
         while True:
             try:
-                if unlimited:
-                    if self._sock is not None:
-                        data = await self._read_socket(_INF)
-                    else:
-                        data = await receive_some(RECEIVE_SIZE)
+                if not unlimited and decoder.buffered and message_deadline is _INF:
+                    # From the message's first byte, but not before this
+                    # call: time the application spent elsewhere while
+                    # those bytes sat buffered is not the peer's delay.
+                    message_deadline = self._receive_deadline(
+                        max(self._stats.last_receive_at or started, started)
+                    )
+                if self._sock is not None:
+                    data = await self._read_socket(started, message_deadline)
+                elif unlimited:
+                    data = await receive_some(RECEIVE_SIZE)
                 else:
-                    if decoder.buffered and message_deadline is _INF:
-                        # From the message's first byte, but not before this
-                        # call: time the application spent elsewhere while
-                        # those bytes sat buffered is not the peer's delay.
-                        message_deadline = self._receive_deadline(
-                            max(self._stats.last_receive_at or started, started)
-                        )
                     data = await self._read_limited(started, message_deadline)
             except trio.BrokenResourceError as exc:
                 await self._break()
@@ -649,14 +657,20 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             if messages:
                 stats.messages_received += len(messages)
                 if len(messages) > 1:
-                    self._pending.extend(messages[1:])
+                    if self._pending is _NO_PENDING:
+                        self._pending = deque(messages[1:])
+                    else:
+                        self._pending.extend(messages[1:])
                 return messages[0]
 
     def _receive_deadline(self, first_byte_at: float) -> float:
         receive = self._limits.receive
         return _INF if receive is None else first_byte_at + receive
 
-    async def _read_limited(self, started: float, message_deadline: float) -> bytes | bytearray:
+    def _read_deadline(
+        self, started: float, message_deadline: float
+    ) -> tuple[float, str, float | None]:
+        """The deadline of the next read, with the phase and limit that set it."""
         limits = self._limits
         if message_deadline is _INF and not self._decoder.buffered:
             # Waiting for the first byte of a message.
@@ -671,23 +685,23 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             progress = self._now() + limits.inactivity
             if progress < deadline:
                 phase, limit, deadline = "inactivity", limits.inactivity, progress
-        if self._sock is not None:
-            data = await self._read_socket(deadline)
-            if data is not None:
-                return data
-        else:
-            with trio.CancelScope(deadline=deadline):
-                return await self._receive_some(RECEIVE_SIZE)
+        return deadline, phase, limit
+
+    async def _read_limited(self, started: float, message_deadline: float) -> bytes | bytearray:
+        deadline, phase, limit = self._read_deadline(started, message_deadline)
+        with trio.CancelScope(deadline=deadline):
+            return await self._receive_some(RECEIVE_SIZE)
         # Only reached when the deadline cancelled the read.
         raise CommTimeout(phase, limit or 0.0, self._peer)
 
-    async def _read_socket(self, deadline: float) -> bytes | None:
-        """Read once from the plain socket; ``None`` if ``deadline`` passed first.
+    async def _read_socket(self, started: float, message_deadline: float) -> bytes:
+        """Read once from the plain socket, within the limits of this receive.
 
         SocketStream.receive_some's contract without its layers: a read that
         finds data waiting costs one system call, a cancellation check and
-        a schedule point; one that must wait costs a cancel scope only when
-        a deadline is set.
+        a schedule point, and no deadline arithmetic (data that is there is
+        progress); a read that must wait gets a cancel scope for the limit
+        of its phase, if there is one.
         """
         sock = self._sock
         assert sock is not None
@@ -699,16 +713,20 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         except OSError as exc:
             raise _stream_error(exc) from exc
         else:
+            if message_deadline is not _INF and self._now() >= message_deadline:
+                # A message that keeps coming but never ends still times out.
+                raise CommTimeout("receive", self._limits.receive or 0.0, self._peer)
             await trio.lowlevel.cancel_shielded_checkpoint()
             return data
         while True:
-            if deadline == _INF:
+            if self._limits.unlimited:
                 await trio.lowlevel.wait_readable(sock)
             else:
+                deadline, phase, limit = self._read_deadline(started, message_deadline)
                 with trio.CancelScope(deadline=deadline) as scope:
                     await trio.lowlevel.wait_readable(sock)
                 if scope.cancelled_caught:
-                    return None
+                    raise CommTimeout(phase, limit or 0.0, self._peer)
             try:
                 return os.read(sock.fileno(), RECEIVE_SIZE)
             except BlockingIOError:
