@@ -166,3 +166,21 @@ async def test_receive_blocked_when_stream_closes_is_closed_resource() -> None:
         nursery.start_soon(close_soon)
         with pytest.raises(trio.ClosedResourceError):
             await right.receive()
+
+
+async def test_pipelined_bursts_leave_the_shared_empty_queue_untouched() -> None:
+    from triocomm._connection import _NO_PENDING
+
+    left, right = await tcp_pair()
+    async with left, right:
+        await left.send_many([b"a", b"b", b"c"])
+        assert await right.receive() == b"a"
+        assert right.pending == 2
+        assert right._take_pending() == [b"b", b"c"]
+        await left.send_many([b"d", b"e"])
+        assert await right.receive() == b"d"
+        assert await right.receive() == b"e"
+        assert right.pending == 0
+        assert len(_NO_PENDING) == 0
+        right.context["k"] = 1
+        assert right.context == {"k": 1}
