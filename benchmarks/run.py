@@ -352,9 +352,12 @@ def format_table(summary: dict[str, Any], results: dict[str, Any]) -> str:
             lines.append(f"  triocomm / raw-trio: {mem['ratio triocomm/raw-trio']:.2f}x")
         lines.append("")
     codecs = results.get("codecs")
-    if codecs:
-        lines.append("Codecs (from bench_codecs.run):")
-        lines.append(json.dumps(codecs, indent=2)[:4000])
+    if codecs and "skipped" not in codecs:
+        import bench_codecs
+
+        lines.append(bench_codecs.report(codecs))
+    elif codecs:
+        lines.append(f"Codecs: {codecs['skipped']}")
     return "\n".join(lines)
 
 
