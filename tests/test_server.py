@@ -1115,3 +1115,45 @@ async def test_invalid_grace_is_refused() -> None:
     async with running(echo) as server:
         with pytest.raises(ValueError, match="grace"):
             await server.shutdown(grace=-1)
+
+
+async def test_a_request_racing_shutdown_is_answered_not_lost() -> None:
+    async with running(echo) as server:
+        client = await connect(server)
+        assert await client.request(b"warm") == b"warm"
+        stream = client.stream
+        assert isinstance(stream, trio.SocketStream)
+        # The worst moment: the request is in the server's socket buffer, but
+        # the connection task still sleeps in its wait for the next request
+        # (no I/O poll ran since). A plain write plus the synchronous start of
+        # shutdown, with no checkpoint between, makes that moment certain.
+        os.write(stream.socket.fileno(), frame(b"racing"))
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await server.shutdown(5)  # begins, then is cancelled at its first wait
+        assert server.shutting_down
+        with trio.fail_after(5):
+            assert await client.receive() == [b"racing"]
+            assert await client.closed_by_server()
+            await server.shutdown(5)
+        assert not server.stats.errors
+        await client.aclose()
+
+
+async def test_idle_tls_connections_close_quietly_on_shutdown_and_eviction(
+    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext], caplog: pytest.LogCaptureFixture
+) -> None:
+    server_context, client_context = tls_contexts
+    async with running(echo, ssl_context=server_context, max_connections=1) as server:
+        first = await tls_connect(server, client_context)
+        assert await first.request(b"one") == b"one"
+        second = await tls_connect(server, client_context)  # evicts the first
+        assert await second.request(b"two") == b"two"
+        with trio.fail_after(5):
+            assert await first.closed_by_server()
+            await server.shutdown(grace=5)
+            assert await second.closed_by_server()
+        assert not server.stats.errors
+        assert server_records(caplog) == []
+        await first.aclose()
+        await second.aclose()

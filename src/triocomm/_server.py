@@ -22,6 +22,7 @@ import math
 import os
 import socket
 import stat
+import sys
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from typing import Any, Literal, TypeVar
 
 import trio
 
-from ._connection import Connection, ConnState, Idle, format_address
+from ._connection import Connection, ConnState, Idle, _socket_of, format_address
 from ._errors import CommError, CommTimeout, ConnectionLost, FrameTooLarge, ProtocolError
 from ._framing import Codec
 from ._timeouts import ServerTimeouts
@@ -51,6 +52,8 @@ _CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EN
 _ACCEPT_BACKOFF = 0.1
 # Closing gracefully may need a write (TLS close_notify); never wait longer.
 _CLOSE_LIMIT = 5.0
+# Linux and the BSDs wake a blocked read when its socket's read side is shut.
+_SHUT_RD_WAKES_READERS = sys.platform != "win32"
 
 RequestHandler = Callable[[In, Connection[In, Out]], Awaitable[Out | None]]
 ConnectionHandler = Callable[[Connection[In, Out]], Awaitable[object]]
@@ -102,13 +105,27 @@ class _HandlerFailed(Exception):
 class _Entry:
     """The service's bookkeeping for one accepted connection."""
 
-    __slots__ = ("conn", "idle_callback", "idle_due", "idle_fired", "waiting")
+    __slots__ = (
+        "closing",
+        "conn",
+        "idle_callback",
+        "idle_due",
+        "idle_fired",
+        "scope",
+        "sock",
+        "waiting",
+    )
 
     def __init__(self) -> None:
         self.conn: Connection[Any, Any] | None = None
-        # The cancel scope around the wait for the next request, while waiting:
-        # cancelling it closes the connection without disturbing a session.
-        self.waiting: trio.CancelScope | None = None
+        # True while the connection waits for the first byte of a request.
+        self.waiting = False
+        # Set when the service ends that wait (eviction, shutdown).
+        self.closing = False
+        # How the wait is ended: shutting the socket's read side (see
+        # _end_wait), or, for a stream without one, cancelling this scope.
+        self.sock: trio.socket.SocketType | None = None
+        self.scope: trio.CancelScope | None = None
         self.idle_fired: dict[Idle, float] = {}
         self.idle_callback: trio.CancelScope | None = None
         # Statuses that came due while the callback was busy, each at most once.
@@ -389,25 +406,24 @@ class Server:
     def _evictable(self) -> _Entry | None:
         for entry in self._keepalive:
             conn = entry.conn
-            if entry.waiting is not None and conn is not None and not conn._has_unread_bytes:
+            if entry.waiting and conn is not None and not conn._has_unread_bytes:
                 return entry
         return None
 
     def _evict(self, entry: _Entry) -> None:
         self._keepalive.pop(entry, None)
-        assert entry.waiting is not None
         assert entry.conn is not None
         logger.debug(
             "closing idle keep-alive connection from %s to make room (max_connections=%d)",
             entry.conn.peer,
             self._max,
         )
-        entry.waiting.cancel()
+        _end_wait(entry)
 
     def _close_if_waiting(self, entry: _Entry) -> None:
         conn = entry.conn
-        if entry.waiting is not None and conn is not None and not conn._has_unread_bytes:
-            entry.waiting.cancel()
+        if entry.waiting and conn is not None and not conn._has_unread_bytes:
+            _end_wait(entry)
 
     def _wake_acceptors(self) -> None:
         if self._room:
@@ -428,6 +444,8 @@ class Server:
                 transport = secure
             conn: Connection[Any, Any] = Connection(transport, self._codec)
             entry.conn = conn
+            if _SHUT_RD_WAKES_READERS:
+                entry.sock = _socket_of(transport)
             if self._idle_periods:
                 now = trio.current_time()
                 for status, period in self._idle_periods.items():
@@ -435,7 +453,9 @@ class Server:
             try:
                 await self._body(self, conn, entry)
             except Exception as exc:
-                if self._report(conn, exc):
+                if entry.closing and isinstance(exc, trio.BrokenResourceError):
+                    pass  # TLS reports the read side we shut as a ragged EOF
+                elif self._report(conn, exc):
                     await conn._break()  # failed: ERROR, like a connection error
             finally:
                 if entry.idle_callback is not None:
@@ -619,7 +639,7 @@ def _request_body(
         # read (RECEIVE_SIZE) plus one unfinished request (the codec's bound).
         t = server._timeouts
         stats = server._stats
-        receive = conn.receive
+        take_pending = conn._take_pending
         send_many = conn.send_many
         begin_session = conn._begin_session
         conn._set_limits(
@@ -643,6 +663,9 @@ def _request_body(
         while True:
             conn._set_state(ConnState.RECEIVING)
             replies: list[Out] = []
+            # The rest of the burst, taken at once: no checkpoint per request.
+            burst = take_pending() if conn.pending else ()
+            taken = 0
             while True:
                 begin_session()
                 stats.sessions += 1
@@ -656,9 +679,10 @@ def _request_body(
                     if len(replies) >= MAX_REPLY_BATCH:
                         await _send_replies(send_many, replies)
                         replies = []
-                if not conn.pending:
+                if taken == len(burst):
                     break
-                request = await receive()
+                request = burst[taken]
+                taken += 1
             if replies:
                 await _send_replies(send_many, replies)
             conn._set_state(ConnState.SUCCESS)
@@ -694,23 +718,47 @@ async def _next_request(
 ) -> In | Literal[_Close.TOKEN]:
     """Wait for the first request of the next batch, or say the connection should close."""
     partial = conn._has_unread_bytes
-    if server._draining and not partial:
+    if (server._draining or entry.closing) and not partial:
         return _CLOSE
     conn._set_state(state)
     keepalive = state is ConnState.KEEPALIVE and not partial
     if keepalive:
         server._keepalive[entry] = None
         server._wake_acceptors()
-    scope = entry.waiting = trio.CancelScope()
+    entry.waiting = True
     try:
+        if entry.sock is not None:
+            # Ended from outside by shutting the read side: this returns the
+            # request if one had already arrived, else EndOfChannel.
+            return await conn.receive()
+        scope = entry.scope = trio.CancelScope()
         with scope:
             return await conn.receive()
-        # Cancelled from outside: evicted, or the service is shutting down.
-        return _CLOSE
+        return _CLOSE  # cancelled by _end_wait
     finally:
-        entry.waiting = None
+        entry.waiting = False
+        entry.scope = None
         if keepalive:
             server._keepalive.pop(entry, None)
+
+
+def _end_wait(entry: _Entry) -> None:
+    """Close a connection that waits between requests, without losing a request.
+
+    Shutting the socket's read side wakes the waiting read with end-of-file,
+    unless a request has arrived meanwhile: the kernel then hands that over
+    first, the request is answered (writing still works), and the next read
+    sees the end. A cancel scope could not tell the two apart, and one per wait
+    would cost more than the rest of a request's bookkeeping.
+    """
+    entry.closing = True
+    if entry.sock is not None:
+        try:
+            entry.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass  # already gone: the read ends by itself
+    elif entry.scope is not None:
+        entry.scope.cancel()
 
 
 def _connection_body(
