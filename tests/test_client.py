@@ -719,3 +719,33 @@ async def test_connection_states_through_a_session() -> None:
         assert conn.state is ConnState.IDLE
     assert seen == [ConnState.CONNECTED, ConnState.CONNECTED]
     assert conn.state in (ConnState.CLOSED, ConnState.ERROR)
+
+
+def test_ssl_context_true_is_the_shared_verifying_default() -> None:
+    codec = triocomm.LengthPrefixed()
+    a = triocomm.Target("example.org", 443, codec, ssl_context=True)
+    b = triocomm.Target("example.org", 443, codec, ssl_context=True)
+    assert isinstance(a.ssl_context, ssl.SSLContext)
+    assert a.ssl_context.verify_mode is ssl.CERT_REQUIRED
+    assert a.ssl_context.check_hostname
+    # One shared context: equal targets share one pool.
+    assert a == b
+    assert hash(a) == hash(b)
+    assert triocomm.Target("example.org", 443, codec, ssl_context=False).ssl_context is None
+
+
+async def test_run_passes_extra_arguments_through() -> None:
+    # (Type checkers also check them against session_fn's signature.)
+    async def session(conn: triocomm.Connection[bytes, bytes], a: int, b: str) -> str:
+        return f"{a}{b}{conn.seq}"
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(trio.serve_tcp, handler, 0)
+        port = listeners[0].socket.getsockname()[1]
+        target = triocomm.Target("127.0.0.1", port, triocomm.LengthPrefixed())
+        async with triocomm.open_client() as client:
+            assert await client.run(target, session, 4, "x") == "4x0"
+        nursery.cancel_scope.cancel()

@@ -14,6 +14,7 @@ closes the connection, so a late reply can never be read by the next session.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import math
@@ -34,7 +35,11 @@ from ._timeouts import Timeouts
 from ._upstream import Upstream
 
 if TYPE_CHECKING:
+    from typing_extensions import TypeVarTuple, Unpack
+
     from ._framing import Codec
+
+    PosArgs = TypeVarTuple("PosArgs")
 
 __all__ = ["Client", "Target", "open_client"]
 
@@ -46,6 +51,12 @@ R = TypeVar("R")
 
 _DEFAULT_TIMEOUTS = Timeouts()
 _INF = math.inf
+
+
+@functools.cache
+def _default_tls_context() -> ssl.SSLContext:
+    """The context behind ``ssl_context=True``: verifies chain and host name."""
+    return ssl.create_default_context()
 
 
 @dataclass(frozen=True)
@@ -63,11 +74,13 @@ class Target(Generic[In, Out]):
         port: TCP port.
         codec: how messages are framed, e.g. ``LengthPrefixed()``. It must be
             hashable (the built-in codecs are).
-        ssl_context: speak TLS with this context. Pass
-            ``ssl.create_default_context()`` (add ``cafile=`` for a private
-            CA): it verifies the certificate chain *and* the host name. Nothing
-            is disabled for you; a context that skips verification must be
-            built on purpose.
+        ssl_context: speak TLS with this context. ``True`` means the
+            system's default context (``ssl.create_default_context()``, one
+            shared instance, so equal targets still share a pool): it verifies
+            the certificate chain *and* the host name. For a private CA pass
+            your own ``ssl.create_default_context(cafile=...)``. Nothing is
+            disabled for you; a context that skips verification must be built
+            on purpose.
         server_hostname: the name to verify the certificate against and to
             send as SNI; defaults to ``host``. A Unix target with TLS needs it
             unless the context skips host name checks.
@@ -88,7 +101,7 @@ class Target(Generic[In, Out]):
     host: str | None
     port: int | None
     codec: Codec[In, Out]
-    ssl_context: ssl.SSLContext | None = field(default=None, kw_only=True)
+    ssl_context: ssl.SSLContext | bool | None = field(default=None, kw_only=True)
     server_hostname: str | None = field(default=None, kw_only=True)
     timeouts: Timeouts | None = field(default=None, kw_only=True)
     max_connections: int = field(default=200, kw_only=True)
@@ -116,6 +129,10 @@ class Target(Generic[In, Out]):
             or self.max_connections < 1
         ):
             raise ValueError(f"max_connections must be an int >= 1, got {self.max_connections!r}")
+        if self.ssl_context is True:
+            object.__setattr__(self, "ssl_context", _default_tls_context())
+        elif self.ssl_context is False:
+            object.__setattr__(self, "ssl_context", None)
         if self.ssl_context is not None:
             if not isinstance(self.ssl_context, ssl.SSLContext):
                 raise TypeError(f"ssl_context must be an ssl.SSLContext, got {self.ssl_context!r}")
@@ -211,12 +228,13 @@ async def _open_stream(target: Target[Any, Any]) -> trio.abc.Stream:
         raise ConnectError(
             f"cannot connect to {where}: {_connect_failure_text(exc)}", address=where
         ) from exc
-    if target.ssl_context is None:
+    context = target.ssl_context
+    if not isinstance(context, ssl.SSLContext):  # None; True/False were resolved
         return stream
     try:
         tls = trio.SSLStream(
             stream,
-            target.ssl_context,
+            context,
             server_hostname=target._tls_hostname(),
             https_compatible=False,
         )
@@ -328,8 +346,8 @@ class Client:
     async def run(
         self,
         target: Target[In, Out] | Upstream[Target[In, Out]],
-        session_fn: Callable[..., Awaitable[R]],
-        *args: Any,
+        session_fn: Callable[[Connection[In, Out], Unpack[PosArgs]], Awaitable[R]],
+        *args: Unpack[PosArgs],
         timeouts: Timeouts | None = None,
         key: object = None,
     ) -> R:
