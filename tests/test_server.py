@@ -6,6 +6,8 @@ so a bug in triocomm's own client cannot hide a bug in the server.
 
 from __future__ import annotations
 
+import array
+import fcntl
 import logging
 import os
 import shutil
@@ -13,6 +15,8 @@ import socket
 import ssl
 import struct
 import tempfile
+import termios
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -1118,16 +1122,29 @@ async def test_invalid_grace_is_refused() -> None:
 
 
 async def test_a_request_racing_shutdown_is_answered_not_lost() -> None:
-    async with running(echo) as server:
+    server_ends: list[trio.SocketStream] = []
+
+    async def handler(request: bytes, conn: Connection[bytes, bytes]) -> bytes:
+        assert isinstance(conn.stream, trio.SocketStream)
+        server_ends.append(conn.stream)
+        return request
+
+    async with running(handler) as server:
         client = await connect(server)
         assert await client.request(b"warm") == b"warm"
         stream = client.stream
         assert isinstance(stream, trio.SocketStream)
-        # The worst moment: the request is in the server's socket buffer, but
-        # the connection task still sleeps in its wait for the next request
-        # (no I/O poll ran since). A plain write plus the synchronous start of
-        # shutdown, with no checkpoint between, makes that moment certain.
+        # The worst moment: the request sits in the server's socket buffer,
+        # but the connection task still sleeps in its wait for the next
+        # request (no I/O poll ran since). A plain write, a busy wait (no
+        # checkpoint) until the kernel has queued it on the server's socket,
+        # then the synchronous start of shutdown make that moment certain.
         os.write(stream.socket.fileno(), frame(b"racing"))
+        queued = array.array("i", [0])
+        deadline = time.monotonic() + 5
+        while queued[0] == 0 and time.monotonic() < deadline:
+            fcntl.ioctl(server_ends[0].socket.fileno(), termios.FIONREAD, queued)
+        assert queued[0] == len(frame(b"racing"))
         with trio.CancelScope() as scope:
             scope.cancel()
             await server.shutdown(5)  # begins, then is cancelled at its first wait

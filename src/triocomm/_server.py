@@ -13,7 +13,6 @@ and per-phase limits and never touches bytes itself.
 
 from __future__ import annotations
 
-import enum
 import errno
 import heapq
 import itertools
@@ -26,7 +25,7 @@ import sys
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import trio
 
@@ -86,13 +85,6 @@ class ServerStats:
     errors: Counter[str] = field(default_factory=Counter)
 
 
-class _Close(enum.Enum):
-    TOKEN = 0
-
-
-_CLOSE: Literal[_Close.TOKEN] = _Close.TOKEN
-
-
 class _HandlerFailed(Exception):
     """The user's request handler raised (or its reply could not be encoded)."""
 
@@ -126,10 +118,11 @@ class _Entry:
         # _end_wait), or, for a stream without one, cancelling this scope.
         self.sock: trio.socket.SocketType | None = None
         self.scope: trio.CancelScope | None = None
-        self.idle_fired: dict[Idle, float] = {}
+        # Idle detection state, only made when the service has idle= set.
+        self.idle_fired: dict[Idle, float] | None = None
         self.idle_callback: trio.CancelScope | None = None
         # Statuses that came due while the callback was busy, each at most once.
-        self.idle_due: list[Idle] = []
+        self.idle_due: list[Idle] | None = None
 
 
 def _peer_of(stream: trio.abc.Stream) -> str:
@@ -447,6 +440,8 @@ class Server:
             if _SHUT_RD_WAKES_READERS:
                 entry.sock = _socket_of(transport)
             if self._idle_periods:
+                entry.idle_fired = {}
+                entry.idle_due = []
                 now = trio.current_time()
                 for status, period in self._idle_periods.items():
                     self._push_idle(now + period, entry, status)
@@ -566,13 +561,14 @@ class Server:
                 if conn is None:
                     self._idle_dead -= 1
                     continue
+                fired, waiting = entry.idle_fired, entry.idle_due
+                assert fired is not None
+                assert waiting is not None
                 period = periods[status]
-                quiet_since = max(
-                    now - conn.idle_time(status), entry.idle_fired.get(status, -math.inf)
-                )
+                quiet_since = max(now - conn.idle_time(status), fired.get(status, -math.inf))
                 due = quiet_since + period
                 if due <= now:
-                    entry.idle_fired[status] = now
+                    fired[status] = now
                     due = now + period
                     # One callback task per connection at a time: statuses
                     # that come due meanwhile wait for it, each at most once,
@@ -580,8 +576,8 @@ class Server:
                     if entry.idle_callback is None and self._service is not None:
                         entry.idle_callback = trio.CancelScope()
                         self._service.start_soon(self._call_on_idle, entry, conn, status)
-                    elif status not in entry.idle_due:
-                        entry.idle_due.append(status)
+                    elif status not in waiting:
+                        waiting.append(status)
                 heapq.heappush(heap, (due, next(self._idle_tiebreak), entry, status))
             with trio.CancelScope(deadline=heap[0][0] if heap else math.inf) as sleep:
                 self._idle_sleep = sleep
@@ -589,16 +585,17 @@ class Server:
             self._idle_sleep = None
 
     async def _call_on_idle(self, entry: _Entry, conn: Connection[Any, Any], status: Idle) -> None:
-        scope = entry.idle_callback
+        scope, waiting = entry.idle_callback, entry.idle_due
         assert scope is not None
+        assert waiting is not None
         assert self._on_idle is not None
         try:
             with scope:
                 while entry.conn is conn:
                     await self._on_idle(conn, status)
-                    if not entry.idle_due:
+                    if not waiting:
                         break
-                    status = entry.idle_due.pop(0)
+                    status = waiting.pop(0)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass  # the connection went away while the callback used it
         except Exception as exc:
@@ -613,7 +610,7 @@ class Server:
             await conn._break()
         finally:
             entry.idle_callback = None
-            entry.idle_due.clear()
+            waiting.clear()
 
 
 def _from_connection(conn: Connection[Any, Any], exc: Exception) -> bool:
@@ -637,8 +634,12 @@ def _request_body(
         # without further I/O, and their replies leave in one write. Nothing
         # is read while replies are pending, so read-ahead is bounded by one
         # read (RECEIVE_SIZE) plus one unfinished request (the codec's bound).
+        # Everything is inlined here: each coroutine frame kept alive by an
+        # idle connection costs memory, for every connection.
         t = server._timeouts
         stats = server._stats
+        waiting_order = server._keepalive
+        receive = conn.receive
         take_pending = conn._take_pending
         send_many = conn.send_many
         begin_session = conn._begin_session
@@ -649,18 +650,51 @@ def _request_body(
             receive=t.receive,
             inactivity=t.inactivity,
         )
-        first = await _next_request(server, conn, entry, ConnState.CONNECTED)
-        if first is _CLOSE:
-            return
-        request: In = first
-        conn._set_limits(
-            send=t.send,
-            first_phase="keepalive",
-            first_timeout=t.keepalive,
-            receive=t.receive,
-            inactivity=t.inactivity,
-        )
+        state = ConnState.CONNECTED
         while True:
+            # Wait for the next request: the only place a connection is idle.
+            partial = conn._has_unread_bytes
+            if (server._draining or entry.closing) and not partial:
+                if entry.sock is None:
+                    return
+                # A request may have reached the socket already: shut the
+                # read side and read once more, so it is answered, not reset.
+                if not entry.closing:
+                    _end_wait(entry)
+            conn._set_state(state)
+            evictable = state is ConnState.KEEPALIVE and not partial
+            if evictable:
+                waiting_order[entry] = None
+                server._wake_acceptors()
+            entry.waiting = True
+            try:
+                if entry.sock is not None:
+                    # _end_wait shuts the read side to end this wait: a request
+                    # that had already arrived is still returned, else
+                    # EndOfChannel (a clean close).
+                    request = await receive()
+                else:
+                    scope = entry.scope = trio.CancelScope()
+                    with scope:
+                        request = await receive()
+                    if scope.cancelled_caught:
+                        return
+            finally:
+                entry.waiting = False
+                entry.scope = None
+                if evictable:
+                    waiting_order.pop(entry, None)
+            if state is ConnState.CONNECTED:
+                state = ConnState.KEEPALIVE
+                conn._set_limits(
+                    send=t.send,
+                    first_phase="keepalive",
+                    first_timeout=t.keepalive,
+                    receive=t.receive,
+                    inactivity=t.inactivity,
+                )
+
+            # Answer the burst that arrived with it, in order.
             conn._set_state(ConnState.RECEIVING)
             replies: list[Out] = []
             # The rest of the burst, taken at once: no checkpoint per request.
@@ -686,10 +720,6 @@ def _request_body(
             if replies:
                 await _send_replies(send_many, replies)
             conn._set_state(ConnState.SUCCESS)
-            following = await _next_request(server, conn, entry, ConnState.KEEPALIVE)
-            if following is _CLOSE:
-                return
-            request = following
 
     return answer_requests
 
@@ -711,35 +741,6 @@ async def _flush_quietly(conn: Connection[Any, Any], replies: list[Any]) -> None
             await conn.send_many(replies)
         except (CommError, trio.BrokenResourceError, trio.ClosedResourceError, TypeError):
             pass
-
-
-async def _next_request(
-    server: Server, conn: Connection[In, Any], entry: _Entry, state: ConnState
-) -> In | Literal[_Close.TOKEN]:
-    """Wait for the first request of the next batch, or say the connection should close."""
-    partial = conn._has_unread_bytes
-    if (server._draining or entry.closing) and not partial:
-        return _CLOSE
-    conn._set_state(state)
-    keepalive = state is ConnState.KEEPALIVE and not partial
-    if keepalive:
-        server._keepalive[entry] = None
-        server._wake_acceptors()
-    entry.waiting = True
-    try:
-        if entry.sock is not None:
-            # Ended from outside by shutting the read side: this returns the
-            # request if one had already arrived, else EndOfChannel.
-            return await conn.receive()
-        scope = entry.scope = trio.CancelScope()
-        with scope:
-            return await conn.receive()
-        return _CLOSE  # cancelled by _end_wait
-    finally:
-        entry.waiting = False
-        entry.scope = None
-        if keepalive:
-            server._keepalive.pop(entry, None)
 
 
 def _end_wait(entry: _Entry) -> None:
