@@ -51,7 +51,8 @@ _CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EN
 _ACCEPT_BACKOFF = 0.1
 # Closing gracefully may need a write (TLS close_notify); never wait longer.
 _CLOSE_LIMIT = 5.0
-# Linux and the BSDs wake a blocked read when its socket's read side is shut.
+# On POSIX systems, shutting a socket's read side wakes a read blocked on it;
+# elsewhere a keep-alive wait is ended with a cancel scope instead.
 _SHUT_RD_WAKES_READERS = sys.platform != "win32"
 
 RequestHandler = Callable[[In, Connection[In, Out]], Awaitable[Out | None]]
@@ -283,8 +284,9 @@ class Server:
 
         At once: stop accepting (the listening sockets close, so new clients
         are refused) and close every keep-alive connection that is waiting
-        between requests. Sessions in flight run on: requests already received
-        are answered and the replies sent, then those connections close too.
+        between requests. Sessions in flight run on: every request that has
+        reached the server (even one still in the socket's buffer) is answered
+        and the reply sent, then those connections close too.
         When ``grace`` seconds have passed (``None``: no limit), whatever is
         left is cancelled. The task running :func:`serve` then returns.
 
@@ -399,7 +401,7 @@ class Server:
     def _evictable(self) -> _Entry | None:
         for entry in self._keepalive:
             conn = entry.conn
-            if entry.waiting and conn is not None and not conn._has_unread_bytes:
+            if entry.waiting and not entry.closing and conn and not conn._has_unread_bytes:
                 return entry
         return None
 
