@@ -1174,3 +1174,39 @@ async def test_idle_tls_connections_close_quietly_on_shutdown_and_eviction(
         assert server_records(caplog) == []
         await first.aclose()
         await second.aclose()
+
+
+async def test_idle_timers_of_closed_connections_do_not_pile_up() -> None:
+    async def on_idle(conn: Connection[Any, Any], status: Idle) -> None:
+        pass  # pragma: no cover - the period is never reached
+
+    async with running(echo, idle={Idle.READ: 3600.0}, on_idle=on_idle) as server:
+        for _ in range(600):
+            client = await connect(server)
+            assert await client.request(b"x") == b"x"
+            await client.aclose()
+        await settled(server)
+        # One timer per live connection is the cost; a closed connection's
+        # timer is dropped lazily, but never more than about half the heap.
+        assert len(server._idle_heap) <= 2 * 256 + 2
+        assert server.stats.connections_total == 600
+
+
+async def test_serve_connections_at_the_limit_pauses_accepting() -> None:
+    async def handler(conn: Connection[bytes, bytes]) -> None:
+        async for message in conn:
+            await conn.send(message)
+
+    async with running(handler, entry=triocomm.serve_connections, max_connections=1) as server:
+        first = await connect(server)
+        assert await first.request(b"hello") == b"hello"
+        second = await connect(server)
+        await second.send(b"queued")
+        await trio.sleep(0.2)
+        # The first connection is quiet, but a connection handler is never
+        # "between requests" for the service: nothing is evicted.
+        assert server.stats.connections_total == 1
+        await first.aclose()
+        with trio.fail_after(5):
+            assert await second.receive() == [b"queued"]
+        await second.aclose()
