@@ -360,8 +360,23 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             if self._closed:
                 raise trio.ClosedResourceError(f"connection to {self._peer} is closed")
             try:
-                if self._sock is not None:
-                    await self._write_socket(data)
+                sock = self._sock
+                if sock is not None:
+                    # SocketStream.send_all's contract without its layers,
+                    # inlined: the common case (the kernel takes it all at
+                    # once) costs one system call, a cancellation check and a
+                    # schedule point, and no cancel scope.
+                    await trio.lowlevel.checkpoint_if_cancelled()
+                    try:
+                        sent = os.write(sock.fileno(), data)
+                    except BlockingIOError:
+                        sent = 0
+                    except OSError as exc:
+                        raise _stream_error(exc) from exc
+                    if sent < (data.nbytes if isinstance(data, memoryview) else len(data)):
+                        await self._write_rest(sock, data, sent)
+                    else:
+                        await trio.lowlevel.cancel_shielded_checkpoint()
                 elif self._limits.unlimited:
                     await self._send_all(data)
                 else:
@@ -383,25 +398,12 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         stats.messages_sent += count
         stats.last_send_at = self._now()
 
-    async def _write_socket(self, data: Any) -> None:
-        # SocketStream.send_all's contract without its layers: the common
-        # case (the kernel takes everything at once) costs one system call,
-        # a cancellation check and a schedule point, and no cancel scope.
-        # Only a write that must wait for buffer space gets one, for the
-        # send / inactivity limits.
-        sock = self._sock
-        assert sock is not None
-        await trio.lowlevel.checkpoint_if_cancelled()
-        try:
-            sent = os.write(sock.fileno(), data)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            raise _stream_error(exc) from exc
+    async def _write_rest(self, sock: trio.socket.SocketType, data: Any, sent: int) -> None:
+        """Write what the kernel did not take at once, waiting for buffer space.
+
+        Each wait gets a cancel scope for the send / inactivity limits.
+        """
         total = data.nbytes if isinstance(data, memoryview) else len(data)
-        if sent >= total:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            return
         view = memoryview(data)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
@@ -608,8 +610,47 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
                         message_deadline = self._receive_deadline(
                             max(self._stats.last_receive_at or started, started)
                         )
-                    if self._sock is not None:
-                        data = await self._read_socket(started, message_deadline)
+                    sock = self._sock
+                    if sock is not None:
+                        # SocketStream.receive_some's contract without its
+                        # layers, inlined (no helper frame on the hot path, nor
+                        # held by every idle connection): data already there
+                        # costs one system call, a cancellation check and a
+                        # schedule point, and no deadline arithmetic (data is
+                        # progress); a read that must wait gets a cancel scope
+                        # for the limit of its phase, if there is one.
+                        await trio.lowlevel.checkpoint_if_cancelled()
+                        try:
+                            data = os.read(sock.fileno(), RECEIVE_SIZE)
+                            waiting = False
+                        except BlockingIOError:
+                            waiting = True
+                        except OSError as exc:
+                            raise _stream_error(exc) from exc
+                        if not waiting:
+                            if message_deadline is not _INF and self._now() >= message_deadline:
+                                # A message that keeps coming but never ends
+                                # still times out.
+                                raise CommTimeout("receive", limits.receive or 0.0, self._peer)
+                            await trio.lowlevel.cancel_shielded_checkpoint()
+                        while waiting:
+                            if unlimited:
+                                await trio.lowlevel.wait_readable(sock)
+                            else:
+                                deadline, phase, limit = self._read_deadline(
+                                    started, message_deadline
+                                )
+                                with trio.CancelScope(deadline=deadline) as scope:
+                                    await trio.lowlevel.wait_readable(sock)
+                                if scope.cancelled_caught:
+                                    raise CommTimeout(phase, limit or 0.0, self._peer)
+                            try:
+                                data = os.read(sock.fileno(), RECEIVE_SIZE)
+                                waiting = False
+                            except BlockingIOError:
+                                pass
+                            except OSError as exc:
+                                raise _stream_error(exc) from exc
                     elif unlimited:
                         data = await receive_some(RECEIVE_SIZE)
                     else:
@@ -695,46 +736,6 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             return await self._receive_some(RECEIVE_SIZE)
         # Only reached when the deadline cancelled the read.
         raise CommTimeout(phase, limit or 0.0, self._peer)
-
-    async def _read_socket(self, started: float, message_deadline: float) -> bytes:
-        """Read once from the plain socket, within the limits of this receive.
-
-        SocketStream.receive_some's contract without its layers: a read that
-        finds data waiting costs one system call, a cancellation check and
-        a schedule point, and no deadline arithmetic (data that is there is
-        progress); a read that must wait gets a cancel scope for the limit
-        of its phase, if there is one.
-        """
-        sock = self._sock
-        assert sock is not None
-        await trio.lowlevel.checkpoint_if_cancelled()
-        try:
-            data = os.read(sock.fileno(), RECEIVE_SIZE)
-        except BlockingIOError:
-            pass
-        except OSError as exc:
-            raise _stream_error(exc) from exc
-        else:
-            if message_deadline is not _INF and self._now() >= message_deadline:
-                # A message that keeps coming but never ends still times out.
-                raise CommTimeout("receive", self._limits.receive or 0.0, self._peer)
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            return data
-        while True:
-            if self._limits.unlimited:
-                await trio.lowlevel.wait_readable(sock)
-            else:
-                deadline, phase, limit = self._read_deadline(started, message_deadline)
-                with trio.CancelScope(deadline=deadline) as scope:
-                    await trio.lowlevel.wait_readable(sock)
-                if scope.cancelled_caught:
-                    raise CommTimeout(phase, limit or 0.0, self._peer)
-            try:
-                return os.read(sock.fileno(), RECEIVE_SIZE)
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                raise _stream_error(exc) from exc
 
     # -- closing -------------------------------------------------------------
 
