@@ -355,7 +355,10 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
     async def _write(self, data: Any, count: int) -> None:
         if self._closed:
             raise trio.ClosedResourceError(f"connection to {self._peer} is closed")
-        await self._acquire_send()
+        if self._sending:
+            await self._acquire_send()
+        else:
+            self._sending = True  # uncontended: no coroutine for _acquire_send
         try:
             if self._closed:
                 raise trio.ClosedResourceError(f"connection to {self._peer} is closed")
