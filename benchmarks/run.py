@@ -361,6 +361,70 @@ def format_table(summary: dict[str, Any], results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# Typographic dash and times sign for the Markdown tables.
+DASH = "\u2013"
+TIMES = "\u00d7"
+
+
+def _md_rate(value: float) -> str:
+    return f"{value / 1000:.1f}k" if value >= 1000 else f"{value:.0f}"
+
+
+def _md_cell(summary: dict[str, Any]) -> str:
+    return (
+        f"{_md_rate(summary['median'])} "
+        f"({_md_rate(summary['min'])}{DASH}{_md_rate(summary['max'])})"
+    )
+
+
+def format_markdown(summary: dict[str, Any], results: dict[str, Any]) -> str:
+    """The same figures as :func:`format_table`, as Markdown tables for the docs."""
+    out: list[str] = []
+    for part, kinds in (("server", SERVER_KINDS), ("client", CLIENT_KINDS)):
+        if part not in summary:
+            continue
+        present = [k for k in kinds if k in next(iter(summary[part].values()))["kinds"]]
+        ratios = ["raw-trio", "asyncio-streams"] if part == "server" else ["raw-trio"]
+        out.append(f"**{part.capitalize()}s**: requests per second, median (min{DASH}max)")
+        out.append("")
+        out.append(
+            "| scenario | "
+            + " | ".join(present)
+            + "".join(f" | triocomm / {r}" for r in ratios)
+            + " |"
+        )
+        out.append("|---" * (1 + len(present) + len(ratios)) + "|")
+        for row in summary[part].values():
+            cells = [_md_cell(row["kinds"][k]) for k in present]
+            cells += [
+                f"**{row['ratios'][f'triocomm/{r}']:.2f}{TIMES}**"
+                if f"triocomm/{r}" in row["ratios"]
+                else DASH
+                for r in ratios
+            ]
+            out.append(f"| {row['title']} | " + " | ".join(cells) + " |")
+        out.append("")
+        out.append(f"**{part.capitalize()}s**: CPU time of the process per request, µs (median)")
+        out.append("")
+        out.append("| scenario | " + " | ".join(present) + " |")
+        out.append("|---" * (1 + len(present)) + "|")
+        for row in summary[part].values():
+            cpu = row.get("cpu_us_per_request", {})
+            cells = [f"{cpu[k]['median']:.1f}" if k in cpu else DASH for k in present]
+            out.append(f"| {row['title']} | " + " | ".join(cells) + " |")
+        out.append("")
+    if "memory" in summary:
+        mem = summary["memory"]
+        conns = results["memory"]["connections"]
+        out.append(f"**Idle keep-alive connections**, {conns:,} held, bytes of RSS each:")
+        for kind in MEMORY_KINDS:
+            if kind in mem:
+                m = mem[kind]
+                out.append(f"{kind} {m['median']:,.0f} ({m['min']:,.0f}{DASH}{m['max']:,.0f});")
+        out.append("")
+    return "\n".join(out)
+
+
 def environment() -> dict[str, Any]:
     def version(dist: str) -> str | None:
         try:
@@ -403,6 +467,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=None, help="seconds per measurement")
     parser.add_argument("--memory-conns", type=int, default=None)
     parser.add_argument("--only", default=None, help=f"comma-separated subset of {PARTS}")
+    parser.add_argument(
+        "--markdown", action="store_true", help="print Markdown tables (for docs/performance.md)"
+    )
     args = parser.parse_args(argv)
     s = Settings(args)
     harness.raise_nofile_limit()
@@ -441,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(document, indent=2) + "\n")
-    print(format_table(summary, results))
+    print(format_markdown(summary, results) if args.markdown else format_table(summary, results))
     log(f"results written to {args.json} in {document['elapsed_s']:.0f} s")
     return 0
 

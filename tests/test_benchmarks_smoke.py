@@ -208,3 +208,6 @@ def test_report_summarizes_and_formats(bench: dict[str, ModuleType]) -> None:
     table = run.format_table(summary, results)
     assert "0.50x*" in table
     assert "6000 B" in table
+    markdown = run.format_markdown(summary, results)
+    assert "| (a) 1 conn ping-pong 64 B |" in markdown
+    assert "**0.50\u00d7**" in markdown
