@@ -130,10 +130,15 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python=TOOLS_PYTHON)
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict over src/, against trio's own inline type hints."""
-    session.install(".", MYPY)
+    """mypy --strict over src/ and examples/, against trio's own inline type hints.
+
+    The examples are what users copy, so they must type-check as users' code
+    would: strictly, against the public API only.
+    """
+    session.install(".[examples]", MYPY)
     session.run("python", "-c", NO_TRIO_TYPING)
     session.run("mypy", "--strict", *session.posargs, "src")
+    session.run("mypy", "--strict", *session.posargs, "examples")
 
 
 @nox.session(python=TOOLS_PYTHON)

@@ -19,7 +19,7 @@ import trio
 import triocomm
 
 
-async def echo(request: bytes, conn: triocomm.Connection) -> bytes:
+async def echo(request: bytes, conn: triocomm.Connection[bytes, bytes]) -> bytes:
     return request  # one reply per request; None would send no reply
 
 

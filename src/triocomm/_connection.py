@@ -34,7 +34,11 @@ if TYPE_CHECKING:
 __all__ = ["ConnState", "Connection", "ConnectionStats", "Idle", "format_address"]
 
 In = TypeVar("In")
-Out = TypeVar("Out")
+# Contravariant: a connection only accepts outgoing messages, so one that can
+# send any bytes-like object is usable where one sending bytes is expected
+# (a handler typed ``Connection[bytes, bytes]`` accepts the built-in codecs'
+# ``Connection[bytes, bytes | bytearray | memoryview]``).
+Out = TypeVar("Out", contravariant=True)
 
 _ids = itertools.count(1)
 # Opens and closes are logged at DEBUG, as MINA's LoggingFilter does
