@@ -887,9 +887,12 @@ async def test_a_slow_write_in_progress_is_not_write_idle(
         assert finished - started > 20  # the write really was slow
         during = [t for t in calls if started < t < finished]
         assert during == []
+        # Then write-idle every 5 s. How many periods pass before the reader
+        # has drained the kernel's socket buffers depends on their (autotuned)
+        # size, so only the spacing is fixed, not the count.
         after = [round(t - finished) for t in calls if t >= finished]
-        assert after == [5, 10][: len(after)]
         assert len(after) >= 2
+        assert after == [5 * (i + 1) for i in range(len(after))]
         await client.aclose()
 
 
