@@ -695,6 +695,27 @@ async def test_exiting_open_client_closes_every_socket_and_ends_every_task(
         assert plain_server.accepted == tls_server.accepted == 3
 
 
+async def test_exiting_open_client_ends_settling_and_watching_connection_tasks() -> None:
+    async with scripted_server(echo) as server:
+        await trio.testing.wait_all_tasks_blocked()
+        fds_before, tasks_before = open_fds(), all_tasks()
+        target = Target("127.0.0.1", server.port, CODEC, timeouts=NO_LIMITS)
+        async with open_client() as client:
+            async with client.connection(target), client.connection(target):
+                pass
+            await trio.sleep(triocomm._pool._SETTLE * 1.5)  # both settle and are watched
+            assert await client.request(target, b"x") == b"x"  # this one settles anew
+            await trio.testing.wait_all_tasks_blocked()
+            phases = sorted(entry.watching for entry in client._pools[target]._idle)
+            assert phases == [False, True]
+        with trio.fail_after(5):
+            while server.closed < 2:
+                await trio.sleep(0.01)
+        await trio.testing.wait_all_tasks_blocked()
+        assert open_fds() == fds_before
+        assert all_tasks() == tasks_before
+
+
 async def test_the_client_refuses_sessions_after_it_closed() -> None:
     async with scripted_server(echo) as server:
         async with open_client() as client:

@@ -601,3 +601,100 @@ async def test_stats_add_up_after_a_mix_of_everything() -> None:
     assert final.created + final.reused == len(received)
     assert final.failed >= 8 + 8 + 1  # 8 hangups, 8 slow (timed out), 1 cancelled
     assert final.closed >= final.failed
+
+
+# -- settle before watching: lending costs the connection task nothing ------------------
+
+SETTLE = triocomm._pool._SETTLE
+
+
+class ConnectionTaskSteps(trio.abc.Instrument):
+    """Counts the steps run by connection tasks (the pool's, not the sessions')."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith("connection_task"):
+            self.steps += 1
+
+
+async def test_a_connection_lent_again_within_the_settle_time_never_wakes_its_task() -> None:
+    async with scripted_server(echo) as server, open_client() as client:
+        target = target_of(server)
+        await client.request(target, b"warm")
+        await trio.testing.wait_all_tasks_blocked()  # the connection task sleeps
+        counter = ConnectionTaskSteps()
+        trio.lowlevel.add_instrument(counter)
+        start = trio.current_time()
+        try:
+            for i in range(200):
+                assert await client.request(target, b"%d" % i) == b"%d" % i
+        finally:
+            trio.lowlevel.remove_instrument(counter)
+        elapsed = trio.current_time() - start
+        # Only the settle deadline wakes it, at most about once per settle
+        # time (it then finds the connection in use and sleeps on). A pool
+        # that woke it on every release would take 200 steps or more.
+        assert counter.steps <= 2 * (elapsed / SETTLE + 1)
+        stats = client.stats(target)
+        assert (stats.created, stats.reused, stats.closed) == (1, 200, 0)
+
+
+async def test_a_keepalive_shorter_than_the_settle_time_closes_on_time(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    keepalive = SETTLE / 5
+    async with scripted_server(echo) as server, open_client() as client:
+        target = target_of(server, timeouts=NO_LIMITS.replace(keepalive=keepalive))
+        await client.request(target, b"x")
+        await trio.sleep(keepalive * 0.9)
+        assert client.stats(target).idle == 1
+        await trio.sleep(keepalive * 0.2)  # well before the settle time is over
+        stats = client.stats(target)
+        assert (stats.idle, stats.open, stats.closed) == (0, 0, 1)
+        await trio.testing.wait_all_tasks_blocked()
+        assert server.closed == 1  # the socket really is closed
+
+
+async def test_a_watched_connection_lent_and_returned_at_once_stays_pooled(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with scripted_server(echo) as server, open_client() as client:
+        target = target_of(server, timeouts=NO_LIMITS)
+        assert await client.request(target, b"a") == b"a"
+        await trio.sleep(SETTLE * 2)
+        await trio.testing.wait_all_tasks_blocked()
+        (entry,) = client._pools[target]._idle
+        assert entry.watching  # settled: its task waits for the socket
+        # Borrowed and given back with no checkpoint in between: the watcher
+        # has not yet run since the borrow stopped it. That is no reason to
+        # close a sound connection.
+        async with client.connection(target) as conn:
+            assert conn.id == entry.conn.id
+        await trio.testing.wait_all_tasks_blocked()
+        stats = client.stats(target)
+        assert (stats.idle, stats.closed) == (1, 0)
+        assert await client.request(target, b"b") == b"b"
+        stats = client.stats(target)
+        assert (stats.created, stats.reused, stats.closed) == (1, 2, 0)
+
+
+async def test_a_peer_close_within_the_settle_time_is_caught_when_lent(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def one_reply_then_close(peer: Peer) -> None:
+        await peer.send_frame(await peer.read_frame() or b"")
+
+    async with scripted_server(one_reply_then_close) as server, open_client() as client:
+        target = target_of(server, timeouts=NO_LIMITS)
+        start = trio.current_time()
+        assert await client.request(target, b"a") == b"a"
+        with trio.fail_after(SETTLE / 2):  # virtual time: only the jumps count
+            while server.closed < 1:
+                await trio.sleep(SETTLE / 100)
+        assert trio.current_time() - start < SETTLE  # not watched yet
+        assert client.stats(target).idle == 1
+        assert await client.request(target, b"b") == b"b"
+        stats = client.stats(target)
+        assert (stats.created, stats.reused, stats.closed, stats.failed) == (2, 0, 1, 0)

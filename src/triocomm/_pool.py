@@ -12,16 +12,26 @@ that moves through four states::
 ``CONNECTING`` holds a slot while the socket, the TLS handshake and the
 target's ``on_connect`` run; ``IN_USE`` is lent to one session; ``IDLE`` sits
 on a LIFO stack, watched for the keep-alive deadline, the peer closing and
-stray bytes; ``CLOSED`` is final. All bookkeeping happens synchronously in the
-methods below (never after an ``await``), so a cancellation at any checkpoint
-cannot lose a slot, and the counters of :class:`PoolStats` hold at every
-moment.
+stray bytes (once it has *settled*, see below); ``CLOSED`` is final. All
+bookkeeping happens synchronously in the methods below (never after an
+``await``), so a cancellation at any checkpoint cannot lose a slot, and the
+counters of :class:`PoolStats` hold at every moment.
 
 Each connection lives in a task of the client's nursery
 (:meth:`KeepAlivePool.connection_task`) that owns its socket: it connects,
 waits while sessions use the connection (sessions run in their caller's task,
 so a pooled request costs no hop to another task), watches it while idle, and
 closes it.
+
+**Settle before watching.** Lending and taking back never wake that task.
+While a connection is lent, or idle for less than ``_SETTLE``, its task
+sleeps in a cancel scope whose deadline the pool moves (moving a deadline
+costs no system call and no task switch). Only a connection still idle when
+that deadline comes registers its socket with the event loop and watches it
+under the keep-alive deadline. Under load, where a connection is lent again
+within microseconds, a request therefore costs no wake of a second task and
+no ``epoll_ctl`` calls; the one check that a stale connection is never lent
+is the ``poll(0)`` made when it is lent (:meth:`PooledConnection.peer_spoke`).
 """
 
 from __future__ import annotations
@@ -47,6 +57,13 @@ _INF = math.inf
 # A graceful close (TLS close_notify) of a connection the pool retires may
 # take this long before the socket is closed regardless.
 _CLOSE_GRACE = 1.0
+# How long a plain-socket connection stays idle before its task starts
+# watching the socket. Shorter means a peer's close is noticed (and the socket
+# freed) sooner; longer means fewer connections pay the watch's wake and its
+# two epoll_ctl calls. Correctness does not depend on it: a connection is
+# checked when it is lent either way. A quarter second is far above the gap
+# between two requests of a busy client and far below any keep-alive time.
+_SETTLE = 0.25
 
 
 @dataclass(frozen=True)
@@ -108,6 +125,15 @@ def _socket_readable(sock: trio.socket.SocketType) -> bool:
     return bool(readable)
 
 
+def _poller(sock: trio.socket.SocketType | None) -> Any:
+    """A ``select.poll`` object for ``sock``, made once per connection (None without one)."""
+    if sock is None or not hasattr(select, "poll"):
+        return None  # pragma: no cover - Windows falls back to select()
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return poller
+
+
 def _raw_socket(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
     while isinstance(stream, trio.SSLStream):
         stream = stream.transport_stream
@@ -118,17 +144,20 @@ class PooledConnection:
     """The pool's record of one connection (private to the client layer)."""
 
     __slots__ = (
-        "_changes",
         "conn",
         "consuming",
         "graceful",
         "idle_deadline",
+        "poller",
         "pool",
+        "scope",
+        "settle",
         "sock",
         "spoke",
         "state",
         "tls",
-        "watch_scope",
+        "watch_from",
+        "watching",
     )
 
     def __init__(self, pool: KeepAlivePool, conn: Connection[Any, Any]) -> None:
@@ -138,7 +167,17 @@ class PooledConnection:
         self.idle_deadline = _INF
         self.sock = _raw_socket(conn.stream)
         self.tls = isinstance(conn.stream, trio.SSLStream)
-        self.watch_scope: trio.CancelScope | None = None
+        self.poller = _poller(self.sock)
+        # TLS connections (and streams without a socket) are watched as soon
+        # as they are idle, as before settling existed: their watcher reads
+        # through the TLS layer (see _watch_idle), a path kept as it was.
+        self.settle = _SETTLE if self.sock is not None and not self.tls else 0.0
+        # When an idle connection's task starts watching its socket.
+        self.watch_from = _INF
+        # The cancel scope the connection task sleeps or watches in (None
+        # while it runs); `watching` tells which of the two.
+        self.scope: trio.CancelScope | None = None
+        self.watching = False
         # Set once the idle watcher of a TLS connection started reading
         # through the TLS layer: from then on, bytes may have been consumed.
         self.consuming = False
@@ -147,17 +186,29 @@ class PooledConnection:
         self.graceful = True
         # Set by the idle watcher when the peer sent bytes, closed or reset.
         self.spoke = False
-        # The connection task parks here while the state is CONNECTING or
-        # IN_USE. It re-reads the state after every wake-up, so a change made
-        # while it is not parked is never missed (and no Event is allocated
-        # per session).
-        self._changes = trio.lowlevel.ParkingLot()
 
     def wake(self) -> None:
-        """Tell the connection task that the state changed."""
-        self._changes.unpark_all()
-        if self.watch_scope is not None:
-            self.watch_scope.cancel()
+        """Wake the connection task: it re-reads the state (retired, abandoned).
+
+        The task re-reads the state before every sleep, so a change made while
+        it is not sleeping is never missed.
+        """
+        if self.scope is not None:
+            self.scope.cancel()
+
+    def went_idle(self) -> None:
+        """The connection joined the idle stack: schedule its watch, waking no one.
+
+        The sleeping task's deadline is only ever moved earlier here; if it
+        wakes too early (the connection was lent again meanwhile, or went idle
+        again later), it goes back to sleep until the right moment.
+        """
+        self.watch_from = trio.current_time() + self.settle
+        scope = self.scope
+        if scope is not None and not self.watching:
+            due = min(self.watch_from, self.idle_deadline)
+            if due < scope.deadline:
+                scope.deadline = due
 
     def peer_spoke(self, *, poll: bool = True) -> bool:
         """Whether the peer sent anything (bytes, EOF, reset) beyond the session.
@@ -170,7 +221,13 @@ class PooledConnection:
             return True
         if self.tls and conn.stream.pending():  # type: ignore[attr-defined]
             return True  # decrypted bytes already buffered inside the TLS object
-        return poll and self.sock is not None and _socket_readable(self.sock)
+        if not poll:
+            return False
+        if self.poller is not None:
+            # Readable means bytes or an EOF; a reset shows as POLLERR/POLLHUP
+            # and a closed descriptor as POLLNVAL: all of them are stale.
+            return bool(self.poller.poll(0))
+        return self.sock is not None and _socket_readable(self.sock)  # pragma: no cover
 
 
 class _Waiter:
@@ -251,9 +308,8 @@ class KeepAlivePool:
                 await trio.lowlevel.checkpoint()
                 raise trio.ClosedResourceError(f"the client of {self.name} is closed")
             if not fresh:
-                entry = self._take_idle()
+                entry = self.lend_idle()
                 if entry is not None:
-                    self._reused += 1
                     return entry
             if not self._waiters and self._slots_taken() < self.max_connections:
                 # No checkpoint from here on: the caller must own the slot
@@ -268,6 +324,20 @@ class KeepAlivePool:
             if entry is not None:
                 self._reused += 1
             return entry
+
+    def lend_idle(self) -> PooledConnection | None:
+        """Lend the most recently pooled sound connection (now ``IN_USE``), or None.
+
+        The usual case of :meth:`acquire`, callable without a coroutine: no
+        checkpoint, no waiting, no slot. None when no idle connection is sound
+        or the client is closing; the caller then goes through :meth:`acquire`.
+        """
+        if self._closing:
+            return None
+        entry = self._take_idle()
+        if entry is not None:
+            self._reused += 1
+        return entry
 
     def _take_idle(self) -> PooledConnection | None:
         """Pop the most recently pooled connection that is still sound (LIFO)."""
@@ -284,9 +354,11 @@ class KeepAlivePool:
             entry.state = _State.IN_USE
             self._in_use += 1
             entry.conn._set_state(ConnState.CONNECTED)
-            if entry.watch_scope is not None:
+            if entry.watching:
                 # Aborting wait_readable is synchronous: the socket is ours now.
-                entry.watch_scope.cancel()
+                entry.wake()
+            # A task still settling is left asleep: when its deadline comes it
+            # finds the connection in use and sleeps on.
             return entry
         return None
 
@@ -402,7 +474,7 @@ class KeepAlivePool:
         entry.state = _State.IDLE
         entry.conn._set_state(ConnState.IDLE)
         self._idle.append(entry)
-        entry.wake()
+        entry.went_idle()
 
     def _retire(
         self,
@@ -490,18 +562,33 @@ class KeepAlivePool:
             state = entry.state
             if state is _State.CLOSED:
                 return
+            due = _INF
             if state is _State.IDLE:
-                await self._watch_idle(entry)
-            else:
-                # CONNECTING or IN_USE: the session runs in its own task.
-                await entry._changes.park()
+                now = trio.current_time()
+                if now >= entry.idle_deadline:
+                    self._retire(entry, "keep-alive time is up")
+                    continue
+                if now >= entry.watch_from:
+                    await self._watch_idle(entry)
+                    continue
+                due = min(entry.watch_from, entry.idle_deadline)
+            # CONNECTING or IN_USE (the session runs in its own task), or idle
+            # and settling. The pool moves `due` without waking this task
+            # (went_idle) and cancels the scope when the connection is retired.
+            with trio.CancelScope(deadline=due) as scope:
+                entry.scope = scope
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    entry.scope = None
 
     async def _watch_idle(self, entry: PooledConnection) -> None:
         """Wait in keep-alive until the deadline, the peer speaks, or a session borrows it."""
         conn = entry.conn
         stream = conn.stream
         with trio.CancelScope(deadline=entry.idle_deadline) as scope:
-            entry.watch_scope = scope
+            entry.scope = scope
+            entry.watching = True
             try:
                 # Waiting for readability consumes nothing, and a borrower's
                 # cancel aborts it synchronously: the socket is free at once.
@@ -520,10 +607,11 @@ class KeepAlivePool:
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 entry.spoke = True  # a reset: stale as well
             finally:
-                entry.watch_scope = None
-        if entry.state is _State.IDLE:
-            if not entry.spoke:
-                self._retire(entry, "keep-alive time is up")
-            else:
-                entry.graceful = False
-                self._retire(entry, "the peer closed or sent data while idle")
+                entry.scope = None
+                entry.watching = False
+        if entry.state is _State.IDLE and entry.spoke:
+            entry.graceful = False
+            self._retire(entry, "the peer closed or sent data while idle")
+        # Otherwise the keep-alive time is up (_live retires it), or a session
+        # borrowed the connection, maybe already giving it back before this
+        # task ran again (_live then settles it anew).
