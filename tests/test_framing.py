@@ -429,3 +429,73 @@ def test_any_over_long_line_is_refused_before_its_delimiter(
     with pytest.raises(FrameTooLarge):
         # No delimiter is ever fed: the length alone must trigger the error.
         feed_all(decoder, [line[i : i + step] for i in range(0, len(line), step)])
+
+
+# -- the optional batch encoder and the bytes fast path of the decoder ----------
+
+
+@PROPERTY_SETTINGS
+@given(
+    header=st.sampled_from(HEADERS),
+    messages=st.lists(st.binary(max_size=300), max_size=20),
+    kinds=st.lists(st.sampled_from([bytes, bytearray, memoryview]), min_size=1),
+)
+def test_length_prefixed_encode_batch_equals_joined_encodes(
+    header: str, messages: list[bytes], kinds: list[type]
+) -> None:
+    codec = LengthPrefixed(header=header)
+    messages = [m for m in messages if len(m) <= codec.max_frame]
+    mixed: list[Any] = [kinds[i % len(kinds)](m) for i, m in enumerate(messages)]
+    batch = codec.encode_batch(mixed)
+    assert type(batch) is bytes
+    assert batch == b"".join(bytes(codec.encode(m)) for m in mixed)
+    assert feed_all(codec.decoder(), [batch]) == messages
+
+
+def test_encode_batch_refuses_what_encode_refuses_and_returns_nothing() -> None:
+    codec = LengthPrefixed(max_frame=8)
+    with pytest.raises(TypeError, match=r"not str \(encode text to bytes first\)"):
+        codec.encode_batch([b"ok", "text"])  # type: ignore[list-item]
+    with pytest.raises(FrameTooLarge) as info:
+        codec.encode_batch([b"ok", b"x" * 9])
+    assert (info.value.size, info.value.limit) == (9, 8)
+    assert codec.encode_batch([b"x" * 8]) == b"\x00\x00\x00\x08" + b"x" * 8
+    assert codec.encode_batch([]) == b""
+
+
+def test_raw_encode_batch_joins_and_checks_types() -> None:
+    codec = Raw()
+    assert codec.encode_batch([b"ab", bytearray(b"c"), memoryview(b"de")]) == b"abcde"
+    with pytest.raises(TypeError, match=r"Raw\.encode\(\) takes bytes"):
+        codec.encode_batch([b"ab", 3])  # type: ignore[list-item]
+
+
+@PROPERTY_SETTINGS
+@given(
+    messages=st.lists(st.binary(max_size=100), max_size=12),
+    cuts=cuts,
+    kind=st.sampled_from([bytes, bytearray, memoryview]),
+)
+def test_length_prefixed_decodes_the_same_from_any_buffer_type(
+    messages: list[bytes], cuts: list[int], kind: type
+) -> None:
+    # bytes chunks take a separate fast path (slices of the chunk); every
+    # kind of chunk must give the same messages, always as bytes.
+    codec = LengthPrefixed(header="!H")
+    stream = codec.encode_batch(messages)
+    decoder = codec.decoder()
+    out = feed_all(decoder, [kind(c) for c in split(stream, [c % 1200 for c in cuts])])
+    assert out == messages
+    assert all(type(m) is bytes for m in out)
+    assert decoder.buffered == 0
+
+
+def test_bytes_fast_path_refuses_an_oversized_header_and_buffers_the_tail() -> None:
+    codec = LengthPrefixed(max_frame=4)
+    decoder = codec.decoder()
+    assert decoder.feed(codec.encode(b"abcd") + b"\x00\x00") == [b"abcd"]
+    assert decoder.buffered == 2
+    assert decoder.feed(b"\x00\x01z") == [b"z"]
+    with pytest.raises(FrameTooLarge) as info:
+        codec.decoder().feed(codec.encode(b"ok") + struct.pack("!I", 5))
+    assert (info.value.size, info.value.limit) == (5, 4)

@@ -13,8 +13,9 @@ it has looked, so a large message arriving one byte at a time is not rescanned.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import NoReturn, Protocol, TypeVar
 
 from ._errors import FrameTooLarge
 
@@ -56,6 +57,15 @@ class Codec(Protocol[In, Out_contra]):
     the messages sent. A codec must be immutable and hashable (it is part of a
     :class:`Target`'s identity); per-connection state lives in the object that
     :meth:`decoder` returns.
+
+    Optional fast path: a codec may also define ``encode_batch(messages)``,
+    returning the bytes of a whole sequence of messages at once, exactly
+    ``b"".join(encode(m) for m in messages)`` and raising what ``encode``
+    raises. :meth:`Connection.send_many` (and so a server answering a
+    pipelined burst) uses it when present: one call per batch instead of one
+    per message. It is not part of this protocol, so a codec without it is
+    just as valid. The built-in :class:`LengthPrefixed` and :class:`Raw`
+    define it.
     """
 
     def encode(self, message: Out_contra) -> Buffer:
@@ -69,6 +79,12 @@ class Codec(Protocol[In, Out_contra]):
     def decoder(self) -> Decoder[In]:
         """Return a fresh decoder, one per connection."""
         ...
+
+
+def _checked_size(codec: str, message: object) -> int:
+    """``len(message)`` for the common ``bytes``, else :func:`_require_bytes`."""
+    # The exact-type test is the cheap case of the per-message hot path.
+    return len(message) if type(message) is bytes else _require_bytes(codec, message)
 
 
 def _require_bytes(codec: str, message: object) -> int:
@@ -136,14 +152,40 @@ class LengthPrefixed:
 
     def encode(self, message: Buffer) -> bytes:
         """Return the length header followed by ``message``."""
-        size = _require_bytes("LengthPrefixed", message)
+        size = _checked_size("LengthPrefixed", message)
         if size > self.max_frame:
-            raise FrameTooLarge(
-                f"cannot send a {size}-byte frame: max_frame is {self.max_frame}",
-                size=size,
-                limit=self.max_frame,
-            )
+            self._refuse(size)
         return self._struct.pack(size) + message
+
+    def encode_batch(self, messages: Sequence[Buffer]) -> bytes:
+        """Return the frames of several messages, back to back, as one ``bytes``.
+
+        The same bytes as joining :meth:`encode` of each, made without an
+        intermediate object per frame (headers and payloads are joined once).
+        Raises what :meth:`encode` raises, before returning anything.
+        """
+        pack = self._struct.pack
+        max_frame = self.max_frame
+        parts: list[Buffer] = []
+        append = parts.append
+        for message in messages:
+            size = (
+                len(message)
+                if type(message) is bytes
+                else _require_bytes("LengthPrefixed", message)
+            )
+            if size > max_frame:
+                self._refuse(size)
+            append(pack(size))
+            append(message)
+        return b"".join(parts)
+
+    def _refuse(self, size: int) -> NoReturn:
+        raise FrameTooLarge(
+            f"cannot send a {size}-byte frame: max_frame is {self.max_frame}",
+            size=size,
+            limit=self.max_frame,
+        )
 
     def decoder(self) -> LengthPrefixedDecoder:
         """Return a fresh decoder."""
@@ -172,7 +214,14 @@ class LengthPrefixedDecoder:
         out: list[bytes] = []
         buf = self._buf
         if not buf:
-            # Fast path: parse straight from the caller's chunk, buffer only the tail.
+            # Fast paths: parse straight from the caller's chunk, buffer only the tail.
+            if type(data) is bytes:
+                # What a socket read returns: a slice of it is the message,
+                # copied once, with no memoryview per message.
+                pos = self._parse_bytes(data, out)
+                if pos < len(data):
+                    buf += data[pos:]
+                return out
             with memoryview(data) as view:
                 pos = self._parse(view, out)
                 if pos < len(view):
@@ -194,11 +243,7 @@ class LengthPrefixedDecoder:
         while end - pos >= header:
             (size,) = unpack_from(view, pos)
             if size > self._max_frame:
-                raise FrameTooLarge(
-                    f"peer announced a {size}-byte frame; max_frame is {self._max_frame}",
-                    size=size,
-                    limit=self._max_frame,
-                )
+                self._too_large(size)
             stop = pos + header + size
             if stop > end:
                 self._need = stop - pos
@@ -207,6 +252,34 @@ class LengthPrefixedDecoder:
             pos = stop
         self._need = header
         return pos
+
+    def _parse_bytes(self, data: bytes, out: list[bytes]) -> int:
+        # _parse for a bytes chunk: the same loop, but slicing bytes already
+        # makes the message (half the cost per 64-byte message of a
+        # memoryview slice turned into bytes).
+        pos = 0
+        end = len(data)
+        header = self._header
+        unpack_from = self._unpack_from
+        while end - pos >= header:
+            (size,) = unpack_from(data, pos)
+            if size > self._max_frame:
+                self._too_large(size)
+            stop = pos + header + size
+            if stop > end:
+                self._need = stop - pos
+                return pos
+            out.append(data[pos + header : stop])
+            pos = stop
+        self._need = header
+        return pos
+
+    def _too_large(self, size: int) -> NoReturn:
+        raise FrameTooLarge(
+            f"peer announced a {size}-byte frame; max_frame is {self._max_frame}",
+            size=size,
+            limit=self._max_frame,
+        )
 
 
 # -- lines -------------------------------------------------------------------
@@ -358,6 +431,12 @@ class Raw:
         """Return ``message`` unchanged (it must be bytes-like)."""
         _require_bytes("Raw", message)
         return message
+
+    def encode_batch(self, messages: Sequence[Buffer]) -> bytes:
+        """Return the messages joined into one ``bytes`` (each must be bytes-like)."""
+        for message in messages:
+            _checked_size("Raw", message)
+        return b"".join(messages)
 
     def decoder(self) -> RawDecoder:
         """Return a fresh decoder."""

@@ -1,0 +1,289 @@
+"""Batched replies: the codec's optional ``encode_batch`` and the server's burst loop.
+
+``Connection.send_many`` encodes a batch with one call to the codec's
+``encode_batch`` when the codec has one, and with ``encode`` per message when
+it does not; the server answers a pipelined burst through it. These tests pin
+down that both paths send the same bytes in one write, refuse a bad message
+before anything is written, and that the per-request bookkeeping of a burst
+(``conn.seq``, ``Server.stats.sessions``) is exact at every handler call, also
+when the burst ends in a failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+import triocomm
+from triocomm import Connection, ConnState, LengthPrefixed, Server
+from triocomm._framing import Buffer, LengthPrefixedDecoder
+
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class PlainCodec:
+    """A user codec with only the required methods (no ``encode_batch``)."""
+
+    max_frame: int = 1024
+
+    def encode(self, message: Buffer) -> bytes:
+        return LengthPrefixed(max_frame=self.max_frame).encode(message)
+
+    def decoder(self) -> LengthPrefixedDecoder:
+        return LengthPrefixed(max_frame=self.max_frame).decoder()
+
+
+@dataclass(frozen=True)
+class SpyCodec:
+    """A codec with ``encode_batch`` that records which encoder was called."""
+
+    calls: list[str] = field(default_factory=list, compare=False, hash=False)
+
+    def encode(self, message: Buffer) -> bytes:
+        self.calls.append("encode")
+        return LengthPrefixed().encode(message)
+
+    def encode_batch(self, messages: Sequence[Buffer]) -> bytes:
+        self.calls.append(f"encode_batch({len(messages)})")
+        return LengthPrefixed().encode_batch(messages)
+
+    def decoder(self) -> LengthPrefixedDecoder:
+        return LengthPrefixed().decoder()
+
+
+def frame(payload: bytes) -> bytes:
+    return struct.pack("!I", len(payload)) + payload
+
+
+def counted_pair(codec: Any) -> tuple[Connection[Any, Any], Connection[Any, Any], list[int]]:
+    """A connection pair over memory streams; the list counts the left side's writes."""
+    left, right = trio.testing.memory_stream_pair()
+    writes: list[int] = []
+    pump = left.send_stream.send_all_hook
+
+    async def counting_pump() -> None:
+        writes.append(1)
+        assert pump is not None
+        await pump()
+
+    left.send_stream.send_all_hook = counting_pump
+    return Connection(left, codec), Connection(right, codec), writes
+
+
+# -- Connection.send_many ------------------------------------------------------------
+
+
+async def test_send_many_uses_the_codecs_batch_encoder() -> None:
+    codec = SpyCodec()
+    client, server, writes = counted_pair(codec)
+    await client.send_many([b"a", b"bc", b""])
+    assert codec.calls == ["encode_batch(3)"]
+    # A single message needs no batch: encode alone, no extra copy.
+    await client.send_many([b"d"])
+    assert codec.calls == ["encode_batch(3)", "encode"]
+    assert len(writes) == 2
+    assert [await server.receive() for _ in range(4)] == [b"a", b"bc", b"", b"d"]
+    assert (client.stats.messages_sent, client.stats.bytes_sent) == (4, 4 * 4 + 4)
+
+
+async def test_a_codec_without_encode_batch_still_sends_many_in_one_write() -> None:
+    client, server, writes = counted_pair(PlainCodec())
+    # Any iterable, not only a list.
+    await client.send_many(m for m in [b"one", b"two", b"three"])
+    assert len(writes) == 1
+    assert [await server.receive() for _ in range(3)] == [b"one", b"two", b"three"]
+    assert client.stats.messages_sent == 3
+
+
+@pytest.mark.parametrize("codec", [LengthPrefixed(), PlainCodec()], ids=["batch", "plain"])
+async def test_a_bad_message_in_a_batch_sends_nothing(codec: Any) -> None:
+    client, server, writes = counted_pair(codec)
+    with pytest.raises(TypeError, match="not str"):
+        await client.send_many([b"ok", "text", b"never"])
+    assert writes == []
+    assert client.stats.bytes_sent == 0
+    assert client.state is ConnState.CONNECTED
+    await client.send_many([b"after", b"wards"])
+    assert [await server.receive() for _ in range(2)] == [b"after", b"wards"]
+
+
+async def test_batched_bytes_do_not_change_when_the_messages_do() -> None:
+    # The batch is a fresh bytes object: mutating the senders' buffers after
+    # send_many returned cannot alter what the peer receives.
+    client, server, _ = counted_pair(LengthPrefixed())
+    messages = [bytearray(b"first"), bytearray(b"second")]
+    await client.send_many(messages)
+    for m in messages:
+        m[:] = b"X" * len(m)
+    assert [await server.receive() for _ in range(2)] == [b"first", b"second"]
+
+
+# -- the server's burst loop ---------------------------------------------------------
+
+
+class CountingStream(trio.abc.Stream):
+    """Wraps an accepted stream and records the size of every write."""
+
+    def __init__(self, inner: trio.abc.Stream, writes: list[int]) -> None:
+        self.inner = inner
+        self.writes = writes
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(memoryview(data).nbytes)
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.fixture
+def writes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Sizes of the server's writes: every accepted stream is a CountingStream."""
+    sizes: list[int] = []
+    accept = trio.SocketListener.accept
+
+    async def counting_accept(self: trio.SocketListener) -> trio.abc.Stream:
+        return CountingStream(await accept(self), sizes)
+
+    monkeypatch.setattr(trio.SocketListener, "accept", counting_accept)
+    return sizes
+
+
+@asynccontextmanager
+async def running(
+    handler: Callable[..., Awaitable[Any]], codec: Any = None
+) -> AsyncIterator[Server]:
+    async with trio.open_nursery() as nursery:
+        server: Server = await nursery.start(
+            partial(triocomm.serve, handler, 0, host=LOOPBACK, codec=codec or LengthPrefixed())
+        )
+        try:
+            yield server
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def open_client(server: Server) -> trio.SocketStream:
+    assert server.port is not None
+    return await trio.open_tcp_stream(LOOPBACK, server.port)
+
+
+async def read_replies(stream: trio.abc.Stream, count: int) -> tuple[list[bytes], bool]:
+    """Read up to ``count`` frames; also say whether the server closed after them."""
+    buf = bytearray()
+    out: list[bytes] = []
+    with trio.fail_after(5):
+        while True:
+            while len(buf) >= 4 and len(buf) >= 4 + struct.unpack_from("!I", buf)[0]:
+                size = struct.unpack_from("!I", buf)[0]
+                out.append(bytes(buf[4 : 4 + size]))
+                del buf[: 4 + size]
+            if len(out) >= count:
+                return out, False
+            try:
+                data = await stream.receive_some(65536)
+            except trio.BrokenResourceError:
+                return out, True
+            if not data:
+                return out, True
+            buf += data
+
+
+async def settled(server: Server) -> None:
+    with trio.fail_after(5):
+        while server.stats.connections_open:
+            await trio.sleep(0.005)
+
+
+async def echo(request: bytes, conn: Connection[bytes, bytes]) -> bytes:
+    return request
+
+
+@pytest.mark.parametrize("codec", [LengthPrefixed(), PlainCodec()], ids=["batch", "plain"])
+async def test_a_burst_is_answered_in_order_in_one_write(codec: Any, writes: list[int]) -> None:
+    async with running(echo, codec) as server:
+        client = await open_client(server)
+        requests = [b"%d" % i * (i % 7) for i in range(40)]
+        await client.send_all(b"".join(frame(r) for r in requests))
+        assert await read_replies(client, 40) == (requests, False)
+        assert writes == [sum(len(frame(r)) for r in requests)]
+        await client.aclose()
+
+
+async def test_seq_and_sessions_are_exact_at_every_request_of_a_burst() -> None:
+    seen: list[tuple[int, int]] = []
+    server_box: list[Server] = []
+
+    async def handler(request: bytes, conn: Connection[bytes, bytes]) -> bytes:
+        seen.append((conn.seq, server_box[0].stats.sessions))
+        return request
+
+    async with running(handler) as server:
+        server_box.append(server)
+        client = await open_client(server)
+        await client.send_all(frame(b"first"))
+        assert await read_replies(client, 1) == ([b"first"], False)
+        burst = [b"r%d" % i for i in range(20)]
+        await client.send_all(b"".join(frame(r) for r in burst))
+        assert await read_replies(client, 20) == (burst, False)
+        assert seen == [(i, i + 1) for i in range(21)]
+        assert server.stats.sessions == 21
+        await client.aclose()
+
+
+async def test_a_handler_failing_mid_burst_delivers_the_earlier_replies(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    conns: list[Connection[bytes, bytes]] = []
+
+    async def handler(request: bytes, conn: Connection[bytes, bytes]) -> bytes:
+        conns.append(conn)
+        if request == b"boom":
+            raise RuntimeError("handler bug")
+        return request
+
+    caplog.set_level(logging.INFO, logger="triocomm")
+    async with running(handler) as server:
+        client = await open_client(server)
+        burst = [b"a", b"b", b"boom", b"never", b"seen"]
+        await client.send_all(b"".join(frame(r) for r in burst))
+        assert await read_replies(client, 5) == ([b"a", b"b"], True)
+        await settled(server)
+        # Requests after the failing one were never handed to the handler.
+        assert server.stats.sessions == 3
+        assert len(conns) == 3
+        assert server.stats.errors == {"handler": 1}
+        assert conns[0].state is ConnState.ERROR
+        await client.aclose()
+
+
+@pytest.mark.parametrize("codec", [LengthPrefixed(), PlainCodec()], ids=["batch", "plain"])
+async def test_an_unencodable_reply_in_a_burst_fails_the_connection(codec: Any) -> None:
+    async def handler(request: bytes, conn: Connection[bytes, bytes]) -> Any:
+        return "text" if request == b"bad" else request
+
+    async with running(handler, codec) as server:
+        client = await open_client(server)
+        await client.send_all(b"".join(frame(r) for r in [b"a", b"bad", b"c"]))
+        # The batch is refused whole before anything is written.
+        assert await read_replies(client, 3) == ([], True)
+        await settled(server)
+        assert server.stats.sessions == 3
+        assert server.stats.errors == {"handler": 1}
+        await client.aclose()
