@@ -252,13 +252,6 @@ async def _open_stream(target: Target[Any, Any]) -> trio.abc.Stream:
     return tls
 
 
-async def _exchange(conn: Connection[In, Out], message: Out) -> In:
-    """The session of :meth:`Client.request`: send one message, receive one reply."""
-    await conn.send(message)
-    conn._set_state(ConnState.RECEIVING)
-    return await conn.receive()
-
-
 def _apply_limits(conn: Connection[Any, Any], timeouts: Timeouts) -> None:
     conn._set_limits(
         send=timeouts.send,
@@ -339,9 +332,8 @@ class Client:
                 whole reply arrived.
             ProtocolError, FrameTooLarge: the reply was not valid for the codec.
         """
-        return await self._session(
-            target, key, timeouts, lambda conn: _exchange(conn, message), request=True
-        )
+        # No session function: _session sends `message` and receives the reply itself.
+        return await self._session(target, key, timeouts, None, message)
 
     async def run(
         self,
@@ -361,9 +353,7 @@ class Client:
         on a fresh connection if a reused one was found closed or reset before
         anything was received.
         """
-        return await self._session(
-            target, key, timeouts, lambda conn: session_fn(conn, *args), request=False
-        )
+        return await self._session(target, key, timeouts, lambda conn: session_fn(conn, *args))
 
     def connection(
         self,
@@ -504,10 +494,17 @@ class Client:
         dest: _Dest,
         key: object,
         call_timeouts: Timeouts | None,
-        body: Callable[[Connection[Any, Any]], Awaitable[R]],
-        *,
-        request: bool,
+        body: Callable[[Connection[Any, Any]], Awaitable[R]] | None,
+        message: object = None,
     ) -> R:
+        """One session attempt after another until one succeeds or may not be retried.
+
+        ``body`` is the session (``client.run``); ``None`` means
+        ``client.request``: send ``message``, receive one reply. That case is
+        written out here rather than passed as a function, so that each of its
+        suspensions passes through one coroutine frame less.
+        """
+        request = body is None
         tried: list[Target[Any, Any]] = []
         retries_left = self._retries
         fresh = False
@@ -516,8 +513,13 @@ class Client:
             tried.append(target)
             timeouts = self._effective_timeouts(target, call_timeouts)
             pool = self._pool(target)
+            # The usual case first: a sound idle connection, lent without a
+            # coroutine call (_checkout would find the pool in the same state).
+            entry = None if fresh else pool.lend_idle()
+            reused = True
             try:
-                entry, reused = await self._checkout(target, pool, timeouts, fresh)
+                if entry is None:
+                    entry, reused = await self._checkout(target, pool, timeouts, fresh)
             except BaseException as exc:
                 pool.record_failure()
                 connect_failed = isinstance(exc, ConnectError) or (
@@ -531,8 +533,14 @@ class Client:
             received_before = conn.stats.bytes_received
             conn._begin_session()
             _apply_limits(conn, timeouts)
+            result: R
             try:
-                result = await body(conn)
+                if body is None:
+                    await conn.send(message)
+                    conn._set_state(ConnState.RECEIVING)
+                    result = await conn.receive()
+                else:
+                    result = await body(conn)
             except BaseException as exc:
                 # Bookkeeping first: the close below may be cancelled.
                 pool.release(entry, reusable=False)
