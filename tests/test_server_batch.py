@@ -11,8 +11,10 @@ when the burst ends in a failure.
 
 from __future__ import annotations
 
+import gc
 import logging
 import struct
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -286,4 +288,58 @@ async def test_an_unencodable_reply_in_a_burst_fails_the_connection(codec: Any) 
         await settled(server)
         assert server.stats.sessions == 3
         assert server.stats.errors == {"handler": 1}
+        await client.aclose()
+
+
+class Box:
+    """A message that can be watched with a weak reference (bytes cannot)."""
+
+    __slots__ = ("__weakref__", "data")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+class BoxDecoder:
+    def __init__(self) -> None:
+        self.inner = LengthPrefixed().decoder()
+
+    def feed(self, data: Buffer) -> list[Box]:
+        return [Box(m) for m in self.inner.feed(data)]
+
+    @property
+    def buffered(self) -> int:
+        return self.inner.buffered
+
+
+@dataclass(frozen=True)
+class BoxCodec:
+    def encode(self, message: Box) -> bytes:
+        return LengthPrefixed().encode(message.data)
+
+    def decoder(self) -> BoxDecoder:
+        return BoxDecoder()
+
+
+async def test_a_waiting_connection_holds_no_request_or_reply() -> None:
+    # Requests and replies are let go before the keep-alive wait: what the
+    # connection's task holds while idle is held per idle connection.
+    refs: list[weakref.ref[Box]] = []
+
+    async def handler(request: Box, conn: Connection[Box, Box]) -> Box:
+        refs.append(weakref.ref(request))
+        reply = Box(request.data.upper())
+        refs.append(weakref.ref(reply))
+        return reply
+
+    async with running(handler, BoxCodec()) as server:
+        client = await open_client(server)
+        await client.send_all(frame(b"one"))
+        assert await read_replies(client, 1) == ([b"ONE"], False)
+        await client.send_all(frame(b"a") + frame(b"b") + frame(b"c"))
+        assert await read_replies(client, 3) == ([b"A", b"B", b"C"], False)
+        await trio.testing.wait_all_tasks_blocked()
+        gc.collect()
+        assert len(refs) == 8
+        assert [r() for r in refs] == [None] * 8
         await client.aclose()

@@ -727,6 +727,10 @@ def _request_body(
                 except TypeError as exc:
                     raise _unencodable(exc) from exc
             conn._set_state(ConnState.SUCCESS)
+            # Let go of the burst's requests and replies before waiting: a
+            # keep-alive connection may wait for minutes, and what its frame
+            # holds is memory held per idle connection.
+            del burst, replies, request, reply
 
     return answer_requests
 
