@@ -190,6 +190,11 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
     a pipelined burst is consumed without a task switch per message.
     """
 
+    # Bad input found after good messages in the same read: raised by the
+    # receive that follows them. A class default, so it costs idle connections
+    # nothing.
+    _deferred_error: ProtocolError | None = None
+
     def __init__(self, stream: trio.abc.Stream, codec: Codec[In, Out]) -> None:
         self._stream = stream
         self._receive_some = stream.receive_some
@@ -600,6 +605,9 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             trio.EndOfChannel: the peer closed cleanly between messages.
             ConnectionLost: the peer closed or reset in the middle of a message.
             FrameTooLarge, ProtocolError: bad input; the connection is closed.
+                Messages that arrived whole before the bad bytes are returned
+                first (the connection is already in ``ERROR`` and will not be
+                reused); the receive after them raises.
             CommTimeout: a receive-side limit ran out; the connection is closed.
             trio.ClosedResourceError: the connection was closed by us.
             trio.BusyResourceError: another task is receiving.
@@ -616,6 +624,10 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         try:
             if self._closed:
                 raise trio.ClosedResourceError(f"connection to {self._peer} is closed")
+            if self._deferred_error is not None:
+                error, self._deferred_error = self._deferred_error, None
+                await self._break()
+                raise error
             if self._eof:
                 await trio.lowlevel.checkpoint()
                 raise trio.EndOfChannel
@@ -702,9 +714,18 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
                 stats.last_receive_at = self._now()
                 try:
                     messages = decoder.feed(data)
-                except ProtocolError:
-                    await self._break()
-                    raise
+                except ProtocolError as exc:
+                    if not exc.messages:
+                        await self._break()
+                        raise
+                    # Messages that arrived whole before the bad bytes are
+                    # handed out first (a server answers them); the error is
+                    # raised, and the connection closed, by the receive after
+                    # them. The state is ERROR from now on: it is never reused.
+                    self._state = ConnState.ERROR
+                    self._deferred_error = exc
+                    messages = list(exc.messages)
+                    exc.messages = ()
                 except Exception as exc:
                     # A user codec raising something else still means bad input.
                     await self._break()
@@ -845,4 +866,4 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
 
     @property
     def _has_unread_bytes(self) -> bool:
-        return bool(self._pending) or self._decoder.buffered > 0
+        return bool(self._pending) or self._decoder.buffered > 0 or self._deferred_error is not None

@@ -9,6 +9,9 @@ does not know triocomm still handles them correctly.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import trio
 
 __all__ = [
@@ -31,7 +34,17 @@ class ProtocolError(CommError):
 
     A connection that raises it moves to :attr:`ConnState.ERROR` and is closed:
     after bad input the byte stream can no longer be trusted to be in sync.
+
+    Attributes:
+        messages: the messages that the same ``feed`` call completed before
+            the bad bytes, in order (empty if none). The built-in decoders fill
+            it in, and a user decoder may too. :meth:`Connection.receive`
+            returns them before raising the error, so requests that arrived
+            whole ahead of the garbage are not lost (a server still answers
+            them before it closes the connection).
     """
+
+    messages: Sequence[Any] = ()
 
 
 class FrameTooLarge(ProtocolError):

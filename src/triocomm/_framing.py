@@ -243,7 +243,7 @@ class LengthPrefixedDecoder:
         while end - pos >= header:
             (size,) = unpack_from(view, pos)
             if size > self._max_frame:
-                self._too_large(size)
+                self._too_large(size, out)
             stop = pos + header + size
             if stop > end:
                 self._need = stop - pos
@@ -264,7 +264,7 @@ class LengthPrefixedDecoder:
         while end - pos >= header:
             (size,) = unpack_from(data, pos)
             if size > self._max_frame:
-                self._too_large(size)
+                self._too_large(size, out)
             stop = pos + header + size
             if stop > end:
                 self._need = stop - pos
@@ -274,12 +274,14 @@ class LengthPrefixedDecoder:
         self._need = header
         return pos
 
-    def _too_large(self, size: int) -> NoReturn:
-        raise FrameTooLarge(
+    def _too_large(self, size: int, out: list[bytes]) -> NoReturn:
+        error = FrameTooLarge(
             f"peer announced a {size}-byte frame; max_frame is {self._max_frame}",
             size=size,
             limit=self._max_frame,
         )
+        error.messages = out  # what arrived whole before the bad header
+        raise error
 
 
 # -- lines -------------------------------------------------------------------
@@ -373,19 +375,19 @@ class LinesDecoder:
                 if end < 0:
                     break
                 if end - start > max_line:
-                    self._too_long(end - start)
+                    self._too_long(end - start, out)
                 out.append(bytes(view[start:end]))
                 start = end + width
                 self._scan = start
         rest = len(buf) - start
         if rest > max_line:
-            self._check_unfinished(buf, rest)
+            self._check_unfinished(buf, rest, out)
         if start:
             del buf[:start]
         self._scan = max(0, len(buf) - width + 1)
         return out
 
-    def _check_unfinished(self, buf: bytearray, rest: int) -> None:
+    def _check_unfinished(self, buf: bytearray, rest: int, out: list[bytes]) -> None:
         """Fail if the unfinished line at the end of ``buf`` is already too long.
 
         Trailing bytes that could be the start of a delimiter do not count
@@ -399,14 +401,16 @@ class LinesDecoder:
                 line = rest - k
                 break
         if line > self._max_line:
-            self._too_long(line)
+            self._too_long(line, out)
 
-    def _too_long(self, size: int) -> None:
-        raise FrameTooLarge(
+    def _too_long(self, size: int, out: list[bytes]) -> NoReturn:
+        error = FrameTooLarge(
             f"peer sent a line of at least {size} bytes; max_line is {self._max_line}",
             size=size,
             limit=self._max_line,
         )
+        error.messages = out  # the lines that ended before the over-long one
+        raise error
 
 
 # -- raw ---------------------------------------------------------------------

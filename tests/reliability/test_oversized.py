@@ -13,15 +13,17 @@ from triocomm import FrameTooLarge, Target, open_client
 from triocomm.testing import Fault, fault_client, fault_server
 
 
-@pytest.mark.parametrize("after", [0, 9])  # first thing, or after one good request
+# First thing; after one good request read on its own (the pause); or after
+# one good request that arrives in the same read as the bad frame.
+@pytest.mark.parametrize(
+    ("after", "pause"), [(0, 0.0), (9, 0.1), (9, 0.0)], ids=["first", "own-read", "same-read"]
+)
 async def test_server_refuses_an_oversized_frame(
-    after, start_server, invariants, codec, serves
+    after, pause, start_server, invariants, codec, serves
 ) -> None:
     server = await start_server()
     await invariants.mark()
-    # The pause lets the good request be read on its own: a request that
-    # arrives in the same read as the bad frame is dropped with it.
-    fault = Fault.oversized(after=after, pause=0.1 if after else 0.0)
+    fault = Fault.oversized(after=after, pause=pause)
     async with fault_client(fault, server.port, codec=codec, requests=[b"hello"]) as peer:
         with trio.fail_after(5):
             await peer.wait(faults=1, hangups=1)
