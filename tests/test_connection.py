@@ -31,8 +31,10 @@ from triocomm import (
     LengthPrefixed,
     Lines,
     ProtocolError,
+    Raw,
 )
 from triocomm._connection import format_address
+from triocomm.testing import connection_pair
 
 # The kinds the conftest's stream_pair fixture makes.
 STREAM_KINDS = ("memory", "lockstep", "tcp", "tcp6", "unix", "tls")
@@ -830,3 +832,17 @@ async def test_close_in_the_middle_of_a_line_is_connection_lost() -> None:
     assert await client.receive() == b"complete"
     with pytest.raises(ConnectionLost):
         await client.receive()
+
+
+async def test_raw_counts_bytes_of_a_typed_memoryview() -> None:
+    import array
+
+    numbers = array.array("i", range(10))  # 10 items, 40 bytes
+    left, right = connection_pair(Raw())
+    await left.send(memoryview(numbers))
+    await left.send(memoryview(numbers)[::2])  # not contiguous: copied
+    assert left.stats.bytes_sent == 40 + 20
+    received = b""
+    while len(received) < 60:
+        received += await right.receive()
+    assert received == numbers.tobytes() + numbers[::2].tobytes()

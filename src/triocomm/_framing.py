@@ -434,6 +434,10 @@ class Raw:
     def encode(self, message: Buffer) -> Buffer:
         """Return ``message`` unchanged (it must be bytes-like)."""
         _require_bytes("Raw", message)
+        if isinstance(message, memoryview) and message.itemsize != 1:
+            # A typed view (e.g. of 4-byte ints): hand on plain bytes, so that
+            # every length downstream counts bytes, not items.
+            return message.cast("B") if message.c_contiguous else message.tobytes()
         return message
 
     def encode_batch(self, messages: Sequence[Buffer]) -> bytes:
