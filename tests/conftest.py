@@ -142,3 +142,37 @@ async def stream_pair(
     yield make
     for stream in opened:
         await trio.aclose_forcefully(stream)
+
+
+class CountingStream(trio.abc.Stream):
+    """Wraps an accepted stream and records the size of every write."""
+
+    def __init__(self, inner: trio.abc.Stream, writes: list[int]) -> None:
+        self.inner = inner
+        self.writes = writes
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(memoryview(data).nbytes)
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.fixture
+def writes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Sizes of a server's writes: every accepted stream is a CountingStream."""
+    sizes: list[int] = []
+    accept = trio.SocketListener.accept
+
+    async def counting_accept(self: trio.SocketListener) -> trio.abc.Stream:
+        return CountingStream(await accept(self), sizes)
+
+    monkeypatch.setattr(trio.SocketListener, "accept", counting_accept)
+    return sizes
