@@ -124,3 +124,35 @@ async def test_connection_borrow_through_upstream(servers: list[Target[bytes, by
         assert [await conn.receive(), await conn.receive()] == [b"B:1", b"B:2"]
     st = up.stats()[servers[1]]
     assert (st.sessions, st.in_flight, st.failures) == (1, 0, 0)
+
+
+async def test_connect_failure_is_not_masked_when_the_others_are_fused(
+    servers: list[Target[bytes, bytes]],
+) -> None:
+    dead = dead_target()
+    up = Upstream([servers[0], dead], max_fails=1, fuse_time=60)
+    up._finished(up._select(exclude=[dead]), False)  # fuse the live one
+    async with triocomm.open_client(retries=1) as client:
+        # The only available address refuses: the caller sees that failure,
+        # not an UpstreamUnavailable from a retry that had nowhere to go.
+        with pytest.raises(ConnectError):
+            await client.request(up, b"x")
+    assert all(st.in_flight == 0 for st in up.stats().values())
+
+
+async def test_a_cancelled_session_leaves_nothing_in_flight_and_fuses_nothing(
+    nursery: trio.Nursery,
+) -> None:
+    async def silent(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, silent, 0, host="127.0.0.1"))
+    target = Target("127.0.0.1", listeners[0].socket.getsockname()[1], CODEC)
+    up = Upstream([target], max_fails=1)
+    async with triocomm.open_client() as client:
+        with trio.move_on_after(0.2) as scope:
+            await client.request(up, b"never answered")
+        assert scope.cancelled_caught
+        st = up.stats()[target]
+        assert (st.sessions, st.in_flight, st.failures, st.fused_until) == (1, 0, 0, None)
+        assert client.stats(target).in_use == 0

@@ -387,9 +387,11 @@ class Client:
     #   _report(dest, target, ok)  -> how the attempt ended (True: success,
     #       False: a failure of that address, None: neither, e.g. cancelled
     #       or the caller's own error).
-    # and _may_retry_connect(dest, tried) says whether a failed *connect* may
-    # be retried (never for a plain Target, whose address just failed).
-    # An Upstream plugs in here and nowhere else.
+    # _can_resolve(dest, tried) says whether another attempt would find an
+    # address, so a retry never replaces the real error with an
+    # UpstreamUnavailable; and _may_retry_connect(dest, tried) says whether a
+    # failed *connect* may be retried (never for a plain Target, whose address
+    # just failed). An Upstream plugs in here and nowhere else.
 
     def _resolve(self, dest: _Dest, key: object, tried: list[Target[Any, Any]]) -> Target[Any, Any]:
         if isinstance(dest, Upstream):
@@ -400,13 +402,16 @@ class Client:
         if isinstance(dest, Upstream):
             dest._finished(target, ok)
 
+    def _can_resolve(self, dest: _Dest, tried: list[Target[Any, Any]]) -> bool:
+        return not isinstance(dest, Upstream) or dest._can_select(tried)
+
     def _may_retry_connect(self, dest: _Dest, tried: list[Target[Any, Any]]) -> bool:
         # An Upstream retries a failed connect on another address, within the
-        # client's retry budget and while untried addresses remain.
+        # client's retry budget and while an untried address is available.
         return (
             isinstance(dest, Upstream)
             and len(tried) <= self._retries
-            and len(tried) < len(dest.targets)
+            and self._can_resolve(dest, tried)
         )
 
     # -- internals -----------------------------------------------------------
@@ -548,7 +553,13 @@ class Client:
                 await conn._break()
                 nothing_received = conn.stats.bytes_received == received_before
                 self._report(dest, target, _address_failed(exc))
-                if reused and nothing_received and retries_left > 0 and _peer_went_away(exc):
+                if (
+                    reused
+                    and nothing_received
+                    and retries_left > 0
+                    and _peer_went_away(exc)
+                    and self._can_resolve(dest, tried)
+                ):
                     logger.debug("pooled connection to %s was stale; retrying", conn.peer)
                     retries_left -= 1
                     fresh = True

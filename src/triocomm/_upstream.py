@@ -181,9 +181,8 @@ class Upstream(Generic[T]):
         Raises:
             UpstreamUnavailable: every address is fused (or already tried).
         """
-        now = trio.current_time()
         excluded = set(exclude)
-        eligible = [t for t in self._order if t not in excluded and self._available(t, now)]
+        eligible = self._eligible(excluded)
         if not eligible:
             fused = sum(1 for st in self._stats.values() if st.fused_until is not None)
             raise UpstreamUnavailable(
@@ -197,6 +196,14 @@ class Upstream(Generic[T]):
         st.sessions += 1
         st.in_flight += 1
         return target
+
+    def _eligible(self, excluded: set[T]) -> list[T]:
+        now = trio.current_time()
+        return [t for t in self._order if t not in excluded and self._available(t, now)]
+
+    def _can_select(self, exclude: Iterable[T]) -> bool:
+        """Whether :meth:`_select` would find an address (it changes nothing)."""
+        return bool(self._eligible(set(exclude)))
 
     def _pick(self, eligible: list[T], key: object) -> T:
         stats = self._stats
