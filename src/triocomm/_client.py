@@ -33,6 +33,7 @@ from ._errors import CommError, CommTimeout, ConnectError, ConnectionLost, Upstr
 from ._pool import KeepAlivePool, PooledConnection, PoolStats
 from ._timeouts import Timeouts
 from ._upstream import Upstream
+from ._watchdog import Watchdog
 
 if TYPE_CHECKING:
     from typing_extensions import TypeVarTuple, Unpack
@@ -306,6 +307,9 @@ class Client:
         self._retries = retries
         self._pools: dict[Target[Any, Any], KeepAlivePool] = {}
         self._closed = False
+        # Times the waiting reads of every connection (see _watchdog.py);
+        # started by open_client in the client's nursery.
+        self._watchdog = Watchdog()
 
     # -- public API ----------------------------------------------------------
 
@@ -487,6 +491,7 @@ class Client:
         with trio.CancelScope(deadline=deadline):
             stream = await _open_stream(target)
             conn: Connection[Any, Any] = Connection(stream, target.codec)
+            conn._watchdog = self._watchdog
             if target.host is not None and not _is_ip(target.host):
                 # Name the target as the user wrote it, next to the address.
                 conn._peer = f"{target.address} ({conn.peer})"
@@ -633,6 +638,10 @@ class _ClientContext(AbstractAsyncContextManager[Client]):
         self._nursery_manager = trio.open_nursery()
         nursery = await self._nursery_manager.__aenter__()
         self._client = Client(nursery, self._timeouts, self._retries)
+        # start_soon, not start: no checkpoint between entering the nursery
+        # and returning (a cancel there would leave the nursery entered).
+        # Reads that wait before it runs use a cancel scope instead.
+        nursery.start_soon(self._client._watchdog.run)
         return self._client
 
     async def __aexit__(

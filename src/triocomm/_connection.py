@@ -30,6 +30,7 @@ from ._errors import CommError, CommTimeout, ConnectionLost, ProtocolError
 
 if TYPE_CHECKING:
     from ._framing import Codec
+    from ._watchdog import Watchdog
 
 __all__ = ["ConnState", "Connection", "ConnectionStats", "Idle", "format_address"]
 
@@ -194,6 +195,14 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
     # receive that follows them. A class default, so it costs idle connections
     # nothing.
     _deferred_error: ProtocolError | None = None
+    # The client's or server's Watchdog, which times the waits of this
+    # connection's reads (see _watchdog.py); None: a cancel scope per wait.
+    # Class defaults, so a connection pays memory only for what it uses.
+    _watchdog: Watchdog | None = None
+    _wait_deadline: float = _INF  # the deadline of the read waiting now
+    _wd_at: float = _INF  # when the watchdog looks at this connection next
+    _wd_seq: int = -1
+    _expired = False  # set by the watchdog: the waiting read timed out
 
     def __init__(self, stream: trio.abc.Stream, codec: Codec[In, Out]) -> None:
         self._stream = stream
@@ -677,10 +686,29 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
                                 deadline, phase, limit = self._read_deadline(
                                     started, message_deadline
                                 )
-                                with trio.CancelScope(deadline=deadline) as scope:
-                                    await trio.lowlevel.wait_readable(sock)
-                                if scope.cancelled_caught:
-                                    raise CommTimeout(phase, limit or 0.0, self._peer)
+                                watchdog = self._watchdog
+                                if watchdog is not None and watchdog._running:
+                                    # The watchdog wakes this wait if the
+                                    # deadline passes: no cancel scope.
+                                    self._expired = False
+                                    self._wait_deadline = deadline
+                                    if deadline < self._wd_at:
+                                        watchdog.arm(self, deadline)
+                                    try:
+                                        await trio.lowlevel.wait_readable(sock)
+                                    except trio.ClosedResourceError:
+                                        if self._expired:
+                                            raise CommTimeout(
+                                                phase, limit or 0.0, self._peer
+                                            ) from None
+                                        raise
+                                    finally:
+                                        self._wait_deadline = _INF
+                                else:
+                                    with trio.CancelScope(deadline=deadline) as scope:
+                                        await trio.lowlevel.wait_readable(sock)
+                                    if scope.cancelled_caught:
+                                        raise CommTimeout(phase, limit or 0.0, self._peer)
                             try:
                                 data = os.read(sock.fileno(), RECEIVE_SIZE)
                                 waiting = False
@@ -816,7 +844,16 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self._stream)
 
+    def _expire(self) -> None:
+        """The watchdog's call: the waiting read's deadline passed; wake it."""
+        self._expired = True
+        if self._sock is not None and not self._closed:
+            trio.lowlevel.notify_closing(self._sock)
+
     def _log_closed(self) -> None:
+        watchdog = self._watchdog
+        if watchdog is not None:
+            watchdog.forget(self)
         if logger.isEnabledFor(logging.DEBUG):
             stats = self._stats
             logger.debug(

@@ -33,6 +33,7 @@ from ._connection import Connection, ConnState, Idle, _socket_of, format_address
 from ._errors import CommError, CommTimeout, ConnectionLost, FrameTooLarge, ProtocolError
 from ._framing import Codec
 from ._timeouts import ServerTimeouts
+from ._watchdog import Watchdog
 
 __all__ = ["Server", "ServerStats", "serve", "serve_connections"]
 
@@ -248,6 +249,8 @@ class Server:
         self._idle_tiebreak = itertools.count()
         self._idle_dead = 0
         self._idle_sleep: trio.CancelScope | None = None
+        # Times the waiting reads of every connection (see _watchdog.py).
+        self._watchdog = Watchdog()
 
     # -- public surface ------------------------------------------------------
 
@@ -319,6 +322,8 @@ class Server:
         try:
             async with trio.open_nursery() as service:
                 self._service = service
+                # Before the first connection: it times every waiting read.
+                await service.start(self._watchdog.run)
                 service.start_soon(self._accept_all)
                 if self._idle_periods:
                     service.start_soon(self._watch_idle)
@@ -438,6 +443,7 @@ class Server:
                     return
                 transport = secure
             conn: Connection[Any, Any] = Connection(transport, self._codec)
+            conn._watchdog = self._watchdog
             entry.conn = conn
             if _SHUT_RD_WAKES_READERS:
                 entry.sock = _socket_of(transport)

@@ -1,0 +1,244 @@
+"""The watchdog: read limits of many connections kept by one task, not a cancel scope per read.
+
+The behaviour users see (which phase times out, and when) is tested with the
+client and the server; here: that the watchdog is what enforces it, that a
+connection costs it at most one live alarm however many reads it makes, that
+closed connections do not pile up in it, and that without a running watchdog
+a connection falls back to a cancel scope.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import sys
+from functools import partial
+
+import pytest
+import trio
+import trio.testing
+
+import triocomm
+import triocomm._connection
+from triocomm import CommTimeout, Connection, LengthPrefixed, ServerTimeouts, Target, Timeouts
+from triocomm._connection import _Limits
+from triocomm._watchdog import _SWEEP_MIN, Watchdog
+
+CODEC = LengthPrefixed()
+
+
+async def echo(request: bytes, conn: Connection[bytes, bytes]) -> bytes:
+    return request
+
+
+async def silent_server(
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept connections and never answer (nor close) them."""
+    held: list[trio.SocketStream] = []
+
+    async def hold(stream: trio.SocketStream) -> None:
+        held.append(stream)
+        await trio.sleep_forever()
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(trio.serve_listeners, hold, listeners))
+        task_status.started(port)
+
+
+def no_cancel_scopes(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Record the deadline of every cancel scope that Connection makes."""
+    made: list[float] = []
+    real = trio.CancelScope
+
+    def spy(*args: object, **kwargs: object) -> trio.CancelScope:
+        if sys._getframe(1).f_code.co_filename == triocomm._connection.__file__:
+            made.append(kwargs.get("deadline", math.inf))  # type: ignore[arg-type]
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trio, "CancelScope", spy)
+    return made
+
+
+async def test_client_first_response_limit_is_kept_by_the_watchdog(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made = no_cancel_scopes(monkeypatch)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(silent_server)
+        target = Target("127.0.0.1", port, CODEC, timeouts=Timeouts(first_response=3.0))
+        async with triocomm.open_client() as client:
+            start = trio.current_time()
+            with pytest.raises(CommTimeout) as info:
+                await client.request(target, b"anyone?")
+            assert info.value.phase == "first_response"
+            assert trio.current_time() - start == pytest.approx(3.0)
+            # The wait had no cancel scope of its own: the watchdog woke it.
+            assert [d for d in made if d != math.inf] == []
+            assert client.stats(target).open == 0  # a timeout closes the connection
+        nursery.cancel_scope.cancel()
+
+
+async def test_inactivity_limit_fires_at_its_deadline_through_the_watchdog(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made = no_cancel_scopes(monkeypatch)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(silent_server)
+        target = Target("127.0.0.1", port, CODEC)  # default: inactivity 10 s
+        async with triocomm.open_client() as client:
+            start = trio.current_time()
+            with pytest.raises(CommTimeout) as info:
+                await client.request(target, b"anyone?")
+            assert (info.value.phase, info.value.limit) == ("inactivity", 10.0)
+            assert trio.current_time() - start == pytest.approx(10.0)
+            assert [d for d in made if d != math.inf] == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_one_live_alarm_per_connection_however_many_reads() -> None:
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(
+            partial(triocomm.serve, echo, host="127.0.0.1", port=0, codec=CODEC)
+        )
+        target = Target("127.0.0.1", server.port, CODEC)
+        async with triocomm.open_client() as client:
+            for i in range(200):
+                assert await client.request(target, b"%d" % i) == b"%d" % i
+            # Each side: one connection, so one alarm each (an alarm is
+            # moved on only when it comes due, never pushed per read).
+            assert len(client._watchdog) <= 1
+            assert len(server._watchdog) <= 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_alarms_of_closed_connections_are_swept() -> None:
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(
+            partial(triocomm.serve, echo, host="127.0.0.1", port=0, codec=CODEC)
+        )
+        target = Target("127.0.0.1", server.port, CODEC, timeouts=Timeouts(keepalive=0))
+        cycles = 6 * _SWEEP_MIN
+        async with triocomm.open_client() as client:
+            for _ in range(cycles):
+                assert await client.request(target, b"x") == b"x"
+                # Every connection is closed after its reply: the heaps hold
+                # dead alarms only, and no more than a sweep allows.
+                assert len(client._watchdog) <= 2 * _SWEEP_MIN + 2
+                assert len(server._watchdog) <= 2 * _SWEEP_MIN + 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_server_keepalive_limit_closes_an_idle_connection_via_the_watchdog(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made = no_cancel_scopes(monkeypatch)
+    timeouts = ServerTimeouts(keepalive=7.0)
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(
+            partial(triocomm.serve, echo, host="127.0.0.1", port=0, codec=CODEC, timeouts=timeouts)
+        )
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        conn: Connection[bytes, bytes] = Connection(stream, CODEC)
+        await conn.send(b"hi")
+        assert await conn.receive() == b"hi"
+        replied = trio.current_time()
+        with pytest.raises(trio.EndOfChannel):
+            await conn.receive()  # the server closes the idle connection
+        assert trio.current_time() - replied == pytest.approx(7.0)
+        assert [d for d in made if d != math.inf] == []
+        await conn.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_without_a_running_watchdog_a_cancel_scope_keeps_the_limit(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made = no_cancel_scopes(monkeypatch)
+    a, b = socket.socketpair()
+    with a, b:
+        conn: Connection[bytes, bytes] = Connection(
+            trio.SocketStream(trio.socket.from_stdlib_socket(a)), CODEC
+        )
+        conn._watchdog = Watchdog()  # never started
+        conn._limits = _Limits(inactivity=2.0)
+        start = trio.current_time()
+        with pytest.raises(CommTimeout) as info:
+            await conn.receive()
+        assert info.value.phase == "inactivity"
+        assert trio.current_time() - start == pytest.approx(2.0)
+        assert made
+        assert made[0] == pytest.approx(start + 2.0)
+        await conn.aclose()
+
+
+async def test_a_wait_that_ends_before_its_alarm_is_not_timed_out(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The alarm comes due after the read got its data: it is dropped, nothing breaks."""
+    a, b = socket.socketpair()
+    with a, b:
+        async with trio.open_nursery() as nursery:
+            watchdog = Watchdog()
+            await nursery.start(watchdog.run)
+            conn: Connection[bytes, bytes] = Connection(
+                trio.SocketStream(trio.socket.from_stdlib_socket(a)), CODEC
+            )
+            conn._watchdog = watchdog
+            conn._limits = _Limits(inactivity=5.0)
+            peer: Connection[bytes, bytes] = Connection(
+                trio.SocketStream(trio.socket.from_stdlib_socket(b.dup())), CODEC
+            )
+
+            async def answer_later() -> None:
+                await trio.sleep(4.0)
+                await peer.send(b"in time")
+
+            nursery.start_soon(answer_later)
+            assert await conn.receive() == b"in time"
+            assert len(watchdog) == 1  # the alarm is still set, for 5 s after the wait began
+            await trio.sleep(10.0)  # it comes due and is dropped
+            assert len(watchdog) == 0
+            assert not conn.is_closed
+            # The next wait gets a fresh alarm and times out on its own schedule.
+            start = trio.current_time()
+            with pytest.raises(CommTimeout):
+                await conn.receive()
+            assert trio.current_time() - start == pytest.approx(5.0)
+            await peer.aclose()
+            nursery.cancel_scope.cancel()
+    assert not watchdog.running
+
+
+async def test_a_later_wait_moves_the_alarm_instead_of_adding_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        async with trio.open_nursery() as nursery:
+            watchdog = Watchdog()
+            await nursery.start(watchdog.run)
+            conn: Connection[bytes, bytes] = Connection(
+                trio.SocketStream(trio.socket.from_stdlib_socket(a)), CODEC
+            )
+            conn._watchdog = watchdog
+            conn._limits = _Limits(inactivity=5.0)
+            peer: Connection[bytes, bytes] = Connection(
+                trio.SocketStream(trio.socket.from_stdlib_socket(b.dup())), CODEC
+            )
+
+            async def talk() -> None:
+                for i in range(60):
+                    await trio.sleep(0.25)  # each within the limit; 15 s in all
+                    await peer.send(b"%d" % i)
+
+            nursery.start_soon(talk)
+            start = trio.current_time()
+            for i in range(60):
+                assert await conn.receive() == b"%d" % i
+                assert len(watchdog) <= 1
+            assert trio.current_time() - start == pytest.approx(15.0)
+            await peer.aclose()
+            nursery.cancel_scope.cancel()
