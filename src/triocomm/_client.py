@@ -254,6 +254,9 @@ async def _open_stream(target: Target[Any, Any]) -> trio.abc.Stream:
 
 
 def _apply_limits(conn: Connection[Any, Any], timeouts: Timeouts) -> None:
+    if conn._limits_key is timeouts:
+        return  # the same Timeouts as its last session: the usual case
+    conn._limits_key = timeouts
     conn._set_limits(
         send=timeouts.send,
         first_phase="first_response",
@@ -310,6 +313,10 @@ class Client:
         # Times the waiting reads of every connection (see _watchdog.py);
         # started by open_client in the client's nursery.
         self._watchdog = Watchdog()
+        # The last target used and its pool: most programs pass the same
+        # Target object every time, and an identity check is cheaper than
+        # hashing a Target (and its codec) for the dict.
+        self._last_pool: tuple[Target[Any, Any], KeepAlivePool] | None = None
 
     # -- public API ----------------------------------------------------------
 
@@ -519,10 +526,20 @@ class Client:
         retries_left = self._retries
         fresh = False
         while True:
-            target = self._resolve(dest, key, tried)
+            # _resolve, _effective_timeouts and _pool, inlined for a plain
+            # Target: this runs on every request.
+            target = self._resolve(dest, key, tried) if isinstance(dest, Upstream) else dest
             tried.append(target)
-            timeouts = self._effective_timeouts(target, call_timeouts)
-            pool = self._pool(target)
+            if call_timeouts is not None:
+                timeouts = call_timeouts
+            else:
+                timeouts = self._effective_timeouts(target, None)
+            last = self._last_pool
+            if last is not None and last[0] is target:
+                pool = last[1]
+            else:
+                pool = self._pool(target)
+                self._last_pool = (target, pool)
             # The usual case first: a sound idle connection, lent without a
             # coroutine call (_checkout would find the pool in the same state).
             entry = None if fresh else pool.lend_idle()
@@ -540,14 +557,15 @@ class Client:
                     continue
                 raise
             conn = entry.conn
-            received_before = conn.stats.bytes_received
-            conn._begin_session()
+            received_before = conn._stats.bytes_received
+            conn._sessions += 1  # conn._begin_session(), inlined
             _apply_limits(conn, timeouts)
             result: R
             try:
                 if body is None:
                     await conn.send(message)
-                    conn._set_state(ConnState.RECEIVING)
+                    if not conn._closed and conn._state is not ConnState.ERROR:
+                        conn._state = ConnState.RECEIVING  # _set_state, inlined
                     result = await conn.receive()
                 else:
                     result = await body(conn)
@@ -575,13 +593,18 @@ class Client:
                     ) from exc
                 raise
             self._finish(entry, pool, timeouts)
-            self._report(dest, target, True)
+            if isinstance(dest, Upstream):
+                self._report(dest, target, True)
             return result
 
     def _finish(self, entry: PooledConnection, pool: KeepAlivePool, timeouts: Timeouts) -> None:
         """A session ended well: pool its connection unless something is left unread."""
         conn = entry.conn
-        reusable = not entry.peer_spoke(poll=False)
+        # entry.peer_spoke(poll=False), inlined for the usual plain connection.
+        if entry.spoke or conn._closed or conn._pending or entry.tls:
+            reusable = not entry.peer_spoke(poll=False)
+        else:
+            reusable = not conn._decoder.buffered and conn._deferred_error is None
         if reusable:
             conn._set_state(ConnState.SUCCESS)
         else:

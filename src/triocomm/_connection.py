@@ -203,6 +203,9 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
     _wd_at: float = _INF  # when the watchdog looks at this connection next
     _wd_seq: int = -1
     _expired = False  # set by the watchdog: the waiting read timed out
+    # What the client last set the limits from (its Timeouts), so that a
+    # session with the same Timeouts skips setting them again.
+    _limits_key: object = None
 
     def __init__(self, stream: trio.abc.Stream, codec: Codec[In, Out]) -> None:
         self._stream = stream

@@ -196,14 +196,14 @@ class PooledConnection:
         if self.scope is not None:
             self.scope.cancel()
 
-    def went_idle(self) -> None:
-        """The connection joined the idle stack: schedule its watch, waking no one.
+    def went_idle(self, now: float) -> None:
+        """The connection joined the idle stack at ``now``: schedule its watch, waking no one.
 
         The sleeping task's deadline is only ever moved earlier here; if it
         wakes too early (the connection was lent again meanwhile, or went idle
         again later), it goes back to sleep until the right moment.
         """
-        self.watch_from = trio.current_time() + self.settle
+        self.watch_from = now + self.settle
         scope = self.scope
         if scope is not None and not self.watching:
             due = min(self.watch_from, self.idle_deadline)
@@ -267,6 +267,9 @@ class KeepAlivePool:
         self._closed = 0
         self._failed = 0
         self._closing = False
+        # The run's clock, bound once (cheaper than trio.current_time() on
+        # every lend and release; still the MockClock under test).
+        self._now = trio.lowlevel.current_clock().current_time
 
     def stats(self) -> PoolStats:
         """A consistent snapshot of the counters (see :class:`PoolStats`)."""
@@ -342,7 +345,7 @@ class KeepAlivePool:
     def _take_idle(self) -> PooledConnection | None:
         """Pop the most recently pooled connection that is still sound (LIFO)."""
         idle = self._idle
-        now = trio.current_time()
+        now = self._now()
         while idle:
             entry = idle.pop()
             if entry.idle_deadline <= now:
@@ -394,7 +397,7 @@ class KeepAlivePool:
         else:
             entry, waiter.entry = waiter.entry, None
             self._in_use -= 1
-            self._give_back(entry)
+            self._give_back(entry, self._now())
 
     def _grant(self, entry: PooledConnection | None) -> bool:
         """Hand a connection (or, with ``None``, a free slot) to the first waiter."""
@@ -463,18 +466,19 @@ class KeepAlivePool:
             entry.graceful = reusable
             self._retire(entry, "not reusable" if not reusable else "keep-alive is 0")
             return
-        entry.idle_deadline = _INF if keepalive is None else trio.current_time() + keepalive
+        now = self._now()
+        entry.idle_deadline = _INF if keepalive is None else now + keepalive
         self._in_use -= 1
-        self._give_back(entry)
+        self._give_back(entry, now)
 
-    def _give_back(self, entry: PooledConnection) -> None:
+    def _give_back(self, entry: PooledConnection, now: float) -> None:
         """A sound connection is free: to the first waiter, else onto the idle stack."""
-        if self._grant(entry):
+        if self._waiters and self._grant(entry):
             return
         entry.state = _State.IDLE
         entry.conn._set_state(ConnState.IDLE)
         self._idle.append(entry)
-        entry.went_idle()
+        entry.went_idle(now)
 
     def _retire(
         self,
