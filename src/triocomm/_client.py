@@ -530,10 +530,12 @@ class Client:
             # Target: this runs on every request.
             target = self._resolve(dest, key, tried) if isinstance(dest, Upstream) else dest
             tried.append(target)
-            if call_timeouts is not None:
-                timeouts = call_timeouts
-            else:
-                timeouts = self._effective_timeouts(target, None)
+            timeouts = (
+                call_timeouts
+                or target.timeouts
+                or self._timeouts
+                or _DEFAULT_TIMEOUTS  # _effective_timeouts, inlined
+            )
             last = self._last_pool
             if last is not None and last[0] is target:
                 pool = last[1]
@@ -606,7 +608,8 @@ class Client:
         else:
             reusable = not conn._decoder.buffered and conn._deferred_error is None
         if reusable:
-            conn._set_state(ConnState.SUCCESS)
+            if conn._state is not ConnState.ERROR:  # reusable means not closed
+                conn._state = ConnState.SUCCESS
         else:
             logger.debug("unrequested data from %s after a session; closing", conn.peer)
         pool.release(entry, reusable=reusable, keepalive=timeouts.keepalive)

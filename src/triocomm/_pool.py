@@ -351,12 +351,26 @@ class KeepAlivePool:
             if entry.idle_deadline <= now:
                 self._retire(entry, "keep-alive time is up", popped=True)
                 continue
-            if entry.consuming or entry.peer_spoke():
+            conn = entry.conn
+            if (
+                entry.consuming
+                or entry.spoke
+                or entry.tls
+                or entry.poller is None
+                or conn._closed
+                or conn._has_unread_bytes
+            ):
+                stale = entry.consuming or entry.peer_spoke()
+            else:
+                # peer_spoke(), inlined for a plain socket: one poll(0).
+                stale = bool(entry.poller.poll(0))
+            if stale:
                 self._retire(entry, "the peer closed or sent data while idle", popped=True)
                 continue
             entry.state = _State.IN_USE
             self._in_use += 1
-            entry.conn._set_state(ConnState.CONNECTED)
+            if conn._state is not ConnState.ERROR:  # conn._set_state(CONNECTED), inlined
+                conn._state = ConnState.CONNECTED
             if entry.watching:
                 # Aborting wait_readable is synchronous: the socket is ours now.
                 entry.wake()
@@ -476,7 +490,9 @@ class KeepAlivePool:
         if self._waiters and self._grant(entry):
             return
         entry.state = _State.IDLE
-        entry.conn._set_state(ConnState.IDLE)
+        conn = entry.conn
+        if not conn._closed and conn._state is not ConnState.ERROR:
+            conn._state = ConnState.IDLE  # conn._set_state(IDLE), inlined
         self._idle.append(entry)
         entry.went_idle(now)
 
