@@ -572,7 +572,13 @@ class Client:
                     await conn.send(message)
                     if not conn._closed and conn._state is not ConnState.ERROR:
                         conn._state = ConnState.RECEIVING  # _set_state, inlined
-                    result = await conn.receive()
+                    # The send was this session's schedule point: a reply
+                    # already there is read without a second one.
+                    conn._yield_on_data = False
+                    try:
+                        result = await conn.receive()
+                    finally:
+                        conn._yield_on_data = True
                 else:
                     result = await body(conn)
             except BaseException as exc:

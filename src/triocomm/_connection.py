@@ -206,6 +206,10 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
     # What the client last set the limits from (its Timeouts), so that a
     # session with the same Timeouts skips setting them again.
     _limits_key: object = None
+    # False only while the client or server calls receive() from a loop that
+    # has a schedule point of its own in every round (see _server.py and
+    # _client.py): a read that finds data then returns without one.
+    _yield_on_data = True
 
     def __init__(self, stream: trio.abc.Stream, codec: Codec[In, Out]) -> None:
         self._stream = stream
@@ -681,7 +685,8 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
                                 # A message that keeps coming but never ends
                                 # still times out.
                                 raise CommTimeout("receive", limits.receive or 0.0, self._peer)
-                            await trio.lowlevel.cancel_shielded_checkpoint()
+                            if self._yield_on_data:
+                                await trio.lowlevel.cancel_shielded_checkpoint()
                         while waiting:
                             if unlimited:
                                 await trio.lowlevel.wait_readable(sock)

@@ -678,8 +678,15 @@ def _request_body(
                 if entry.sock is not None:
                     # _end_wait shuts the read side to end this wait: a request
                     # that had already arrived is still returned, else
-                    # EndOfChannel (a clean close).
-                    request = await receive()
+                    # EndOfChannel (a clean close). A read that finds a
+                    # request waiting is a cancel point but not a schedule
+                    # point: this loop has one in every round (the reply's
+                    # send, or the checkpoint below when there is no reply).
+                    conn._yield_on_data = False
+                    try:
+                        request = await receive()
+                    finally:
+                        conn._yield_on_data = True
                 else:
                     scope = entry.scope = trio.CancelScope()
                     with scope:
@@ -732,6 +739,11 @@ def _request_body(
                     await send_many(replies)
                 except TypeError as exc:
                     raise _unencodable(exc) from exc
+            else:
+                # No reply to send: the schedule point the read skipped, so
+                # that a client streaming requests that get no reply cannot
+                # keep this task running while others wait.
+                await trio.lowlevel.cancel_shielded_checkpoint()
             conn._set_state(ConnState.SUCCESS)
             # Let go of the burst's requests and replies before waiting: a
             # keep-alive connection may wait for minutes, and what its frame
