@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 import socket
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
 
 import pytest
@@ -174,10 +176,13 @@ async def test_without_a_running_watchdog_a_cancel_scope_keeps_the_limit(
         await conn.aclose()
 
 
-async def test_a_wait_that_ends_before_its_alarm_is_not_timed_out(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    """The alarm comes due after the read got its data: it is dropped, nothing breaks."""
+@asynccontextmanager
+async def watched_pair(
+    inactivity: float,
+) -> AsyncIterator[
+    tuple[Watchdog, Connection[bytes, bytes], Connection[bytes, bytes], trio.Nursery]
+]:
+    """A running watchdog, a connection it times (``inactivity``) and its peer, in a nursery."""
     a, b = socket.socketpair()
     with a, b:
         async with trio.open_nursery() as nursery:
@@ -187,58 +192,68 @@ async def test_a_wait_that_ends_before_its_alarm_is_not_timed_out(
                 trio.SocketStream(trio.socket.from_stdlib_socket(a)), CODEC
             )
             conn._watchdog = watchdog
-            conn._limits = _Limits(inactivity=5.0)
+            conn._limits = _Limits(inactivity=inactivity)
             peer: Connection[bytes, bytes] = Connection(
                 trio.SocketStream(trio.socket.from_stdlib_socket(b.dup())), CODEC
             )
-
-            async def answer_later() -> None:
-                await trio.sleep(4.0)
-                await peer.send(b"in time")
-
-            nursery.start_soon(answer_later)
-            assert await conn.receive() == b"in time"
-            assert len(watchdog) == 1  # the alarm is still set, for 5 s after the wait began
-            await trio.sleep(10.0)  # it comes due and is dropped
-            assert len(watchdog) == 0
-            assert not conn.is_closed
-            # The next wait gets a fresh alarm and times out on its own schedule.
-            start = trio.current_time()
-            with pytest.raises(CommTimeout):
-                await conn.receive()
-            assert trio.current_time() - start == pytest.approx(5.0)
+            yield watchdog, conn, peer, nursery
             await peer.aclose()
+            await conn.aclose()
             nursery.cancel_scope.cancel()
     assert not watchdog.running
+
+
+async def test_a_wait_that_ends_before_its_alarm_is_not_timed_out(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The alarm comes due after the read got its data: it is dropped, nothing breaks."""
+    async with watched_pair(inactivity=5.0) as (watchdog, conn, peer, nursery):
+
+        async def answer_later() -> None:
+            await trio.sleep(4.0)
+            await peer.send(b"in time")
+
+        nursery.start_soon(answer_later)
+        assert await conn.receive() == b"in time"
+        assert len(watchdog) == 1  # the alarm is still set, for 5 s after the wait began
+        await trio.sleep(10.0)  # it comes due and is dropped
+        assert len(watchdog) == 0
+        assert not conn.is_closed
+        # The next wait gets a fresh alarm and times out on its own schedule.
+        start = trio.current_time()
+        with pytest.raises(CommTimeout):
+            await conn.receive()
+        assert trio.current_time() - start == pytest.approx(5.0)
+
+
+async def test_a_cancelled_wait_leaves_no_alarm_that_could_break_the_connection(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with watched_pair(inactivity=5.0) as (watchdog, conn, peer, _):
+        with trio.move_on_after(2.0) as scope:
+            await conn.receive()
+        assert scope.cancelled_caught
+        assert conn._wait_deadline == math.inf  # nothing is waiting any more
+        await trio.sleep(10.0)  # the alarm comes due: dropped, the connection untouched
+        assert len(watchdog) == 0
+        assert not conn.is_closed
+        await peer.send(b"later")
+        assert await conn.receive() == b"later"
 
 
 async def test_a_later_wait_moves_the_alarm_instead_of_adding_one(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    a, b = socket.socketpair()
-    with a, b:
-        async with trio.open_nursery() as nursery:
-            watchdog = Watchdog()
-            await nursery.start(watchdog.run)
-            conn: Connection[bytes, bytes] = Connection(
-                trio.SocketStream(trio.socket.from_stdlib_socket(a)), CODEC
-            )
-            conn._watchdog = watchdog
-            conn._limits = _Limits(inactivity=5.0)
-            peer: Connection[bytes, bytes] = Connection(
-                trio.SocketStream(trio.socket.from_stdlib_socket(b.dup())), CODEC
-            )
+    async with watched_pair(inactivity=5.0) as (watchdog, conn, peer, nursery):
 
-            async def talk() -> None:
-                for i in range(60):
-                    await trio.sleep(0.25)  # each within the limit; 15 s in all
-                    await peer.send(b"%d" % i)
-
-            nursery.start_soon(talk)
-            start = trio.current_time()
+        async def talk() -> None:
             for i in range(60):
-                assert await conn.receive() == b"%d" % i
-                assert len(watchdog) <= 1
-            assert trio.current_time() - start == pytest.approx(15.0)
-            await peer.aclose()
-            nursery.cancel_scope.cancel()
+                await trio.sleep(0.25)  # each within the limit; 15 s in all
+                await peer.send(b"%d" % i)
+
+        nursery.start_soon(talk)
+        start = trio.current_time()
+        for i in range(60):
+            assert await conn.receive() == b"%d" % i
+            assert len(watchdog) <= 1
+        assert trio.current_time() - start == pytest.approx(15.0)

@@ -254,9 +254,6 @@ async def _open_stream(target: Target[Any, Any]) -> trio.abc.Stream:
 
 
 def _apply_limits(conn: Connection[Any, Any], timeouts: Timeouts) -> None:
-    if conn._limits_key is timeouts:
-        return  # the same Timeouts as its last session: the usual case
-    conn._limits_key = timeouts
     conn._set_limits(
         send=timeouts.send,
         first_phase="first_response",
@@ -530,16 +527,9 @@ class Client:
         retries_left = self._retries
         fresh = False
         while True:
-            # _resolve, _effective_timeouts and _pool, inlined for a plain
-            # Target: this runs on every request.
-            target = self._resolve(dest, key, tried) if isinstance(dest, Upstream) else dest
+            target = self._resolve(dest, key, tried)
             tried.append(target)
-            timeouts = (
-                call_timeouts
-                or target.timeouts
-                or self._timeouts
-                or _DEFAULT_TIMEOUTS  # _effective_timeouts, inlined
-            )
+            timeouts = self._effective_timeouts(target, call_timeouts)
             last = self._last_pool
             if last is not None and last[0] is target:
                 pool = last[1]
@@ -564,14 +554,13 @@ class Client:
                 raise
             conn = entry.conn
             received_before = conn._stats.bytes_received
-            conn._sessions += 1  # conn._begin_session(), inlined
+            conn._begin_session()
             _apply_limits(conn, timeouts)
             result: R
             try:
                 if body is None:
                     await conn.send(message)
-                    if not conn._closed and conn._state is not ConnState.ERROR:
-                        conn._state = ConnState.RECEIVING  # _set_state, inlined
+                    conn._set_state(ConnState.RECEIVING)
                     # The send was this session's schedule point: a reply
                     # already there is read without a second one.
                     conn._yield_on_data = False
@@ -605,21 +594,15 @@ class Client:
                     ) from exc
                 raise
             self._finish(entry, pool, timeouts)
-            if isinstance(dest, Upstream):
-                self._report(dest, target, True)
+            self._report(dest, target, True)
             return result
 
     def _finish(self, entry: PooledConnection, pool: KeepAlivePool, timeouts: Timeouts) -> None:
         """A session ended well: pool its connection unless something is left unread."""
         conn = entry.conn
-        # entry.peer_spoke(poll=False), inlined for the usual plain connection.
-        if entry.spoke or conn._closed or conn._pending or entry.tls:
-            reusable = not entry.peer_spoke(poll=False)
-        else:
-            reusable = not conn._decoder.buffered and conn._deferred_error is None
+        reusable = not entry.peer_spoke(poll=False)
         if reusable:
-            if conn._state is not ConnState.ERROR:  # reusable means not closed
-                conn._state = ConnState.SUCCESS
+            conn._set_state(ConnState.SUCCESS)
         else:
             logger.debug("unrequested data from %s after a session; closing", conn.peer)
         pool.release(entry, reusable=reusable, keepalive=timeouts.keepalive)

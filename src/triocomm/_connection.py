@@ -203,9 +203,6 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
     _wd_at: float = _INF  # when the watchdog looks at this connection next
     _wd_seq: int = -1
     _expired = False  # set by the watchdog: the waiting read timed out
-    # What the client last set the limits from (its Timeouts), so that a
-    # session with the same Timeouts skips setting them again.
-    _limits_key: object = None
     # False only while the client or server calls receive() from a loop that
     # has a schedule point of its own in every round (see _server.py and
     # _client.py): a read that finds data then returns without one.

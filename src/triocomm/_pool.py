@@ -217,7 +217,7 @@ class PooledConnection:
         a session ends relies on the check when the connection is next lent.
         """
         conn = self.conn
-        if self.spoke or conn.is_closed or conn._has_unread_bytes:
+        if self.spoke or conn._closed or conn._has_unread_bytes:
             return True
         if self.tls and conn.stream.pending():  # type: ignore[attr-defined]
             return True  # decrypted bytes already buffered inside the TLS object
@@ -351,26 +351,12 @@ class KeepAlivePool:
             if entry.idle_deadline <= now:
                 self._retire(entry, "keep-alive time is up", popped=True)
                 continue
-            conn = entry.conn
-            if (
-                entry.consuming
-                or entry.spoke
-                or entry.tls
-                or entry.poller is None
-                or conn._closed
-                or conn._has_unread_bytes
-            ):
-                stale = entry.consuming or entry.peer_spoke()
-            else:
-                # peer_spoke(), inlined for a plain socket: one poll(0).
-                stale = bool(entry.poller.poll(0))
-            if stale:
+            if entry.consuming or entry.peer_spoke():
                 self._retire(entry, "the peer closed or sent data while idle", popped=True)
                 continue
             entry.state = _State.IN_USE
             self._in_use += 1
-            if conn._state is not ConnState.ERROR:  # conn._set_state(CONNECTED), inlined
-                conn._state = ConnState.CONNECTED
+            entry.conn._set_state(ConnState.CONNECTED)
             if entry.watching:
                 # Aborting wait_readable is synchronous: the socket is ours now.
                 entry.wake()
@@ -490,9 +476,7 @@ class KeepAlivePool:
         if self._waiters and self._grant(entry):
             return
         entry.state = _State.IDLE
-        conn = entry.conn
-        if not conn._closed and conn._state is not ConnState.ERROR:
-            conn._state = ConnState.IDLE  # conn._set_state(IDLE), inlined
+        entry.conn._set_state(ConnState.IDLE)
         self._idle.append(entry)
         entry.went_idle(now)
 

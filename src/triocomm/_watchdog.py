@@ -19,8 +19,9 @@ socket is woken with :func:`trio.lowlevel.notify_closing`; it raises the
 :class:`~triocomm.CommTimeout` of its phase and closes the connection, as a
 cancel scope's deadline would have.
 
-At most one live alarm per connection sits in the heap; alarms of closed or
-rearmed connections are skipped when they come due and swept out when they
+At most one live alarm per connection sits in the heap (the one whose
+sequence number the connection holds); alarms of closed or rearmed
+connections are skipped when they come due and swept out when they
 outnumber the live ones, so a server churning through short connections holds
 no closed connection for longer than a sweep.
 """
@@ -77,6 +78,7 @@ class Watchdog:
         """``conn`` is closed: its alarm, if any, is dead."""
         if conn._wd_at != _INF:
             conn._wd_at = _INF
+            conn._wd_seq = -1
             self._dead += 1
             self._maybe_sweep()
 
@@ -85,7 +87,7 @@ class Watchdog:
         if dead > _SWEEP_MIN and dead * 2 > len(self._heap):
             # In place: _fire may be iterating over this very list.
             heap = self._heap
-            heap[:] = [a for a in heap if a[2]._wd_at == a[0] and a[2]._wd_seq == a[1]]
+            heap[:] = [alarm for alarm in heap if alarm[2]._wd_seq == alarm[1]]
             heapq.heapify(heap)
             self._dead = 0
 
@@ -108,11 +110,12 @@ class Watchdog:
     def _fire(self, now: float) -> None:
         heap = self._heap
         while heap and heap[0][0] <= now:
-            deadline, seq, conn = heapq.heappop(heap)
-            if conn._wd_at != deadline or conn._wd_seq != seq:
-                self._dead = max(self._dead - 1, 0)
+            _, seq, conn = heapq.heappop(heap)
+            if conn._wd_seq != seq:
+                self._dead -= 1  # replaced by a later alarm, or its connection closed
                 continue
             conn._wd_at = _INF
+            conn._wd_seq = -1
             wait = conn._wait_deadline
             if wait <= now:
                 conn._expire()
