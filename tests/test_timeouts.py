@@ -97,3 +97,35 @@ def test_client_and_server_values_are_distinct_types() -> None:
     with pytest.raises(TypeError):
         Timeouts(first_request=1)  # type: ignore[call-arg]
     assert "inactivity" in repr(Timeouts())
+
+
+def test_connection_limits_are_built_once_per_value_and_follow_its_fields() -> None:
+    # The client and server set a session's limits by assigning the _Limits a
+    # value built once; it must match the fields, survive copies and
+    # pickling, and change nothing about equality, hashing or repr.
+    import copy
+    import pickle
+
+    t = Timeouts(send=1, first_response=2, receive=3, inactivity=4)
+    limits = t._limits
+    assert t._limits is limits
+    assert (limits.send, limits.first_phase, limits.first_timeout) == (1, "first_response", 2)
+    assert (limits.receive, limits.inactivity, limits.unlimited) == (3, 4, False)
+    assert t == Timeouts(send=1, first_response=2, receive=3, inactivity=4)
+    assert hash(t) == hash(Timeouts(send=1, first_response=2, receive=3, inactivity=4))
+    assert "_limits" not in repr(t)
+    for other in (pickle.loads(pickle.dumps(t)), copy.deepcopy(t), copy.copy(t)):
+        assert other == t
+        assert other._limits.first_timeout == 2
+    changed = t.replace(inactivity=None, send=None, first_response=None, receive=None)
+    assert changed._limits.unlimited
+    assert changed._limits is not limits
+    assert t._limits is limits  # the original keeps its own
+
+    s = ServerTimeouts(first_request=5, keepalive=6, send=7, receive=None, inactivity=None)
+    first, later = s._first_request_limits, s._keepalive_limits
+    assert (first.first_phase, first.first_timeout, first.send) == ("first_request", 5, 7)
+    assert (later.first_phase, later.first_timeout, later.send) == ("keepalive", 6, 7)
+    assert s._first_request_limits is first
+    assert s._keepalive_limits is later
+    assert pickle.loads(pickle.dumps(s)) == s

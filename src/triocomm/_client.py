@@ -253,16 +253,6 @@ async def _open_stream(target: Target[Any, Any]) -> trio.abc.Stream:
     return tls
 
 
-def _apply_limits(conn: Connection[Any, Any], timeouts: Timeouts) -> None:
-    conn._set_limits(
-        send=timeouts.send,
-        first_phase="first_response",
-        first_timeout=timeouts.first_response,
-        receive=timeouts.receive,
-        inactivity=timeouts.inactivity,
-    )
-
-
 # Where a session goes: one target, or an Upstream that picks one per attempt.
 _Dest = Target[Any, Any] | Upstream[Target[Any, Any]]
 
@@ -476,7 +466,7 @@ class Client:
         if target.on_connect is not None:
             conn = entry.conn
             conn._begin_session()  # on_connect is the session with seq == 0
-            _apply_limits(conn, timeouts)
+            conn._limits = timeouts._limits
             try:
                 await target.on_connect(conn)
             except BaseException:
@@ -555,7 +545,7 @@ class Client:
             conn = entry.conn
             received_before = conn._stats.bytes_received
             conn._begin_session()
-            _apply_limits(conn, timeouts)
+            conn._limits = timeouts._limits
             result: R
             try:
                 if body is None:
@@ -622,7 +612,7 @@ class Client:
             raise
         conn = entry.conn
         conn._begin_session()
-        _apply_limits(conn, timeouts)
+        conn._limits = timeouts._limits
         try:
             yield conn
         except BaseException as exc:

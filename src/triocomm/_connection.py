@@ -27,6 +27,7 @@ from typing import IO, TYPE_CHECKING, Any, Generic, TypeVar, Union
 import trio
 
 from ._errors import CommError, CommTimeout, ConnectionLost, ProtocolError
+from ._timeouts import _Limits
 
 if TYPE_CHECKING:
     from ._framing import Codec
@@ -136,30 +137,6 @@ def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
     if isinstance(stream, trio.SocketStream):
         return stream.socket
     return None
-
-
-class _Limits:
-    """Per-phase limits of the current session, set by the client or server layer."""
-
-    __slots__ = ("first_phase", "first_timeout", "inactivity", "receive", "send", "unlimited")
-
-    def __init__(
-        self,
-        *,
-        send: float | None = None,
-        first_phase: str = "first_response",
-        first_timeout: float | None = None,
-        receive: float | None = None,
-        inactivity: float | None = None,
-    ) -> None:
-        self.send = send
-        self.first_phase = first_phase
-        self.first_timeout = first_timeout
-        self.receive = receive
-        self.inactivity = inactivity
-        # Read on every send and receive: computed once here.
-        self.unlimited = send is None and first_timeout is None and receive is None
-        self.unlimited = self.unlimited and inactivity is None
 
 
 _NO_LIMITS = _Limits()
@@ -889,15 +866,9 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         receive: float | None = None,
         inactivity: float | None = None,
     ) -> None:
-        limits = self._limits
-        if (
-            limits.send == send
-            and limits.first_phase == first_phase
-            and limits.first_timeout == first_timeout
-            and limits.receive == receive
-            and limits.inactivity == inactivity
-        ):
-            return  # the same limits as the last session: the usual case
+        # The client and server assign the _Limits their Timeouts built once
+        # (Timeouts._limits, ServerTimeouts._keepalive_limits ...); this
+        # builds one from parts, for direct users and tests.
         self._limits = _Limits(
             send=send,
             first_phase=first_phase,

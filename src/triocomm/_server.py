@@ -650,13 +650,7 @@ def _request_body(
         receive = conn.receive
         take_pending = conn._take_pending
         send_many = conn.send_many
-        conn._set_limits(
-            send=t.send,
-            first_phase="first_request",
-            first_timeout=t.first_request,
-            receive=t.receive,
-            inactivity=t.inactivity,
-        )
+        conn._limits = t._first_request_limits
         state = ConnState.CONNECTED
         while True:
             # Wait for the next request: the only place a connection is idle.
@@ -700,13 +694,7 @@ def _request_body(
                     waiting_order.pop(entry, None)
             if state is ConnState.CONNECTED:
                 state = ConnState.KEEPALIVE
-                conn._set_limits(
-                    send=t.send,
-                    first_phase="keepalive",
-                    first_timeout=t.keepalive,
-                    receive=t.receive,
-                    inactivity=t.inactivity,
-                )
+                conn._limits = t._keepalive_limits
 
             # Answer the burst that arrived with it, in order.
             conn._set_state(ConnState.RECEIVING)
@@ -800,13 +788,7 @@ def _connection_body(
         t = server._timeouts
         # The handler decides when to read, so every wait for a message is a
         # wait between messages: keepalive bounds it.
-        conn._set_limits(
-            send=t.send,
-            first_phase="keepalive",
-            first_timeout=t.keepalive,
-            receive=t.receive,
-            inactivity=t.inactivity,
-        )
+        conn._limits = t._keepalive_limits
         conn._begin_session()
         server._stats.sessions += 1
         conn._set_state(ConnState.RECEIVING)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 __all__ = ["ServerTimeouts", "Timeouts"]
@@ -21,6 +22,36 @@ def _check(value: object, name: str) -> None:
         raise TypeError(f"timeout {name!r} must be a number of seconds or None, got {value!r}")
     if math.isnan(value) or value < 0:
         raise ValueError(f"timeout {name!r} must be >= 0, got {value!r}")
+
+
+class _Limits:
+    """The limits a connection applies to its reads and writes in one session.
+
+    Built from a :class:`Timeouts` or :class:`ServerTimeouts` once per value
+    (see their cached ``_limits`` properties) and shared by every connection
+    that runs under that value: setting a session's limits is one assignment.
+    Never mutated.
+    """
+
+    __slots__ = ("first_phase", "first_timeout", "inactivity", "receive", "send", "unlimited")
+
+    def __init__(
+        self,
+        *,
+        send: float | None = None,
+        first_phase: str = "first_response",
+        first_timeout: float | None = None,
+        receive: float | None = None,
+        inactivity: float | None = None,
+    ) -> None:
+        self.send = send
+        self.first_phase = first_phase
+        self.first_timeout = first_timeout
+        self.receive = receive
+        self.inactivity = inactivity
+        # Read on every send and receive: computed once here.
+        self.unlimited = send is None and first_timeout is None and receive is None
+        self.unlimited = self.unlimited and inactivity is None
 
 
 class _TimeoutsBase:
@@ -66,6 +97,18 @@ class Timeouts(_TimeoutsBase):
         """Return a copy with the given fields changed."""
         return dataclasses.replace(self, **changes)
 
+    @cached_property
+    def _limits(self) -> _Limits:
+        # A client session's limits, built on first use and kept in the
+        # instance (cached_property writes past the frozen __setattr__).
+        return _Limits(
+            send=self.send,
+            first_phase="first_response",
+            first_timeout=self.first_response,
+            receive=self.receive,
+            inactivity=self.inactivity,
+        )
+
 
 @dataclass(frozen=True)
 class ServerTimeouts(_TimeoutsBase):
@@ -93,3 +136,26 @@ class ServerTimeouts(_TimeoutsBase):
     def replace(self, **changes: Any) -> ServerTimeouts:
         """Return a copy with the given fields changed."""
         return dataclasses.replace(self, **changes)
+
+    # The limits of a passive connection, shared by all of a service's
+    # connections: before its first request, and from then on.
+
+    @cached_property
+    def _first_request_limits(self) -> _Limits:
+        return _Limits(
+            send=self.send,
+            first_phase="first_request",
+            first_timeout=self.first_request,
+            receive=self.receive,
+            inactivity=self.inactivity,
+        )
+
+    @cached_property
+    def _keepalive_limits(self) -> _Limits:
+        return _Limits(
+            send=self.send,
+            first_phase="keepalive",
+            first_timeout=self.keepalive,
+            receive=self.receive,
+            inactivity=self.inactivity,
+        )
