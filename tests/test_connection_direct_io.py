@@ -176,7 +176,7 @@ async def test_pipelined_bursts_leave_the_shared_empty_queue_untouched() -> None
         await left.send_many([b"a", b"b", b"c"])
         assert await right.receive() == b"a"
         assert right.pending == 2
-        assert right._take_pending() == [b"b", b"c"]
+        assert right._take_pending(b"a") == [b"a", b"b", b"c"]
         await left.send_many([b"d", b"e"])
         assert await right.receive() == b"d"
         assert await right.receive() == b"e"

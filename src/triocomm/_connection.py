@@ -624,7 +624,11 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             decoder = self._decoder
             limits = self._limits
             unlimited = limits.unlimited
-            started = self._now() if not unlimited else 0.0
+            # When this call began, for the first-byte deadline: read from the
+            # clock only when that deadline is needed (bytes left over from an
+            # earlier call, or a wait), which is before any schedule point of
+            # this call, so it is the call's start to within a system call.
+            started = self._now() if not unlimited and decoder.buffered else None
             message_deadline = _INF
             receive_some = self._receive_some
             data: bytes | bytearray
@@ -635,7 +639,7 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
                         # call: time the application spent elsewhere while
                         # those bytes sat buffered is not the peer's delay.
                         message_deadline = self._receive_deadline(
-                            max(self._stats.last_receive_at or started, started)
+                            max(self._stats.last_receive_at or 0.0, started or 0.0)
                         )
                     sock = self._sock
                     if sock is not None:
@@ -665,6 +669,8 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
                             if unlimited:
                                 await trio.lowlevel.wait_readable(sock)
                             else:
+                                if started is None:
+                                    started = self._now()
                                 deadline, phase, limit = self._read_deadline(
                                     started, message_deadline
                                 )
@@ -701,6 +707,8 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
                     elif unlimited:
                         data = await receive_some(RECEIVE_SIZE)
                     else:
+                        if started is None:
+                            started = self._now()
                         data = await self._read_limited(started, message_deadline)
                 except trio.BrokenResourceError as exc:
                     await self._break()
@@ -751,9 +759,9 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         finally:
             self._receiving = False
 
-    def _take_pending(self) -> list[In]:
-        """Remove and return every message already decoded (no I/O)."""
-        items = list(self._pending)
+    def _take_pending(self, first: In) -> list[In]:
+        """Return ``first`` followed by every message already decoded, removing them (no I/O)."""
+        items = [first, *self._pending]
         self._pending = _NO_PENDING
         return items
 

@@ -236,8 +236,9 @@ class Server:
         self._entries: set[_Entry] = set()
         # Keep-alive connections waiting for their next request, longest idle first.
         self._keepalive: OrderedDict[_Entry, None] = OrderedDict()
-        # Accept loops park here while the service is full.
+        # Accept loops park here while the service is full; how many do.
         self._room = trio.lowlevel.ParkingLot()
+        self._parked = 0
         self._service: trio.Nursery | None = None
         self._accepting = trio.CancelScope()
         self._draining = False
@@ -364,7 +365,7 @@ class Server:
         while True:
             # Full, with nobody to evict: stop accepting; the backlog waits.
             while stats.connections_open >= self._max and self._evictable() is None:
-                await room.park()
+                await self._park(room)
             try:
                 stream = await listener.accept()
             except OSError as exc:
@@ -394,7 +395,7 @@ class Server:
                     victim = self._evictable()
                     if victim is not None:
                         self._evict(victim)
-                    await room.park()
+                    await self._park(room)
             except BaseException:
                 await trio.aclose_forcefully(stream)
                 raise
@@ -425,8 +426,17 @@ class Server:
         if entry.waiting and conn is not None and not conn._has_unread_bytes:
             _end_wait(entry)
 
+    async def _park(self, room: trio.lowlevel.ParkingLot) -> None:
+        self._parked += 1
+        try:
+            await room.park()
+        finally:
+            self._parked -= 1
+
     def _wake_acceptors(self) -> None:
-        if self._room:
+        # An int, not the ParkingLot's __bool__: every request of every
+        # connection passes here on its way to waiting.
+        if self._parked:
             self._room.unpark_all()
 
     # -- one connection ------------------------------------------------------
@@ -649,6 +659,7 @@ def _request_body(
         waiting_order = server._keepalive
         receive = conn.receive
         take_pending = conn._take_pending
+        wake_acceptors = server._wake_acceptors
         send_many = conn.send_many
         conn._limits = t._first_request_limits
         state = ConnState.CONNECTED
@@ -666,7 +677,7 @@ def _request_body(
             evictable = state is ConnState.KEEPALIVE and not partial
             if evictable:
                 waiting_order[entry] = None
-                server._wake_acceptors()
+                wake_acceptors()
             entry.waiting = True
             try:
                 if entry.sock is not None:
@@ -700,11 +711,7 @@ def _request_body(
             conn._set_state(ConnState.RECEIVING)
             replies: list[Out] = []
             # The rest of the burst, taken at once: no checkpoint per request.
-            if conn.pending:
-                burst = take_pending()
-                burst.insert(0, request)
-            else:
-                burst = [request]
+            burst = take_pending(request) if conn._pending else [request]
             for request in burst:
                 # conn._begin_session(), inlined: this loop runs once per
                 # request, and a method call is a third of its bookkeeping.
