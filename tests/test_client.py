@@ -129,6 +129,56 @@ async def test_equal_targets_share_one_pool() -> None:
         assert client.stats(Target("127.0.0.1", server.port, CODEC)).reused == 1
 
 
+async def test_a_client_forgets_the_pools_of_targets_it_has_no_connection_to(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A client that meets ever new targets (a crawler, a proxy) must not keep
+    # a pool for each forever; a target it still has connections to keeps its
+    # pool and counters.
+    monkeypatch.setattr(triocomm._client, "_POOLS_KEPT", 8)
+    once = Timeouts(keepalive=0)  # closed after each session: its pool empties
+
+    def passing(i: int) -> Target[bytes, bytes]:
+        return Target("127.0.0.1", server.port, CODEC, max_connections=i + 2, timeouts=once)
+
+    async with scripted_server(echo) as server, open_client() as client:
+        kept = Target("127.0.0.1", server.port, CODEC)
+        assert await client.request(kept, b"kept") == b"kept"  # stays pooled, idle
+        for i in range(100):
+            assert await client.request(passing(i), b"%d" % i) == b"%d" % i
+            assert len(client._pools) <= 8
+        assert (client.stats(kept).created, client.stats(kept).idle) == (1, 1)
+        assert await client.request(kept, b"again") == b"again"
+        assert client.stats(kept).reused == 1
+        assert client.stats(passing(0)).created == 0  # forgotten: counts from zero
+        assert server.accepted == 101
+        # A target used again right after its pool was dropped gets a pool
+        # the client knows (and closes), not the forgotten one.
+        again = passing(500)
+        assert await client.request(again, b"x") == b"x"
+        client._drop_unused_pools()
+        assert await client.request(again, b"y") == b"y"
+        assert client.stats(again).created == 1
+
+        # Pools with connections are never dropped, and the next sweep waits
+        # until the pools have doubled.
+        sweeps = []
+        sweep = client._drop_unused_pools
+
+        def counted() -> None:
+            sweeps.append(len(client._pools))
+            sweep()
+
+        monkeypatch.setattr(client, "_drop_unused_pools", counted)
+        busy = [Target("127.0.0.1", server.port, CODEC, max_connections=i + 2) for i in range(40)]
+        for i, target in enumerate(busy):
+            assert await client.request(target, b"b%d" % i) == b"b%d" % i
+        assert all(client.stats(t).idle == 1 for t in busy)
+        assert client.stats(kept).idle == 1
+        assert len(sweeps) <= 4  # at 8 (or fewer pools), then at least doubling
+        assert client._sweep_at > 40
+
+
 async def test_run_calls_the_session_function_with_the_connection() -> None:
     async def pipeline(conn: triocomm.Connection[bytes, bytes], n: int) -> list[bytes]:
         await conn.send_many([b"%d" % i for i in range(n)])

@@ -51,6 +51,9 @@ Out = TypeVar("Out")
 R = TypeVar("R")
 
 _DEFAULT_TIMEOUTS = Timeouts()
+# Pools a client keeps before it drops those of targets it has no connection
+# to (see Client._pool): a client that meets ever new targets stays bounded.
+_POOLS_KEPT = 1024
 _INF = math.inf
 
 
@@ -296,6 +299,7 @@ class Client:
         self._timeouts = timeouts
         self._retries = retries
         self._pools: dict[Target[Any, Any], KeepAlivePool] = {}
+        self._sweep_at = _POOLS_KEPT
         self._closed = False
         # Times the waiting reads of every connection (see _watchdog.py);
         # started by open_client in the client's nursery.
@@ -377,7 +381,12 @@ class Client:
         return self._borrow(target, key, timeouts)
 
     def stats(self, target: Target[Any, Any]) -> PoolStats:
-        """A :class:`PoolStats` snapshot of ``target``'s pool (zeros if it was never used)."""
+        """A :class:`PoolStats` snapshot of ``target``'s pool.
+
+        Zeros if the target was never used, or if its pool was dropped: a
+        client that has used more than 1,024 targets forgets the pools (and
+        counters) of those it has no connection to.
+        """
         pool = self._pools.get(target)
         return PoolStats() if pool is None else pool.stats()
 
@@ -433,8 +442,25 @@ class Client:
         if pool is None:
             if self._closed:
                 raise trio.ClosedResourceError("the client is closed")
+            if len(self._pools) >= self._sweep_at:
+                self._drop_unused_pools()
             pool = self._pools[target] = KeepAlivePool(target.address, target.max_connections)
         return pool
+
+    def _drop_unused_pools(self) -> None:
+        """Forget the pools of targets with no connection, open or coming, and no waiter.
+
+        Run when a new target would take the client past the pools it keeps,
+        so a client meeting ever new targets (a crawler, a proxy) does not
+        grow without bound. Their counters go with them. The next sweep
+        waits until the pools left have doubled, so sweeping costs O(1) per
+        new target even when every pool is busy.
+        """
+        self._pools = {t: p for t, p in self._pools.items() if not p.unused}
+        # The identity cache must never lend from a pool that is not here:
+        # _shutdown closes only the pools in _pools.
+        self._last_pool = None
+        self._sweep_at = max(_POOLS_KEPT, 2 * len(self._pools))
 
     async def _checkout(
         self,

@@ -286,6 +286,11 @@ class KeepAlivePool:
             failed=self._failed,
         )
 
+    @property
+    def unused(self) -> bool:
+        """No connection (idle, lent or being opened) and no session waiting for one."""
+        return not (self._idle or self._in_use or self._connecting or self._waiters)
+
     def _slots_taken(self) -> int:
         return self._connecting + self._in_use + len(self._idle)
 
