@@ -17,6 +17,7 @@ import struct
 import tempfile
 import termios
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -642,16 +643,98 @@ async def test_at_the_limit_the_longest_idle_keepalive_connection_is_evicted() -
             await client.aclose()
 
 
-async def test_at_the_limit_with_nobody_idle_accepting_pauses_until_a_slot_frees() -> None:
-    release = trio.Event()
-    entered = trio.Event()
+class Holding:
+    """An echo handler that holds one request until released."""
 
-    async def handler(request: bytes, conn: Connection[bytes, bytes]) -> bytes:
-        if request == b"slow":
-            entered.set()
-            await release.wait()
+    def __init__(self, held: bytes) -> None:
+        self.held = held
+        self.entered = trio.Event()
+        self.release = trio.Event()
+
+    async def __call__(self, request: bytes, conn: Connection[bytes, bytes]) -> bytes:
+        if request == self.held:
+            self.entered.set()
+            await self.release.wait()
         return request
 
+
+async def test_a_connection_becomes_evictable_only_when_its_read_must_wait() -> None:
+    # A keep-alive connection whose next request is already in its socket is
+    # not idle: the service makes it evictable only when its read finds
+    # nothing and waits (and a round that finds its request costs no
+    # bookkeeping).
+    class Registrations(OrderedDict):  # type: ignore[type-arg]
+        def __init__(self) -> None:
+            super().__init__()
+            self.made = 0
+
+        def __setitem__(self, key: Any, value: Any) -> None:
+            if key not in self:
+                self.made += 1
+            super().__setitem__(key, value)
+
+    handler = Holding(b"hold")
+
+    async def until_waiting(order: Registrations) -> None:
+        with trio.fail_after(5):
+            while not order:
+                await trio.sleep(0.01)
+
+    async with running(handler) as server:
+        order = server._keepalive = Registrations()
+        client = await connect(server)
+        assert await client.request(b"1") == b"1"
+        await until_waiting(order)  # between requests, waiting: evictable
+        assert order.made == 1
+        await client.send(b"hold")
+        with trio.fail_after(5):
+            await handler.entered.wait()
+        assert not order  # busy: not evictable
+        await client.send(b"next")  # in the service's socket before its next read
+        await trio.sleep(0.05)
+        handler.release.set()
+        assert await client.receive(2) == [b"hold", b"next"]
+        await until_waiting(order)
+        # The read after "hold" found "next" there: no registration for it.
+        assert order.made == 2
+        await client.aclose()
+
+
+async def test_connections_stay_within_cpython_shared_instance_keys() -> None:
+    # CPython lets instances of a class share one key table while each holds
+    # at most 30 attributes; one more gives every connection a dict of its
+    # own. Measured with one attribute too many: 8,007 instead of 6,716
+    # bytes per idle keep-alive connection (docs/performance.md, item 11).
+    seen: list[Connection[bytes, bytes]] = []
+
+    async def handler(request: bytes, conn: Connection[bytes, bytes]) -> bytes:
+        seen.append(conn)
+        return request
+
+    async with running(handler) as server:
+        client = await connect(server)
+        for i in range(3):  # each wait between requests sets the watchdog's fields
+            assert await client.request(b"%d" % i) == b"%d" % i
+            await trio.sleep(0.01)
+        await client.aclose()
+    async with triocomm.open_client() as tc_client, running(echo) as server:
+        target = triocomm.Target(LOOPBACK, server.port, CODEC)
+        for _ in range(3):
+            await tc_client.run(target, lambda conn: _keep(conn, seen))
+    assert len(seen) == 6
+    for conn in seen:
+        assert len(vars(conn)) <= 30, sorted(vars(conn))
+
+
+async def _keep(conn: Connection[bytes, bytes], seen: list[Connection[bytes, bytes]]) -> None:
+    await conn.send(b"x")
+    assert await conn.receive() == b"x"
+    seen.append(conn)
+
+
+async def test_at_the_limit_with_nobody_idle_accepting_pauses_until_a_slot_frees() -> None:
+    handler = Holding(b"slow")
+    entered, release = handler.entered, handler.release
     async with running(handler, max_connections=1) as server:
         busy = await connect(server)
         await busy.send(b"slow")

@@ -20,7 +20,7 @@ import math
 import os
 import sys
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, Generic, TypeVar, Union
 
@@ -184,11 +184,13 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
     # has a schedule point of its own in every round (see _server.py and
     # _client.py): a read that finds data then returns without one.
     _yield_on_data = True
+    # Called when a read must wait for data (the socket had none), before it
+    # waits: the server sets it to its entry's went_quiet, so that a
+    # connection between two requests becomes evictable only once it is idle.
+    _on_wait: Callable[[], None] | None = None
 
     def __init__(self, stream: trio.abc.Stream, codec: Codec[In, Out]) -> None:
         self._stream = stream
-        self._receive_some = stream.receive_some
-        self._send_all = stream.send_all
         self._codec = codec
         self._encode = codec.encode
         self._decoder = codec.decoder()
@@ -398,7 +400,7 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
                     else:
                         await trio.lowlevel.cancel_shielded_checkpoint()
                 elif self._limits.unlimited:
-                    await self._send_all(data)
+                    await self._stream.send_all(data)
                 else:
                     await self._write_limited(data)
             except trio.BrokenResourceError as exc:
@@ -464,7 +466,7 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             for offset in range(0, max(total, 1), step):
                 deadline, phase, limit = self._write_deadline(send_deadline)
                 with trio.CancelScope(deadline=deadline) as scope:
-                    await self._send_all(view[offset : offset + step])
+                    await self._stream.send_all(view[offset : offset + step])
                 if scope.cancelled_caught:
                     raise CommTimeout(phase, limit or 0.0, self._peer)
 
@@ -580,7 +582,7 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
                 )
             deadline, phase, limit = self._write_deadline(send_deadline)
             with trio.CancelScope(deadline=deadline) as scope:
-                await self._send_all(chunk)
+                await self._stream.send_all(chunk)
             if scope.cancelled_caught:
                 raise CommTimeout(phase, limit or 0.0, self._peer)
             offset += len(chunk)
@@ -630,7 +632,6 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             # this call, so it is the call's start to within a system call.
             started = self._now() if not unlimited and decoder.buffered else None
             message_deadline = _INF
-            receive_some = self._receive_some
             data: bytes | bytearray
             while True:
                 try:
@@ -666,6 +667,8 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
                             if self._yield_on_data:
                                 await trio.lowlevel.cancel_shielded_checkpoint()
                         while waiting:
+                            if self._on_wait is not None:
+                                self._on_wait()
                             if unlimited:
                                 await trio.lowlevel.wait_readable(sock)
                             else:
@@ -705,8 +708,14 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
                             except OSError as exc:
                                 raise _stream_error(exc) from exc
                     elif unlimited:
-                        data = await receive_some(RECEIVE_SIZE)
+                        # Not a plain socket: whether the read will wait is
+                        # not known, so it counts as waiting.
+                        if self._on_wait is not None:
+                            self._on_wait()
+                        data = await self._stream.receive_some(RECEIVE_SIZE)
                     else:
+                        if self._on_wait is not None:
+                            self._on_wait()
                         if started is None:
                             started = self._now()
                         data = await self._read_limited(started, message_deadline)
@@ -797,7 +806,7 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
     async def _read_limited(self, started: float, message_deadline: float) -> bytes | bytearray:
         deadline, phase, limit = self._read_deadline(started, message_deadline)
         with trio.CancelScope(deadline=deadline):
-            return await self._receive_some(RECEIVE_SIZE)
+            return await self._stream.receive_some(RECEIVE_SIZE)
         # Only reached when the deadline cancelled the read.
         raise CommTimeout(phase, limit or 0.0, self._peer)
 

@@ -102,20 +102,26 @@ class _Entry:
     __slots__ = (
         "closing",
         "conn",
+        "evictable",
         "idle_callback",
         "idle_due",
         "idle_fired",
         "scope",
+        "server",
         "sock",
         "waiting",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, server: Server) -> None:
+        self.server = server
         self.conn: Connection[Any, Any] | None = None
         # True while the connection waits for the first byte of a request.
         self.waiting = False
         # Set when the service ends that wait (eviction, shutdown).
         self.closing = False
+        # True while the request loop waits for a request between two
+        # others: went_quiet then makes the connection evictable.
+        self.evictable = False
         # How the wait is ended: shutting the socket's read side (see
         # _end_wait), or, for a stream without one, cancelling this scope.
         self.sock: trio.socket.SocketType | None = None
@@ -125,6 +131,19 @@ class _Entry:
         self.idle_callback: trio.CancelScope | None = None
         # Statuses that came due while the callback was busy, each at most once.
         self.idle_due: list[Idle] | None = None
+
+    def went_quiet(self) -> None:
+        """Called by the connection when a read of it must wait (``Connection._on_wait``).
+
+        From then on the connection is idle, so it may be evicted to make
+        room (in the order connections went quiet): a keep-alive connection
+        whose next request is already in its socket never is, and a busy
+        one costs no bookkeeping for a round that finds its request there.
+        """
+        if self.evictable:
+            server = self.server
+            server._keepalive[self] = None
+            server._wake_acceptors()
 
 
 def _peer_of(stream: trio.abc.Stream) -> str:
@@ -442,7 +461,7 @@ class Server:
     # -- one connection ------------------------------------------------------
 
     async def _connection_task(self, stream: trio.abc.Stream) -> None:
-        entry = _Entry()
+        entry = _Entry(self)
         self._entries.add(entry)
         try:
             peer = _peer_of(stream)
@@ -454,6 +473,7 @@ class Server:
                 transport = secure
             conn: Connection[Any, Any] = Connection(transport, self._codec)
             conn._watchdog = self._watchdog
+            conn._on_wait = entry.went_quiet
             entry.conn = conn
             if _SHUT_RD_WAKES_READERS:
                 entry.sock = _socket_of(transport)
@@ -659,7 +679,6 @@ def _request_body(
         waiting_order = server._keepalive
         receive = conn.receive
         take_pending = conn._take_pending
-        wake_acceptors = server._wake_acceptors
         send_many = conn.send_many
         conn._limits = t._first_request_limits
         state = ConnState.CONNECTED
@@ -675,9 +694,8 @@ def _request_body(
                     _end_wait(entry)
             conn._set_state(state)
             evictable = state is ConnState.KEEPALIVE and not partial
-            if evictable:
-                waiting_order[entry] = None
-                wake_acceptors()
+            # Evictable once its read finds nothing and waits.
+            entry.evictable = evictable
             entry.waiting = True
             try:
                 if entry.sock is not None:
@@ -702,6 +720,7 @@ def _request_body(
                 entry.waiting = False
                 entry.scope = None
                 if evictable:
+                    entry.evictable = False
                     waiting_order.pop(entry, None)
             if state is ConnState.CONNECTED:
                 state = ConnState.KEEPALIVE
