@@ -297,6 +297,12 @@ def _cell(summary: dict[str, Any]) -> str:
     return f"{_rate(summary['median'])} ({_rate(summary['min'])}-{_rate(summary['max'])})"
 
 
+def _memory_rows(summary: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
+    """The measured memory kinds, in table order, with their statistics."""
+    mem = summary["memory"]
+    return [(kind, mem[kind]) for kind in MEMORY_KINDS if kind in mem]
+
+
 def format_table(summary: dict[str, Any], results: dict[str, Any]) -> str:
     lines: list[str] = []
     for part, kinds, target, heading in (
@@ -338,18 +344,16 @@ def format_table(summary: dict[str, Any], results: dict[str, Any]) -> str:
                 )
             lines.append("")
     if "memory" in summary:
-        mem = summary["memory"]
         conns = results["memory"]["connections"]
         lines.append(f"Idle keep-alive connections: bytes of RSS per connection, {conns} held")
-        for kind in MEMORY_KINDS:
-            if kind in mem:
-                m = mem[kind]
-                lines.append(
-                    f"  {kind:10} {m['median']:8.0f} B ({m['min']:.0f}-{m['max']:.0f})"
-                    f"   target <= {MEMORY_TARGET_BYTES} B"
-                )
-        if "ratio triocomm/raw-trio" in mem:
-            lines.append(f"  triocomm / raw-trio: {mem['ratio triocomm/raw-trio']:.2f}x")
+        for kind, m in _memory_rows(summary):
+            lines.append(
+                f"  {kind:10} {m['median']:8.0f} B ({m['min']:.0f}-{m['max']:.0f})"
+                f"   target <= {MEMORY_TARGET_BYTES} B"
+            )
+        ratio = summary["memory"].get("ratio triocomm/raw-trio")
+        if ratio is not None:
+            lines.append(f"  triocomm / raw-trio: {ratio:.2f}x")
         lines.append("")
     codecs = results.get("codecs")
     if codecs and "skipped" not in codecs:
@@ -414,13 +418,10 @@ def format_markdown(summary: dict[str, Any], results: dict[str, Any]) -> str:
             out.append(f"| {row['title']} | " + " | ".join(cells) + " |")
         out.append("")
     if "memory" in summary:
-        mem = summary["memory"]
         conns = results["memory"]["connections"]
         out.append(f"**Idle keep-alive connections**, {conns:,} held, bytes of RSS each:")
-        for kind in MEMORY_KINDS:
-            if kind in mem:
-                m = mem[kind]
-                out.append(f"{kind} {m['median']:,.0f} ({m['min']:,.0f}{DASH}{m['max']:,.0f});")
+        for kind, m in _memory_rows(summary):
+            out.append(f"{kind} {m['median']:,.0f} ({m['min']:,.0f}{DASH}{m['max']:,.0f});")
         out.append("")
     return "\n".join(out)
 

@@ -34,6 +34,7 @@ from triocomm import (
     Raw,
 )
 from triocomm._connection import format_address
+from triocomm._timeouts import _Limits
 from triocomm.testing import connection_pair
 
 # The kinds the conftest's stream_pair fixture makes.
@@ -57,6 +58,21 @@ def memory_pair(codec: Any = CODEC, *, lockstep: bool = False) -> Pair:
     make = trio.testing.lockstep_stream_pair if lockstep else trio.testing.memory_stream_pair
     left, right = make()
     return Connection(left, codec), Connection(right, codec)
+
+
+def counted_pair(codec: Any) -> tuple[Connection[Any, Any], Connection[Any, Any], list[int]]:
+    """A connection pair over memory streams; the list counts the left side's writes."""
+    left, right = trio.testing.memory_stream_pair()
+    writes: list[int] = []
+    pump = left.send_stream.send_all_hook
+
+    async def counting_pump() -> None:
+        writes.append(1)
+        assert pump is not None
+        await pump()
+
+    left.send_stream.send_all_hook = counting_pump
+    return Connection(left, codec), Connection(right, codec), writes
 
 
 def socket_of(conn: Connection[Any, Any]) -> trio.socket.SocketType:
@@ -407,17 +423,7 @@ async def test_stats_are_exact(autojump_clock: trio.testing.MockClock) -> None:
 
 
 async def test_send_many_is_one_write() -> None:
-    left, right = trio.testing.memory_stream_pair()
-    writes = []
-    pump = left.send_stream.send_all_hook
-
-    async def counting_pump() -> None:
-        writes.append(1)
-        assert pump is not None
-        await pump()
-
-    left.send_stream.send_all_hook = counting_pump
-    client, server = Connection(left, CODEC), Connection(right, CODEC)
+    client, server, writes = counted_pair(CODEC)
     await client.send_many([b"a", b"b", b"c", b"d"])
     assert len(writes) == 1
     await client.send_many([])
@@ -595,7 +601,7 @@ async def test_cancelled_send_breaks_the_connection(
 
 async def test_first_byte_limit_names_its_phase(autojump_clock: trio.testing.MockClock) -> None:
     client, _server = memory_pair()
-    client._set_limits(first_timeout=5)
+    client._limits = _Limits(first_timeout=5)
     start = trio.current_time()
     with pytest.raises(CommTimeout) as info:
         await client.receive()
@@ -613,7 +619,7 @@ async def test_first_byte_phase_is_chosen_by_the_caller(
     autojump_clock: trio.testing.MockClock, phase: str
 ) -> None:
     client, _server = memory_pair()
-    client._set_limits(first_phase=phase, first_timeout=2)
+    client._limits = _Limits(first_phase=phase, first_timeout=2)
     with pytest.raises(CommTimeout) as info:
         await client.receive()
     assert info.value.phase == phase
@@ -623,7 +629,7 @@ async def test_receive_limit_covers_the_rest_of_a_message(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     client, server = memory_pair()
-    client._set_limits(first_timeout=100, receive=3)
+    client._limits = _Limits(first_timeout=100, receive=3)
     frame = CODEC.encode(b"slowly")
 
     async def dribble() -> None:
@@ -644,7 +650,7 @@ async def test_inactivity_limit_catches_a_stalled_peer(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     client, server = memory_pair()
-    client._set_limits(receive=100, inactivity=2)
+    client._limits = _Limits(receive=100, inactivity=2)
     await server.stream.send_all(CODEC.encode(b"stalled")[:5])
     start = trio.current_time()
     with pytest.raises(CommTimeout) as info:
@@ -655,7 +661,7 @@ async def test_inactivity_limit_catches_a_stalled_peer(
 
 async def test_steady_progress_is_not_inactivity(autojump_clock: trio.testing.MockClock) -> None:
     client, server = memory_pair()
-    client._set_limits(inactivity=2)
+    client._limits = _Limits(inactivity=2)
     frame = CODEC.encode(b"x" * 20)
 
     async def dribble() -> None:
@@ -671,7 +677,7 @@ async def test_steady_progress_is_not_inactivity(autojump_clock: trio.testing.Mo
 
 async def test_send_limit(autojump_clock: trio.testing.MockClock) -> None:
     client, _server = memory_pair(lockstep=True)
-    client._set_limits(send=3)
+    client._limits = _Limits(send=3)
     with pytest.raises(CommTimeout) as info:
         await client.send(b"nobody reads this")
     assert (info.value.phase, info.value.limit) == ("send", 3)
@@ -680,7 +686,7 @@ async def test_send_limit(autojump_clock: trio.testing.MockClock) -> None:
 
 async def test_send_inactivity_limit(autojump_clock: trio.testing.MockClock) -> None:
     client, _server = memory_pair(lockstep=True)
-    client._set_limits(send=60, inactivity=4)
+    client._limits = _Limits(send=60, inactivity=4)
     with pytest.raises(CommTimeout) as info:
         await client.send(b"nobody reads this")
     assert (info.value.phase, info.value.limit) == ("inactivity", 4)
@@ -688,8 +694,8 @@ async def test_send_inactivity_limit(autojump_clock: trio.testing.MockClock) -> 
 
 async def test_limits_can_be_lifted(autojump_clock: trio.testing.MockClock) -> None:
     client, server = memory_pair()
-    client._set_limits(first_timeout=1)
-    client._set_limits()
+    client._limits = _Limits(first_timeout=1)
+    client._limits = _Limits()
     async with trio.open_nursery() as nursery:
 
         async def late() -> None:
@@ -798,7 +804,7 @@ async def test_receive_limit_does_not_count_time_spent_elsewhere(
     await server.stream.send_all(CODEC.encode(b"first") + second[:5])
     assert await client.receive() == b"first"
     await trio.sleep(100)
-    client._set_limits(receive=5)
+    client._limits = _Limits(receive=5)
 
     async def rest_soon() -> None:
         await trio.sleep(1)

@@ -19,6 +19,7 @@ import trio
 import trio.testing
 
 from triocomm import CommTimeout, Connection, ConnectionLost, LengthPrefixed
+from triocomm._timeouts import _Limits
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX direct I/O only")
 
@@ -100,7 +101,7 @@ async def test_blocked_write_times_out_with_its_phase() -> None:
     shrink_buffers(left)
     shrink_buffers(right)
     async with left, right:
-        left._set_limits(send=0.2)
+        left._limits = _Limits(send=0.2)
         with pytest.raises(CommTimeout) as info:
             await left.send(b"x" * (8 * 1024 * 1024))  # the peer never reads
         assert info.value.phase == "send"
@@ -112,7 +113,7 @@ async def test_stalled_write_times_out_as_inactivity() -> None:
     shrink_buffers(left)
     shrink_buffers(right)
     async with left, right:
-        left._set_limits(inactivity=0.2)
+        left._limits = _Limits(inactivity=0.2)
         with pytest.raises(CommTimeout) as info:
             await left.send(b"x" * (8 * 1024 * 1024))
         assert info.value.phase == "inactivity"
@@ -121,7 +122,7 @@ async def test_stalled_write_times_out_as_inactivity() -> None:
 async def test_waiting_read_times_out_with_its_phase() -> None:
     left, right = await tcp_pair()
     async with left, right:
-        right._set_limits(first_phase="first_request", first_timeout=0.1)
+        right._limits = _Limits(first_phase="first_request", first_timeout=0.1)
         with pytest.raises(CommTimeout) as info:
             await right.receive()
         assert info.value.phase == "first_request"

@@ -29,6 +29,11 @@ import triocomm
 from triocomm import Connection, ConnState, LengthPrefixed, Server
 from triocomm._framing import Buffer, LengthPrefixedDecoder
 
+try:
+    from .test_connection import counted_pair
+except ImportError:
+    from test_connection import counted_pair
+
 LOOPBACK = "127.0.0.1"
 
 
@@ -65,21 +70,6 @@ class SpyCodec:
 
 def frame(payload: bytes) -> bytes:
     return struct.pack("!I", len(payload)) + payload
-
-
-def counted_pair(codec: Any) -> tuple[Connection[Any, Any], Connection[Any, Any], list[int]]:
-    """A connection pair over memory streams; the list counts the left side's writes."""
-    left, right = trio.testing.memory_stream_pair()
-    writes: list[int] = []
-    pump = left.send_stream.send_all_hook
-
-    async def counting_pump() -> None:
-        writes.append(1)
-        assert pump is not None
-        await pump()
-
-    left.send_stream.send_all_hook = counting_pump
-    return Connection(left, codec), Connection(right, codec), writes
 
 
 # -- Connection.send_many ------------------------------------------------------------

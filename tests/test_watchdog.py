@@ -23,7 +23,7 @@ import trio.testing
 import triocomm
 import triocomm._connection
 from triocomm import CommTimeout, Connection, LengthPrefixed, ServerTimeouts, Target, Timeouts
-from triocomm._connection import _Limits
+from triocomm._timeouts import _Limits
 from triocomm._watchdog import _SWEEP_MIN, Watchdog
 
 CODEC = LengthPrefixed()
@@ -64,39 +64,31 @@ def no_cancel_scopes(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     return made
 
 
-async def test_client_first_response_limit_is_kept_by_the_watchdog(
-    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("timeouts", "phase", "limit"),
+    [(Timeouts(first_response=3.0), "first_response", 3.0), (None, "inactivity", 10.0)],
+    ids=["first_response", "default inactivity"],
+)
+async def test_a_client_read_limit_is_kept_by_the_watchdog(
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+    timeouts: Timeouts | None,
+    phase: str,
+    limit: float,
 ) -> None:
     made = no_cancel_scopes(monkeypatch)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(silent_server)
-        target = Target("127.0.0.1", port, CODEC, timeouts=Timeouts(first_response=3.0))
+        target = Target("127.0.0.1", port, CODEC, timeouts=timeouts)
         async with triocomm.open_client() as client:
             start = trio.current_time()
             with pytest.raises(CommTimeout) as info:
                 await client.request(target, b"anyone?")
-            assert info.value.phase == "first_response"
-            assert trio.current_time() - start == pytest.approx(3.0)
+            assert (info.value.phase, info.value.limit) == (phase, limit)
+            assert trio.current_time() - start == pytest.approx(limit)
             # The wait had no cancel scope of its own: the watchdog woke it.
             assert [d for d in made if d != math.inf] == []
             assert client.stats(target).open == 0  # a timeout closes the connection
-        nursery.cancel_scope.cancel()
-
-
-async def test_inactivity_limit_fires_at_its_deadline_through_the_watchdog(
-    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    made = no_cancel_scopes(monkeypatch)
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(silent_server)
-        target = Target("127.0.0.1", port, CODEC)  # default: inactivity 10 s
-        async with triocomm.open_client() as client:
-            start = trio.current_time()
-            with pytest.raises(CommTimeout) as info:
-                await client.request(target, b"anyone?")
-            assert (info.value.phase, info.value.limit) == ("inactivity", 10.0)
-            assert trio.current_time() - start == pytest.approx(10.0)
-            assert [d for d in made if d != math.inf] == []
         nursery.cancel_scope.cancel()
 
 

@@ -649,76 +649,66 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
                         # held by every idle connection): data already there
                         # costs one system call, a cancellation check and a
                         # schedule point, and no deadline arithmetic (data is
-                        # progress); a read that must wait gets a cancel scope
-                        # for the limit of its phase, if there is one.
+                        # progress); a read that must wait is timed by the
+                        # watchdog, or by a cancel scope when there is none.
                         await trio.lowlevel.checkpoint_if_cancelled()
-                        try:
-                            data = os.read(sock.fileno(), RECEIVE_SIZE)
-                            waiting = False
-                        except BlockingIOError:
-                            waiting = True
-                        except OSError as exc:
-                            raise _stream_error(exc) from exc
-                        if not waiting:
+                        waited = False
+                        while True:
+                            try:
+                                data = os.read(sock.fileno(), RECEIVE_SIZE)
+                                break
+                            except BlockingIOError:
+                                pass
+                            except OSError as exc:
+                                raise _stream_error(exc) from exc
+                            waited = True
+                            if self._on_wait is not None:
+                                self._on_wait()
+                            if unlimited:
+                                await trio.lowlevel.wait_readable(sock)
+                                continue
+                            if started is None:
+                                started = self._now()
+                            deadline, phase, limit = self._read_deadline(started, message_deadline)
+                            watchdog = self._watchdog
+                            if watchdog is not None and watchdog._running:
+                                # The watchdog wakes this wait if the deadline
+                                # passes: no cancel scope.
+                                self._expired = False
+                                self._wait_deadline = deadline
+                                if deadline < self._wd_at:
+                                    watchdog.arm(self, deadline)
+                                try:
+                                    await trio.lowlevel.wait_readable(sock)
+                                except trio.ClosedResourceError:
+                                    if self._expired:
+                                        raise CommTimeout(phase, limit or 0.0, self._peer) from None
+                                    raise
+                                finally:
+                                    self._wait_deadline = _INF
+                            else:
+                                with trio.CancelScope(deadline=deadline) as scope:
+                                    await trio.lowlevel.wait_readable(sock)
+                                if scope.cancelled_caught:
+                                    raise CommTimeout(phase, limit or 0.0, self._peer)
+                        if not waited:
                             if message_deadline is not _INF and self._now() >= message_deadline:
                                 # A message that keeps coming but never ends
                                 # still times out.
                                 raise CommTimeout("receive", limits.receive or 0.0, self._peer)
                             if self._yield_on_data:
                                 await trio.lowlevel.cancel_shielded_checkpoint()
-                        while waiting:
-                            if self._on_wait is not None:
-                                self._on_wait()
-                            if unlimited:
-                                await trio.lowlevel.wait_readable(sock)
-                            else:
-                                if started is None:
-                                    started = self._now()
-                                deadline, phase, limit = self._read_deadline(
-                                    started, message_deadline
-                                )
-                                watchdog = self._watchdog
-                                if watchdog is not None and watchdog._running:
-                                    # The watchdog wakes this wait if the
-                                    # deadline passes: no cancel scope.
-                                    self._expired = False
-                                    self._wait_deadline = deadline
-                                    if deadline < self._wd_at:
-                                        watchdog.arm(self, deadline)
-                                    try:
-                                        await trio.lowlevel.wait_readable(sock)
-                                    except trio.ClosedResourceError:
-                                        if self._expired:
-                                            raise CommTimeout(
-                                                phase, limit or 0.0, self._peer
-                                            ) from None
-                                        raise
-                                    finally:
-                                        self._wait_deadline = _INF
-                                else:
-                                    with trio.CancelScope(deadline=deadline) as scope:
-                                        await trio.lowlevel.wait_readable(sock)
-                                    if scope.cancelled_caught:
-                                        raise CommTimeout(phase, limit or 0.0, self._peer)
-                            try:
-                                data = os.read(sock.fileno(), RECEIVE_SIZE)
-                                waiting = False
-                            except BlockingIOError:
-                                pass
-                            except OSError as exc:
-                                raise _stream_error(exc) from exc
-                    elif unlimited:
+                    else:
                         # Not a plain socket: whether the read will wait is
                         # not known, so it counts as waiting.
                         if self._on_wait is not None:
                             self._on_wait()
-                        data = await self._stream.receive_some(RECEIVE_SIZE)
-                    else:
-                        if self._on_wait is not None:
-                            self._on_wait()
-                        if started is None:
-                            started = self._now()
-                        data = await self._read_limited(started, message_deadline)
+                        if unlimited:
+                            data = await self._stream.receive_some(RECEIVE_SIZE)
+                        else:
+                            if started is None:
+                                started = self._now()
+                            data = await self._read_limited(started, message_deadline)
                 except trio.BrokenResourceError as exc:
                     await self._break()
                     raise ConnectionLost(
@@ -873,26 +863,6 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
 
     def _begin_session(self) -> None:
         self._sessions += 1
-
-    def _set_limits(
-        self,
-        *,
-        send: float | None = None,
-        first_phase: str = "first_response",
-        first_timeout: float | None = None,
-        receive: float | None = None,
-        inactivity: float | None = None,
-    ) -> None:
-        # The client and server assign the _Limits their Timeouts built once
-        # (Timeouts._limits, ServerTimeouts._keepalive_limits ...); this
-        # builds one from parts, for direct users and tests.
-        self._limits = _Limits(
-            send=send,
-            first_phase=first_phase,
-            first_timeout=first_timeout,
-            receive=receive,
-            inactivity=inactivity,
-        )
 
     @property
     def _has_unread_bytes(self) -> bool:

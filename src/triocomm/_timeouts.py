@@ -50,14 +50,28 @@ class _Limits:
         self.receive = receive
         self.inactivity = inactivity
         # Read on every send and receive: computed once here.
-        self.unlimited = send is None and first_timeout is None and receive is None
-        self.unlimited = self.unlimited and inactivity is None
+        self.unlimited = (send, first_timeout, receive, inactivity) == (None,) * 4
 
 
 class _TimeoutsBase:
+    # Fields both kinds have (declared by the dataclasses below).
+    send: float | None
+    receive: float | None
+    inactivity: float | None
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             _check(getattr(self, f.name), f.name)
+
+    def _limits_for(self, first_phase: str, first_timeout: float | None) -> _Limits:
+        """The limits of a session whose first wait is ``first_phase``."""
+        return _Limits(
+            send=self.send,
+            first_phase=first_phase,
+            first_timeout=first_timeout,
+            receive=self.receive,
+            inactivity=self.inactivity,
+        )
 
     def replace(self, **changes: Any) -> Any:
         """Return a copy with the given fields changed (like :func:`dataclasses.replace`)."""
@@ -101,13 +115,7 @@ class Timeouts(_TimeoutsBase):
     def _limits(self) -> _Limits:
         # A client session's limits, built on first use and kept in the
         # instance (cached_property writes past the frozen __setattr__).
-        return _Limits(
-            send=self.send,
-            first_phase="first_response",
-            first_timeout=self.first_response,
-            receive=self.receive,
-            inactivity=self.inactivity,
-        )
+        return self._limits_for("first_response", self.first_response)
 
 
 @dataclass(frozen=True)
@@ -142,20 +150,8 @@ class ServerTimeouts(_TimeoutsBase):
 
     @cached_property
     def _first_request_limits(self) -> _Limits:
-        return _Limits(
-            send=self.send,
-            first_phase="first_request",
-            first_timeout=self.first_request,
-            receive=self.receive,
-            inactivity=self.inactivity,
-        )
+        return self._limits_for("first_request", self.first_request)
 
     @cached_property
     def _keepalive_limits(self) -> _Limits:
-        return _Limits(
-            send=self.send,
-            first_phase="keepalive",
-            first_timeout=self.keepalive,
-            receive=self.receive,
-            inactivity=self.inactivity,
-        )
+        return self._limits_for("keepalive", self.keepalive)
