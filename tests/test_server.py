@@ -658,6 +658,29 @@ class Holding:
         return request
 
 
+async def test_a_connection_with_half_a_request_is_never_evicted() -> None:
+    # Its read waits for the rest of the request (so it has "gone quiet"),
+    # but bytes of a request are buffered: closing it would lose them.
+    async with running(echo, max_connections=1) as server:
+        first = await connect(server)
+        assert await first.request(b"one") == b"one"
+        whole = frame(b"two")
+        await first.stream.send_all(whole[:5])  # the header and one byte
+        await trio.sleep(0.1)  # the service has read them and waits for more
+        second = await connect(server)  # completes in the kernel's backlog
+        await second.send(b"queued")
+        await trio.sleep(0.2)
+        assert server.stats.connections_total == 1  # the first was not evicted
+        await first.stream.send_all(whole[5:])
+        assert await first.receive() == [b"two"]
+        with trio.fail_after(5):
+            # Idle now, the first makes room for the second.
+            assert await second.receive() == [b"queued"]
+            assert await first.closed_by_server()
+        await first.aclose()
+        await second.aclose()
+
+
 async def test_a_connection_becomes_evictable_only_when_its_read_must_wait() -> None:
     # A keep-alive connection whose next request is already in its socket is
     # not idle: the service makes it evictable only when its read finds
