@@ -13,6 +13,7 @@ from __future__ import annotations
 import socket
 import struct
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -137,6 +138,48 @@ async def test_pipelined_burst_is_decoded_once_and_served_in_order() -> None:
     assert await client.receive() == b"3"
     assert client.pending == 0
     assert not client._has_unread_bytes
+
+
+class _TupleDecoder:
+    """A decoder that returns a tuple, not the list the protocol asks for."""
+
+    def __init__(self) -> None:
+        self.inner = LengthPrefixed().decoder()
+
+    def feed(self, data: Any) -> Any:
+        return tuple(self.inner.feed(data))
+
+    @property
+    def buffered(self) -> int:
+        return self.inner.buffered
+
+
+@dataclass(frozen=True)
+class _TupleCodec:
+    def encode(self, message: bytes) -> bytes:
+        return LengthPrefixed().encode(message)
+
+    def decoder(self) -> _TupleDecoder:
+        return _TupleDecoder()
+
+
+async def test_a_burst_is_served_in_order_whatever_sequence_the_decoder_returns() -> None:
+    from triocomm._connection import _NO_PENDING
+
+    for codec in (CODEC, _TupleCodec()):
+        client, server = memory_pair(codec)
+        await server.send_many([b"1", b"2", b"3", b"4"])
+        assert await client.receive() == b"1"
+        assert client.pending == 3
+        assert await client.receive() == b"2"
+        assert client._take_pending(b"2") == [b"2", b"3", b"4"]
+        assert client.pending == 0
+        await server.send_many([b"5", b"6"])
+        assert [await client.receive(), await client.receive()] == [b"5", b"6"]
+        # Drained: the connection holds no list of its own any more.
+        assert client._pending is _NO_PENDING
+        assert client._take_pending(b"7") == [b"7"]
+        assert _NO_PENDING == []
 
 
 async def test_take_pending_pops_decoded_messages_without_io() -> None:

@@ -213,6 +213,61 @@ async def test_seq_counts_requests_per_connection() -> None:
         await second.aclose()
 
 
+async def test_server_states_connected_receiving_keepalive_closed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The server-side diagram of docs/connection.md, as other tasks see it:
+    # CONNECTED until the first request, RECEIVING while requests are
+    # handled and their replies written, KEEPALIVE between requests, CLOSED
+    # at the end. SUCCESS is never seen on the server (docs/connection.md).
+    seen: list[tuple[str, ConnState]] = []
+    conns: list[Connection[bytes, bytes]] = []
+
+    async def handler(request: bytes, conn: Connection[bytes, bytes]) -> bytes:
+        conns.append(conn)
+        seen.append(("handler", conn.state))
+        await trio.sleep(1)  # other tasks run while the request is handled
+        return request
+
+    async def on_idle(conn: Connection[Any, Any], status: Idle) -> None:
+        seen.append(("idle", conn.state))
+
+    async def watch() -> None:
+        # Every change of state another task can see, in order.
+        last = None
+        while True:
+            if conns and conns[0].state is not last:
+                last = conns[0].state
+                seen.append(("watch", last))
+            await trio.sleep(0.01)
+
+    options: dict[str, Any] = {"idle": {Idle.READ: 5.0}, "on_idle": on_idle, "timeouts": PATIENT}
+    async with running(handler, **options) as server, trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        client = await connect(server)
+        await trio.sleep(6)  # read-idle once before the first request
+        assert await client.request(b"a") == b"a"
+        await trio.sleep(1)
+        await client.send(b"b", b"c")
+        assert await client.receive(2) == [b"b", b"c"]
+        await trio.sleep(1)
+        await client.aclose()
+        await settled(server)
+        await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+    assert seen == [
+        ("idle", ConnState.CONNECTED),
+        ("handler", ConnState.RECEIVING),  # "a"
+        ("watch", ConnState.RECEIVING),
+        ("watch", ConnState.KEEPALIVE),
+        ("handler", ConnState.RECEIVING),  # "b"
+        ("watch", ConnState.RECEIVING),
+        ("handler", ConnState.RECEIVING),  # "c", same burst
+        ("watch", ConnState.KEEPALIVE),
+        ("watch", ConnState.CLOSED),
+    ]
+
+
 async def test_pipelined_burst_is_answered_in_order_in_one_write(writes: list[int]) -> None:
     async def handler(request: bytes, conn: Connection[bytes, bytes]) -> bytes:
         # Some replies take a scheduling round, some do not: order must hold anyway.
@@ -1188,6 +1243,47 @@ async def test_cancelling_serve_stops_everything_at_once(
         await silent.aclose()
     assert open_fds() == before
     assert server_records(caplog, logging.WARNING) == []
+
+
+async def test_a_handler_that_cancels_the_service_gets_its_reply_out_and_no_more() -> None:
+    # The request loop checks for cancellation once a round, at its read:
+    # the reply of a handler that cancelled the service is still written,
+    # and a request already waiting in the socket is not handled.
+    handled: list[bytes] = []
+    server_ends: list[trio.SocketStream] = []
+    stop_seen = trio.Event()
+    next_queued = trio.Event()
+    service = trio.CancelScope()
+
+    async def handler(request: bytes, conn: Connection[bytes, bytes]) -> bytes:
+        handled.append(request)
+        assert isinstance(conn.stream, trio.SocketStream)
+        server_ends.append(conn.stream)
+        stop_seen.set()
+        await next_queued.wait()
+        service.cancel()
+        return request
+
+    async def run_service(task_status: trio.TaskStatus[Server]) -> None:
+        with service:
+            await triocomm.serve(handler, 0, host=LOOPBACK, codec=CODEC, task_status=task_status)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(run_service)
+            client = await connect(server)
+            await client.send(b"stop")
+            await stop_seen.wait()
+            await client.send(b"next")
+            queued = array.array("i", [0])
+            while queued[0] < len(frame(b"next")):
+                fcntl.ioctl(server_ends[0].socket.fileno(), termios.FIONREAD, queued)
+                await trio.sleep(0.001)
+            next_queued.set()
+        assert await client.receive() == [b"stop"]
+        assert await client.closed_by_server()
+        await client.aclose()
+    assert handled == [b"stop"]
 
 
 async def test_invalid_grace_is_refused() -> None:

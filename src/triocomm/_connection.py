@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import sys
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, Generic, TypeVar, Union
@@ -61,9 +60,11 @@ class ConnState(enum.Enum):
     """Where a connection is in its life (Workflow's states, plus the end).
 
     Client: ``CONNECTING → CONNECTED → (RECEIVING → SUCCESS → IDLE)* →
-    CLOSING → CLOSED``. Server: ``CONNECTED → (RECEIVING → SUCCESS →
-    KEEPALIVE)* → CLOSING → CLOSED``. Any failure leads to ``ERROR``, which is
-    final like ``CLOSED``.
+    CLOSING → CLOSED``. Server: ``CONNECTED → (RECEIVING → KEEPALIVE)* →
+    CLOSING → CLOSED``, ``RECEIVING`` lasting until the replies are written
+    (a server connection is never seen in ``SUCCESS``: the round that wrote
+    the replies moves on to ``KEEPALIVE`` before any other task runs). Any
+    failure leads to ``ERROR``, which is final like ``CLOSED``.
     """
 
     CONNECTING = "connecting"
@@ -140,9 +141,9 @@ def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
 
 
 _NO_LIMITS = _Limits()
-# The pending queue of every connection with nothing pending: never mutated
-# (the one place that adds messages replaces it with a fresh deque first).
-_NO_PENDING: deque[Any] = deque()
+# The pending messages of every connection with nothing pending: never
+# mutated (a read that leaves messages pending replaces it with its own list).
+_NO_PENDING: list[Any] = []
 
 FileArg = Union[str, "os.PathLike[str]", IO[bytes]]
 
@@ -194,9 +195,10 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         self._codec = codec
         self._encode = codec.encode
         self._decoder = codec.decoder()
-        # Shared and empty until a read decodes more than one message: an
-        # idle connection should not carry a deque (760 bytes) for nothing.
-        self._pending: deque[In] = _NO_PENDING
+        # Messages decoded but not yet received, last first (so that taking
+        # one is list.pop()): the decoder's own list, reversed in place, or
+        # the shared empty one, so an idle connection carries none.
+        self._pending: list[In] = _NO_PENDING
         self._id = next(_ids)
         self._sessions = 0
         self._state = ConnState.CONNECTED
@@ -336,24 +338,25 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         if type(values) is not list:
             values = list(values)
         count = len(values)
-        if count > 1:
-            # The codec's optional batch encoder: one call for the batch
-            # (looked up here, not stored: a connection attribute costs every
-            # idle connection memory).
-            encode_batch = getattr(self._codec, "encode_batch", None)
-            if encode_batch is not None:
-                data = encode_batch(values)
-            else:
-                encode = self._encode
-                data = b"".join([encode(v) for v in values])
-        elif count:
-            data = self._encode(values[0])
-        else:
+        if not count:
             if self._closed:
                 raise trio.ClosedResourceError(f"connection to {self._peer} is closed")
             await trio.lowlevel.checkpoint()
             return
-        await self._write(data, count)
+        await self._write(self._encode_many(values), count)
+
+    def _encode_many(self, values: list[Out]) -> Any:
+        """The bytes of one or more messages (the server's loop calls it directly)."""
+        if len(values) == 1:
+            return self._encode(values[0])
+        # The codec's optional batch encoder: one call for the batch (looked
+        # up here, not stored: a connection attribute costs every idle
+        # connection memory).
+        encode_batch = getattr(self._codec, "encode_batch", None)
+        if encode_batch is not None:
+            return encode_batch(values)
+        encode = self._encode
+        return b"".join([encode(v) for v in values])
 
     async def _acquire_send(self) -> None:
         if self._sending:
@@ -371,7 +374,11 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         else:
             self._sending = False
 
-    async def _write(self, data: Any, count: int) -> None:
+    async def _write(self, data: Any, count: int, cancel_checked: bool = False) -> None:
+        # cancel_checked: the caller's own loop has checked for cancellation
+        # since its last schedule point (the server's request loop: its read
+        # did, and the handler either passed checkpoints of its own or let no
+        # other task run), so the write skips that check.
         if self._closed:
             raise trio.ClosedResourceError(f"connection to {self._peer} is closed")
         if self._sending:
@@ -388,7 +395,8 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
                     # inlined: the common case (the kernel takes it all at
                     # once) costs one system call, a cancellation check and a
                     # schedule point, and no cancel scope.
-                    await trio.lowlevel.checkpoint_if_cancelled()
+                    if not cancel_checked:
+                        await trio.lowlevel.checkpoint_if_cancelled()
                     try:
                         sent = os.write(sock.fileno(), data)
                     except BlockingIOError:
@@ -604,9 +612,13 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             trio.ClosedResourceError: the connection was closed by us.
             trio.BusyResourceError: another task is receiving.
         """
-        if self._pending and not self._closed:
+        pending = self._pending
+        if pending and not self._closed:
             await trio.lowlevel.checkpoint_if_cancelled()
-            return self._pending.popleft()
+            message = pending.pop()
+            if not pending:
+                self._pending = _NO_PENDING
+            return message
         if self._receiving:
             raise trio.BusyResourceError("another task is already receiving on this connection")
         self._receiving = True
@@ -748,20 +760,30 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
                     await self._break()
                     raise ProtocolError(f"cannot decode data from {self._peer}: {exc!r}") from exc
                 if messages:
-                    stats.messages_received += len(messages)
-                    if len(messages) > 1:
-                        if self._pending is _NO_PENDING:
-                            self._pending = deque(messages[1:])
-                        else:
-                            self._pending.extend(messages[1:])
-                    return messages[0]
+                    count = len(messages)
+                    stats.messages_received += count
+                    if count == 1:
+                        return messages[0]
+                    # Nothing is pending when a read happens: the rest of
+                    # the burst becomes the pending list, with no copy (the
+                    # decoder hands its list over; see Decoder.feed).
+                    if type(messages) is not list:
+                        messages = list(messages)
+                    messages.reverse()
+                    first = messages.pop()
+                    self._pending = messages
+                    return first
         finally:
             self._receiving = False
 
     def _take_pending(self, first: In) -> list[In]:
         """Return ``first`` followed by every message already decoded, removing them (no I/O)."""
-        items = [first, *self._pending]
+        items = self._pending
+        if not items:
+            return [first]
         self._pending = _NO_PENDING
+        items.append(first)
+        items.reverse()
         return items
 
     @property

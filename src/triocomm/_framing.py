@@ -38,6 +38,10 @@ class Decoder(Protocol[In]):
     def feed(self, data: Buffer) -> list[In]:
         """Add ``data`` and return every message it completes, in order.
 
+        Return a new list each time: the caller takes it over (a
+        :class:`~triocomm.Connection` keeps the messages it has not handed
+        out yet in it, reordered in place).
+
         Raises:
             FrameTooLarge: a message exceeds the codec's bound.
             ProtocolError: the bytes are not valid for this format.

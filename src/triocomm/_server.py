@@ -679,9 +679,11 @@ def _request_body(
         waiting_order = server._keepalive
         receive = conn.receive
         take_pending = conn._take_pending
-        send_many = conn.send_many
+        encode_many = conn._encode_many
+        write = conn._write
         conn._limits = t._first_request_limits
         state = ConnState.CONNECTED
+        error = ConnState.ERROR
         while True:
             # Wait for the next request: the only place a connection is idle.
             partial = conn._has_unread_bytes
@@ -692,7 +694,10 @@ def _request_body(
                 # read side and read once more, so it is answered, not reset.
                 if not entry.closing:
                     _end_wait(entry)
-            conn._set_state(state)
+            # conn._set_state(state), inlined like the state changes below:
+            # ERROR is final, and a handler may have closed the connection.
+            if conn._state is not error and not conn._closed:
+                conn._state = state
             evictable = state is ConnState.KEEPALIVE and not partial
             # Evictable once its read finds nothing and waits.
             entry.evictable = evictable
@@ -727,7 +732,8 @@ def _request_body(
                 conn._limits = t._keepalive_limits
 
             # Answer the burst that arrived with it, in order.
-            conn._set_state(ConnState.RECEIVING)
+            if conn._state is not error and not conn._closed:
+                conn._state = ConnState.RECEIVING
             replies: list[Out] = []
             # The rest of the burst, taken at once: no checkpoint per request.
             burst = take_pending(request) if conn._pending else [request]
@@ -747,18 +753,25 @@ def _request_body(
                         await _send_replies(conn, replies)
                         replies = []
             if replies:
-                # _send_replies, inlined for the usual case: a helper's frame
-                # would be suspended and resumed with every write.
+                # send_many, inlined for the usual case: a helper's frame
+                # would be suspended and resumed with every write. The read
+                # checked for cancellation and no other task has run since
+                # unless the handler passed checkpoints of its own, so the
+                # write's schedule point is all this round still needs.
                 try:
-                    await send_many(replies)
+                    data = encode_many(replies)
                 except TypeError as exc:
                     raise _unencodable(exc) from exc
+                await write(data, len(replies), True)
+                del data
             else:
                 # No reply to send: the schedule point the read skipped, so
                 # that a client streaming requests that get no reply cannot
                 # keep this task running while others wait.
                 await trio.lowlevel.cancel_shielded_checkpoint()
-            conn._set_state(ConnState.SUCCESS)
+            # The round ends here and the next one sets KEEPALIVE before any
+            # other task can run, so SUCCESS, which no one could observe,
+            # is not written.
             # Let go of the burst's requests and replies before waiting: a
             # keep-alive connection may wait for minutes, and what its frame
             # holds is memory held per idle connection.
@@ -819,7 +832,8 @@ def _connection_body(
         server._stats.sessions += 1
         conn._set_state(ConnState.RECEIVING)
         await handler(conn)
-        conn._set_state(ConnState.SUCCESS)
+        # Closed straight after, before any other task runs: SUCCESS, which
+        # no one could see, is not written (see ConnState).
 
     return run_handler
 
