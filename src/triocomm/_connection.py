@@ -375,10 +375,9 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             self._sending = False
 
     async def _write(self, data: Any, count: int, cancel_checked: bool = False) -> None:
-        # cancel_checked: the caller's own loop has checked for cancellation
-        # since its last schedule point (the server's request loop: its read
-        # did, and the handler either passed checkpoints of its own or let no
-        # other task run), so the write skips that check.
+        # cancel_checked: the caller checks for cancellation once in each of
+        # its rounds elsewhere (the server's request loop, at its read), so
+        # this write needs only its schedule point.
         if self._closed:
             raise trio.ClosedResourceError(f"connection to {self._peer} is closed")
         if self._sending:

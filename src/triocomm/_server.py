@@ -753,10 +753,13 @@ def _request_body(
                         replies = []
             if replies:
                 # send_many, inlined for the usual case: a helper's frame
-                # would be suspended and resumed with every write. The read
-                # checked for cancellation and no other task has run since
-                # unless the handler passed checkpoints of its own, so the
-                # write's schedule point is all this round still needs.
+                # would be suspended and resumed with every write. The write
+                # skips the cancellation check: the round's read made one.
+                # A cancellation the handler's own checkpoints did not
+                # raise (the handler cancelled the service itself, or it
+                # came during the flush of a long burst) is raised by the
+                # next read, once the replies of the requests already
+                # handled are written.
                 try:
                     data = conn._encode_many(replies)
                 except TypeError as exc:
