@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import logging
 import struct
+import types
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -298,4 +299,43 @@ async def test_a_waiting_connection_holds_no_request_or_reply() -> None:
         gc.collect()
         assert len(refs) == 8
         assert [r() for r in refs] == [None] * 8
+        await client.aclose()
+
+
+def _triocomm_frames(coro: Any) -> list[Any]:
+    """The frames of triocomm's own coroutines in a suspended task's await chain."""
+    frames = []
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None)
+        if frame is not None and "triocomm" in frame.f_code.co_filename:
+            frames.append(frame)
+        coro = getattr(coro, "cr_await", None)
+    return frames
+
+
+async def test_a_waiting_connection_holds_no_bound_method() -> None:
+    # What the frames of a waiting connection's task hold is held per idle
+    # connection, and a bound method is 64 bytes: the request loop calls
+    # the connection's methods through conn instead of keeping them.
+    async with running(echo) as server:
+        client = await open_client(server)
+        await client.send_all(frame(b"one"))
+        assert await read_replies(client, 1) == ([b"one"], False)
+        await trio.testing.wait_all_tasks_blocked()
+        tasks = [
+            task
+            for task in server._service.child_tasks
+            if task.coro.cr_code.co_name == "_connection_task"
+        ]
+        assert len(tasks) == 1
+        frames = _triocomm_frames(tasks[0].coro)
+        names = [f.f_code.co_name for f in frames]
+        assert names == ["_connection_task", "answer_requests", "receive"], names
+        held = [
+            (f.f_code.co_name, name)
+            for f in frames
+            for name, value in f.f_locals.items()
+            if isinstance(value, types.MethodType)
+        ]
+        assert held == []
         await client.aclose()
