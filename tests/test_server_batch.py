@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import socket
 import struct
 import types
 import weakref
@@ -338,4 +339,35 @@ async def test_a_waiting_connection_holds_no_bound_method() -> None:
             if isinstance(value, types.MethodType)
         ]
         assert held == []
+        await client.aclose()
+
+
+async def test_a_reply_the_kernel_takes_in_part_arrives_whole_and_counted() -> None:
+    # The request loop writes a round's replies at once when the kernel
+    # takes them whole; when it takes only part, the rest is written as
+    # room frees up. A small send buffer and a client that reads late make
+    # the second case certain.
+    big = bytes(range(256)) * 4096  # 1 MiB, every byte position told apart
+    conns: list[Connection[bytes, bytes]] = []
+
+    async def handler(request: bytes, conn: Connection[bytes, bytes]) -> bytes:
+        if not conns:
+            conns.append(conn)
+            sock = conn.stream.socket  # type: ignore[attr-defined]
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        return big[: int(request)]
+
+    async with running(handler) as server:
+        client = await open_client(server)
+        await client.send_all(frame(b"1048576") + frame(b"3"))
+        await trio.sleep(0.05)  # the server's first write fills its buffer
+        with trio.fail_after(10):
+            replies, closed = await read_replies(client, 2)
+        assert not closed
+        assert replies == [big, big[:3]]
+        (conn,) = conns
+        with trio.fail_after(5):
+            while conn.stats.messages_sent < 2:
+                await trio.sleep(0.01)
+        assert conn.stats.bytes_sent == len(frame(big)) + len(frame(big[:3]))
         await client.aclose()

@@ -764,7 +764,14 @@ def _request_body(
                     data = conn._encode_many(replies)
                 except TypeError as exc:
                     raise _unencodable(exc) from exc
-                await conn._write(data, len(replies), True)
+                # Usually the kernel takes it all at once, and the round's
+                # schedule point is this frame's own; else _write finishes
+                # the write, waiting for room under the send limits.
+                sent = conn._write_nowait(data, len(replies))
+                if sent < 0:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                else:
+                    await conn._write(data, len(replies), True, sent)
                 del data
             else:
                 # No reply to send: the schedule point the read skipped, so
