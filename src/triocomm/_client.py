@@ -575,7 +575,18 @@ class Client:
             result: R
             try:
                 if body is None:
-                    await conn.send(message)
+                    # conn.send(message), inlined like the server's write:
+                    # the cancellation check, the bytes handed to the socket
+                    # at once, and the schedule point in this frame; _write
+                    # finishes a write the kernel took only part of.
+                    data = conn._encode(message)
+                    await trio.lowlevel.checkpoint_if_cancelled()
+                    sent = conn._write_nowait(data, 1)
+                    if sent < 0:
+                        await trio.lowlevel.cancel_shielded_checkpoint()
+                    else:
+                        await conn._write(data, 1, True, sent)
+                    del data
                     conn._set_state(ConnState.RECEIVING)
                     # The send was this session's schedule point: a reply
                     # already there is read without a second one.
