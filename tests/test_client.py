@@ -121,6 +121,25 @@ async def test_request_reply_and_connection_reuse() -> None:
         assert server.accepted == 1
 
 
+async def test_a_request_the_kernel_takes_in_part_is_sent_whole() -> None:
+    # client.request hands the request to the socket at once; what the
+    # kernel does not take is written as the peer reads. 12 MiB is more
+    # than loopback's largest send and receive buffers together, and the
+    # peer only starts reading after a pause, so the first write is partial.
+    big = bytes(range(256)) * (48 * 1024)
+
+    async def slow_echo(peer: Peer) -> None:
+        await trio.sleep(0.1)
+        await echo(peer)
+
+    async with scripted_server(slow_echo) as server, open_client() as client:
+        target = Target("127.0.0.1", server.port, CODEC)
+        with trio.fail_after(20):
+            assert await client.request(target, big) == big
+            assert await client.request(target, b"after") == b"after"
+        assert client.stats(target).reused == 1
+
+
 async def test_equal_targets_share_one_pool() -> None:
     async with scripted_server(echo) as server, open_client() as client:
         await client.request(Target("127.0.0.1", server.port, LengthPrefixed()), b"a")
