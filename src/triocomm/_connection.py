@@ -378,8 +378,10 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         """Write ``data`` at once if this is a plain socket, with no checkpoint.
 
         For a caller that checks for cancellation and yields in its own
-        frame (the server's request loop): no coroutine, and one frame
-        fewer to pass through at its schedule point. Returns -1 when the
+        frame (the server's request loop and ``client.request``, each with
+        its own copy of the few lines that do so: a shared helper would be
+        the coroutine this saves): no coroutine, and one frame fewer to
+        pass through at its schedule point. Returns -1 when the
         kernel took all of ``data`` (the write is done and counted);
         otherwise the number of bytes it took, possibly 0 (also when the
         connection is not a plain socket, is closed, or another send is in
