@@ -10,6 +10,7 @@ per-phase limits name their phase; ``idle_time`` follows the clock.
 
 from __future__ import annotations
 
+import array
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -180,6 +181,33 @@ async def test_a_burst_is_served_in_order_whatever_sequence_the_decoder_returns(
         assert client._pending is _NO_PENDING
         assert client._take_pending(b"7") == [b"7"]
         assert _NO_PENDING == []
+
+
+@dataclass(frozen=True)
+class _TypedViewCodec:
+    """Encodes to a view of 4-byte ints, which a codec may return (any buffer)."""
+
+    def encode(self, message: bytes) -> memoryview:
+        return memoryview(array.array("I", [len(message)] * 2))
+
+    def decoder(self) -> Any:
+        return Raw().decoder()
+
+
+@pytest.mark.parametrize("kind", BUFFERED_KINDS)
+async def test_bytes_sent_counts_bytes_of_a_typed_view(
+    stream_pair: MakeStreamPair, kind: str
+) -> None:
+    client, server = await connections(stream_pair, kind, _TypedViewCodec())
+    await client.send(b"x")
+    await client.send_many([b"y", b"z"])
+    size = 2 * array.array("I").itemsize
+    assert client.stats.bytes_sent == 3 * size
+    assert client.stats.messages_sent == 3
+    got = b""
+    while len(got) < 3 * size:
+        got += await server.receive()
+    assert len(got) == 3 * size
 
 
 async def test_take_pending_pops_decoded_messages_without_io() -> None:

@@ -371,3 +371,33 @@ async def test_a_reply_the_kernel_takes_in_part_arrives_whole_and_counted() -> N
                 await trio.sleep(0.01)
         assert conn.stats.bytes_sent == len(frame(big)) + len(frame(big[:3]))
         await client.aclose()
+
+
+async def test_a_peer_that_resets_during_a_reply_written_in_part_is_counted_lost() -> None:
+    # The rest of a reply the kernel took only part of is written as room
+    # frees up; a peer that resets meanwhile ends that connection as lost,
+    # and the service goes on answering others.
+    big = bytes(range(256)) * 4096
+    started = trio.Event()
+
+    async def handler(request: bytes, conn: Connection[bytes, bytes]) -> bytes:
+        if request == b"big":
+            sock = conn.stream.socket  # type: ignore[attr-defined]
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            started.set()
+            return big
+        return request
+
+    async with running(handler) as server:
+        client = await open_client(server)
+        await client.send_all(frame(b"big"))
+        await started.wait()
+        assert len(await client.receive_some(1000)) > 0  # part of the reply came
+        client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await client.aclose()  # a reset, with most of the reply unsent
+        await settled(server)
+        assert server.stats.errors["connection_lost"] == 1
+        other = await open_client(server)
+        await other.send_all(frame(b"still here"))
+        assert await read_replies(other, 1) == ([b"still here"], False)
+        await other.aclose()

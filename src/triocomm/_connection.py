@@ -397,11 +397,15 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             return 0  # _write meets the error again and handles it
         if sent < (data.nbytes if isinstance(data, memoryview) else len(data)):
             return sent
+        self._count_sent(sent, count)
+        return -1
+
+    def _count_sent(self, nbytes: int, count: int) -> None:
+        """A write of ``count`` messages, ``nbytes`` bytes in all, is done."""
         stats = self._stats
-        stats.bytes_sent += sent
+        stats.bytes_sent += nbytes
         stats.messages_sent += count
         stats.last_send_at = self._now()
-        return -1
 
     async def _write(
         self, data: Any, count: int, cancel_checked: bool = False, sent: int = 0
@@ -412,6 +416,7 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         # _write_nowait has already written.
         if self._closed:
             raise trio.ClosedResourceError(f"connection to {self._peer} is closed")
+        size = data.nbytes if isinstance(data, memoryview) else len(data)
         if self._sending:
             await self._acquire_send()
         else:
@@ -435,8 +440,8 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
                             pass
                         except OSError as exc:
                             raise _stream_error(exc) from exc
-                    if sent < (data.nbytes if isinstance(data, memoryview) else len(data)):
-                        await self._write_rest(sock, data, sent)
+                    if sent < size:
+                        await self._write_rest(sock, data, sent, size)
                     else:
                         await trio.lowlevel.cancel_shielded_checkpoint()
                 elif self._limits.unlimited:
@@ -455,17 +460,15 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
                 raise
         finally:
             self._release_send()
-        stats = self._stats
-        stats.bytes_sent += len(data)
-        stats.messages_sent += count
-        stats.last_send_at = self._now()
+        self._count_sent(size, count)
 
-    async def _write_rest(self, sock: trio.socket.SocketType, data: Any, sent: int) -> None:
-        """Write what the kernel did not take at once, waiting for buffer space.
+    async def _write_rest(
+        self, sock: trio.socket.SocketType, data: Any, sent: int, total: int
+    ) -> None:
+        """Write what the kernel did not take at once (``total`` bytes in all), waiting for room.
 
         Each wait gets a cancel scope for the send / inactivity limits.
         """
-        total = data.nbytes if isinstance(data, memoryview) else len(data)
         view = memoryview(data)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
