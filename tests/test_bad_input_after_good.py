@@ -73,7 +73,7 @@ async def test_connection_returns_the_good_messages_then_raises() -> None:
     # Already ERROR (never to be reused), but still open so replies can go out.
     assert right.state is ConnState.ERROR
     assert not right.is_closed
-    assert right._has_unread_bytes
+    assert not right.between_messages
     await right.send(b"reply to one")
     assert await right.receive() == b"two"
     with pytest.raises(FrameTooLarge):

@@ -30,7 +30,8 @@ import trustme
 
 import triocomm
 from triocomm import Connection, ConnState, Idle, LengthPrefixed, Server, ServerTimeouts
-from triocomm._server import MAX_REPLY_BATCH
+from triocomm._connection import MAX_REPLY_BATCH
+from triocomm._timers import _SWEEP_MIN
 
 CODEC = LengthPrefixed()
 LOOPBACK = "127.0.0.1"
@@ -1357,9 +1358,9 @@ async def test_idle_timers_of_closed_connections_do_not_pile_up() -> None:
             assert await client.request(b"x") == b"x"
             await client.aclose()
         await settled(server)
-        # One timer per live connection is the cost; a closed connection's
-        # timer is dropped lazily, but never more than about half the heap.
-        assert len(server._idle_heap) <= 2 * 256 + 2
+        # One alarm per live connection is the cost; a closed connection's
+        # alarm is dropped lazily, but never more than about half the heap.
+        assert len(server._timers) <= 2 * _SWEEP_MIN + 4
         assert server.stats.connections_total == 600
 
 

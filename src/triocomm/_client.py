@@ -32,8 +32,8 @@ from ._connection import Connection, ConnState
 from ._errors import CommError, CommTimeout, ConnectError, ConnectionLost, UpstreamUnavailable
 from ._pool import KeepAlivePool, PooledConnection, PoolStats
 from ._timeouts import Timeouts
+from ._timers import Timers
 from ._upstream import Upstream
-from ._watchdog import Watchdog
 
 if TYPE_CHECKING:
     from typing_extensions import TypeVarTuple, Unpack
@@ -303,7 +303,7 @@ class Client:
         self._closed = False
         # Times the waiting reads of every connection (see _watchdog.py);
         # started by open_client in the client's nursery.
-        self._watchdog = Watchdog()
+        self._timers = Timers()
         # The last target used and its pool: most programs pass the same
         # Target object every time, and an identity check is cheaper than
         # hashing a Target (and its codec) for the dict.
@@ -491,15 +491,14 @@ class Client:
         entry = result
         if target.on_connect is not None:
             conn = entry.conn
-            conn._begin_session()  # on_connect is the session with seq == 0
-            conn._limits = timeouts._limits
+            conn._begin_session(timeouts._limits)  # on_connect is the session with seq == 0
             try:
                 await target.on_connect(conn)
             except BaseException:
                 pool.abandon_new(entry)
                 await conn._break()
                 raise
-            if conn._has_unread_bytes:
+            if not conn.between_messages:
                 pool.abandon_new(entry)
                 await conn._break()
                 raise ConnectionLost(
@@ -515,10 +514,11 @@ class Client:
         with trio.CancelScope(deadline=deadline):
             stream = await _open_stream(target)
             conn: Connection[Any, Any] = Connection(stream, target.codec)
-            conn._watchdog = self._watchdog
+            label = None
             if target.host is not None and not _is_ip(target.host):
                 # Name the target as the user wrote it, next to the address.
-                conn._peer = f"{target.address} ({conn.peer})"
+                label = f"{target.address} ({conn.peer})"
+            conn._attach(self._timers, label=label)
             logger.debug("connected to %s", conn.peer)
             return conn
         raise CommTimeout("connect", limit or 0.0, target.address)
@@ -569,32 +569,12 @@ class Client:
                     continue
                 raise
             conn = entry.conn
-            received_before = conn._stats.bytes_received
-            conn._begin_session()
-            conn._limits = timeouts._limits
+            received_before = conn.stats.bytes_received
+            conn._begin_session(timeouts._limits)
             result: R
             try:
                 if body is None:
-                    # conn.send(message), inlined like the server's write:
-                    # the cancellation check, the bytes handed to the socket
-                    # at once, and the schedule point in this frame; _write
-                    # finishes a write the kernel took only part of.
-                    data = conn._encode(message)
-                    await trio.lowlevel.checkpoint_if_cancelled()
-                    sent = conn._write_nowait(data, 1)
-                    if sent < 0:
-                        await trio.lowlevel.cancel_shielded_checkpoint()
-                    else:
-                        await conn._write(data, 1, True, sent)
-                    del data
-                    conn._set_state(ConnState.RECEIVING)
-                    # The send was this session's schedule point: a reply
-                    # already there is read without a second one.
-                    conn._yield_on_data = False
-                    try:
-                        result = await conn.receive()
-                    finally:
-                        conn._yield_on_data = True
+                    result = await conn._exchange(conn.codec.encode(message))
                 else:
                     result = await body(conn)
             except BaseException as exc:
@@ -648,8 +628,7 @@ class Client:
             self._report(dest, target, _address_failed(exc))
             raise
         conn = entry.conn
-        conn._begin_session()
-        conn._limits = timeouts._limits
+        conn._begin_session(timeouts._limits)
         try:
             yield conn
         except BaseException as exc:
@@ -687,7 +666,7 @@ class _ClientContext(AbstractAsyncContextManager[Client]):
         # start_soon, not start: no checkpoint between entering the nursery
         # and returning (a cancel there would leave the nursery entered).
         # Reads that wait before it runs use a cancel scope instead.
-        nursery.start_soon(self._client._watchdog.run)
+        nursery.start_soon(self._client._timers.run)
         return self._client
 
     async def __aexit__(

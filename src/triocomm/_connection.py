@@ -1,13 +1,29 @@
 """The Connection: one Trio stream, one codec, its state and its statistics.
 
-A :class:`Connection` is a :class:`trio.abc.Channel` of messages. It is the
-one place where bytes meet messages: the client's sessions and the server's
-passive sessions are thin loops around it. It knows nothing of pools or
-services; those layers set its state and its per-phase limits.
+A :class:`Connection` is a :class:`trio.abc.Channel` of messages and the one
+owner of everything about a connection: its state, statistics, decoder,
+pending messages, per-phase limits, reply outbox and socket fast paths. The
+client, the pool, the server and the timers never write these fields; they
+call the named operations in the last section of the class (documented in
+``docs/architecture.md``).
 
-Concurrency: sends from several tasks are serialized (each message goes out
-whole, in FIFO order of the callers), so a server may push from several tasks;
-two tasks receiving at once is a bug and raises :class:`trio.BusyResourceError`.
+Rules this module keeps (each one tested):
+
+1. **Whole messages or a closed connection.** A write that did not complete,
+   for any reason (cancelled, timed out, woken by a close, a reset), breaks
+   the connection: ``ERROR``, closed at once. So bytes are never written
+   after part of a message.
+2. **A timer that ends a read never touches a write.** A read deadline wakes
+   the reader with :func:`trio.lowlevel.notify_closing`, which wakes every
+   task blocked on the socket; a writer woken that way while the connection
+   is still open goes back to waiting (:meth:`Connection._wait_writable`).
+3. **Sends are serialized** (FIFO by caller), so several tasks may send; two
+   tasks receiving at once raise :class:`trio.BusyResourceError`.
+4. **Bounded in bytes.** Reads take at most ``RECEIVE_SIZE`` at once and the
+   decoder bounds an unfinished message; replies accepted for a later write
+   (the server's outbox) are written once they reach ``MAX_REPLY_BATCH``
+   messages or ``MAX_REPLY_BYTES`` bytes, before anything more is read.
+5. **ERROR is final**, like ``CLOSED``; nothing leaves it.
 """
 
 from __future__ import annotations
@@ -30,9 +46,17 @@ from ._timeouts import _Limits
 
 if TYPE_CHECKING:
     from ._framing import Codec
-    from ._watchdog import Watchdog
+    from ._timers import Timers
 
-__all__ = ["ConnState", "Connection", "ConnectionStats", "Idle", "format_address"]
+__all__ = [
+    "MAX_REPLY_BATCH",
+    "MAX_REPLY_BYTES",
+    "ConnState",
+    "Connection",
+    "ConnectionStats",
+    "Idle",
+    "format_address",
+]
 
 In = TypeVar("In")
 # Contravariant: a connection only accepts outgoing messages, so one that can
@@ -42,12 +66,19 @@ In = TypeVar("In")
 Out = TypeVar("Out", contravariant=True)
 
 _ids = itertools.count(1)
-# Opens and closes are logged at DEBUG, as MINA's LoggingFilter does
-# (`triocomm serve -v` shows them).
+# Opens and closes are logged at INFO on their own logger, so a service can
+# show or hide them apart from everything else (`triocomm serve -v`).
 logger = logging.getLogger("triocomm.connection")
 _INF = math.inf
 # Reads ask the stream for at most this much at once.
 RECEIVE_SIZE = 64 * 1024
+#: Replies a service accepts before writing them: past this count, or past
+#: :data:`MAX_REPLY_BYTES`, a pipelined burst is written in several writes.
+MAX_REPLY_BATCH = 256
+#: Bytes of replies a service accepts before writing them (see above), so a
+#: client that pipelines small requests for large replies and never reads
+#: holds at most this plus one reply in the server, not a burst's worth.
+MAX_REPLY_BYTES = 64 * 1024
 # With an inactivity limit, large writes go out in pieces of this size so that
 # the limit measures progress, not the time to write the whole message.
 _WRITE_STEP = 256 * 1024
@@ -59,12 +90,14 @@ _QUIET_PHASES = frozenset({"first_request", "keepalive"})
 class ConnState(enum.Enum):
     """Where a connection is in its life (Workflow's states, plus the end).
 
-    Client: ``CONNECTING → CONNECTED → (RECEIVING → SUCCESS → IDLE)* →
+    Client: ``CONNECTED → (RECEIVING → SUCCESS → IDLE → CONNECTED)* →
     CLOSING → CLOSED``. Server: ``CONNECTED → (RECEIVING → KEEPALIVE)* →
-    CLOSING → CLOSED``, ``RECEIVING`` lasting until the replies are written
-    (a server connection is never seen in ``SUCCESS``: the round that wrote
-    the replies moves on to ``KEEPALIVE`` before any other task runs). Any
-    failure leads to ``ERROR``, which is final like ``CLOSED``.
+    CLOSING → CLOSED``, ``RECEIVING`` lasting until the replies are written.
+    Any failure leads to ``ERROR``, which is final like ``CLOSED``.
+    ``CONNECTING`` names the time before a connection exists (the pool counts
+    such slots as ``PoolStats.connecting``); a :class:`Connection` object is
+    made once its stream is connected, so it is never in that state. The full
+    table of transitions is ``triocomm._states``, drawn in the docs.
     """
 
     CONNECTING = "connecting"
@@ -118,6 +151,15 @@ def format_address(address: object) -> str:
     return "unknown peer" if address is None else str(address)
 
 
+def socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
+    """The socket under ``stream`` (through TLS layers), or ``None`` for a memory stream."""
+    while isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    if isinstance(stream, trio.SocketStream):
+        return stream.socket
+    return None
+
+
 # Plain sockets are read and written with os.read / os.write on their file
 # descriptor; Windows sockets are not file descriptors.
 _DIRECT_IO = sys.platform != "win32"
@@ -132,18 +174,18 @@ def _stream_error(exc: OSError) -> trio.ClosedResourceError | trio.BrokenResourc
     return trio.BrokenResourceError(f"socket connection broken: {exc}")
 
 
-def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
-    while isinstance(stream, trio.SSLStream):
-        stream = stream.transport_stream
-    if isinstance(stream, trio.SocketStream):
-        return stream.socket
-    return None
+def _nbytes(data: Any) -> int:
+    """Size in bytes of a buffer (a typed memoryview's len() counts items)."""
+    return len(data) if type(data) is bytes else memoryview(data).nbytes
 
 
 _NO_LIMITS = _Limits()
-# The pending messages of every connection with nothing pending: never
-# mutated (a read that leaves messages pending replaces it with its own list).
+# Shared empty lists: the pending messages and the outbox of every connection
+# with none. Never mutated (a connection that needs one makes its own).
 _NO_PENDING: list[Any] = []
+_NO_OUTBOX: list[Any] = []
+# What _absorb returns when the bytes it was given completed no message.
+_NOTHING: Any = object()
 
 FileArg = Union[str, "os.PathLike[str]", IO[bytes]]
 
@@ -160,35 +202,36 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
     ``receive`` raises :class:`trio.EndOfChannel` when the peer closed cleanly
     between messages and :class:`ConnectionLost` when it went away in the middle
     of one. Bad input raises :class:`FrameTooLarge` / :class:`ProtocolError`;
-    the connection then moves to ``ERROR`` and is closed. A send that is
-    cancelled or times out also breaks the connection, since part of a message
-    may already be on the wire.
+    the connection then moves to ``ERROR`` and is closed. A send that began
+    writing and did not complete (cancelled, timed out, closed, a reset) also
+    breaks the connection, since part of a message may be on the wire; one
+    cancelled before writing anything leaves it as it was.
 
     ``receive`` returns a message already decoded from an earlier read without
     a schedule point (it still raises :class:`trio.Cancelled` if cancelled), so
     a pipelined burst is consumed without a task switch per message.
     """
 
+    # Class defaults, so that a connection pays memory only for what it uses
+    # (an instance attribute is made on first write).
     # Bad input found after good messages in the same read: raised by the
-    # receive that follows them. A class default, so it costs idle connections
-    # nothing.
+    # receive that follows them.
     _deferred_error: ProtocolError | None = None
-    # The client's or server's Watchdog, which times the waits of this
-    # connection's reads (see _watchdog.py); None: a cancel scope per wait.
-    # Class defaults, so a connection pays memory only for what it uses.
-    _watchdog: Watchdog | None = None
+    # The client's or service's Timers, which time this connection's waiting
+    # reads; None (or not running): a cancel scope per wait.
+    _timers: Timers | None = None
     _wait_deadline: float = _INF  # the deadline of the read waiting now
-    _wd_at: float = _INF  # when the watchdog looks at this connection next
-    _wd_seq: int = -1
-    _expired = False  # set by the watchdog: the waiting read timed out
-    # False only while the client or server calls receive() from a loop that
-    # has a schedule point of its own in every round (see _server.py and
-    # _client.py): a read that finds data then returns without one.
+    _expired = False  # set by _on_alarm: the waiting read's deadline passed
+    # False for a connection read by a loop with a schedule point of its own
+    # in every round (the server's request loop): a read that finds data
+    # then returns without one.
     _yield_on_data = True
     # Called when a read must wait for data (the socket had none), before it
-    # waits: the server sets it to its entry's went_quiet, so that a
-    # connection between two requests becomes evictable only once it is idle.
+    # waits: the server's hook that makes a connection evictable.
     _on_wait: Callable[[], None] | None = None
+    # Replies accepted by _queue and not yet written, and their size.
+    _outbox: list[Any] = _NO_OUTBOX
+    _outbox_size = 0
 
     def __init__(self, stream: trio.abc.Stream, codec: Codec[In, Out]) -> None:
         self._stream = stream
@@ -212,12 +255,12 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         # Made on the first contended send (most connections never have one).
         self._send_queue: trio.lowlevel.ParkingLot | None = None
         # A plain TCP or Unix socket is read and written directly (see
-        # _read_socket and _write_socket), skipping SocketStream's layers.
+        # _read_now and _write_nowait), skipping SocketStream's layers.
         self._sock = stream.socket if _DIRECT_IO and type(stream) is trio.SocketStream else None
         # The run's clock, bound once: cheaper than trio.current_time() on
         # every read and write, and still the MockClock under test.
         self._now = trio.lowlevel.current_clock().current_time
-        sock = _socket_of(stream)
+        sock = socket_of(stream)
         self._local: object = None
         self._remote: object = None
         if sock is not None:
@@ -227,7 +270,7 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             except OSError:
                 pass
         self._peer = format_address(self._remote) if sock is not None else "memory stream"
-        logger.debug("connection #%d with %s opened", self._id, self._peer)
+        logger.info("connection #%d with %s opened", self._id, self._peer)
 
     # -- properties ----------------------------------------------------------
 
@@ -293,6 +336,22 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         """True once the connection is closed (``CLOSED`` or ``ERROR``)."""
         return self._closed
 
+    @property
+    def pending(self) -> int:
+        """Messages already decoded and waiting to be received (no I/O needed)."""
+        return len(self._pending)
+
+    @property
+    def between_messages(self) -> bool:
+        """True when everything received so far has been handed out as whole messages.
+
+        False while decoded messages wait to be received (:attr:`pending`),
+        part of a message is buffered, or bad input waits to be raised. A pool
+        reuses, and a service evicts, only a connection between messages:
+        anything else would desynchronise the stream.
+        """
+        return not self._pending and not self._decoder.buffered and self._deferred_error is None
+
     def idle_time(self, status: Idle = Idle.BOTH) -> float:
         """Seconds since the last read (``READ``), write (``WRITE``) or either (``BOTH``).
 
@@ -325,8 +384,7 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             ConnectionLost: the peer reset the connection.
             CommTimeout: the ``send`` or ``inactivity`` limit ran out.
         """
-        data = self._encode(value)
-        await self._write(data, 1)
+        await self._send_bytes(self._encode(value), 1)
 
     async def send_many(self, values: Iterable[Out]) -> None:
         """Encode several messages and send them in one write.
@@ -337,26 +395,176 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         """
         if type(values) is not list:
             values = list(values)
-        count = len(values)
-        if not count:
+        if not values:
             if self._closed:
                 raise trio.ClosedResourceError(f"connection to {self._peer} is closed")
             await trio.lowlevel.checkpoint()
             return
-        await self._write(self._encode_many(values), count)
+        await self._send_bytes(self._encode_many(values), len(values))
 
-    def _encode_many(self, values: list[Out]) -> Any:
-        """The bytes of one or more messages (the server's loop calls it directly)."""
+    def _encode_many(self, values: list[Any]) -> Any:
+        """The bytes of one or more messages, through the codec's batch encoder if it has one."""
         if len(values) == 1:
             return self._encode(values[0])
-        # The codec's optional batch encoder: one call for the batch (looked
-        # up here, not stored: a connection attribute costs every idle
-        # connection memory).
+        # Looked up here, not stored: a connection attribute costs every idle
+        # connection memory.
         encode_batch = getattr(self._codec, "encode_batch", None)
         if encode_batch is not None:
             return encode_batch(values)
         encode = self._encode
         return b"".join([encode(v) for v in values])
+
+    async def _send_bytes(self, data: Any, count: int, cancel_checked: bool = False) -> None:
+        """The one write path: ``count`` encoded messages, after any accepted replies.
+
+        The usual case (a plain socket whose kernel buffer takes it all) is a
+        cancellation check, one system call and a schedule point; otherwise
+        :meth:`_write` waits for room under the send limits. ``cancel_checked``:
+        the caller checked for cancellation in this round already.
+        """
+        if self._outbox:
+            # A handler's push during a passive session goes out after the
+            # replies accepted before it, never ahead of them.
+            data, count = self._take_outbox(data, count)
+        if not cancel_checked:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        sent = self._write_nowait(data)
+        if sent < 0:
+            self._count_sent(_nbytes(data), count)
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        else:
+            await self._write(data, count, sent)
+
+    def _write_nowait(self, data: Any) -> int:
+        """Hand ``data`` to a plain socket at once, with no checkpoint.
+
+        Returns -1 when the kernel took all of it; otherwise the bytes it
+        took, possibly 0 (also when the connection is not a plain socket, is
+        closed, or another send is in progress, or on an error, which
+        :meth:`_write` then meets again and handles).
+        """
+        sock = self._sock
+        if sock is None or self._sending or self._closed:
+            return 0
+        try:
+            sent = os.write(sock.fileno(), data)
+        except OSError:
+            return 0
+        return -1 if sent == _nbytes(data) else sent
+
+    def _count_sent(self, nbytes: int, count: int) -> None:
+        """A write of ``count`` messages, ``nbytes`` bytes in all, is done."""
+        stats = self._stats
+        stats.bytes_sent += nbytes
+        stats.messages_sent += count
+        stats.last_send_at = self._now()
+
+    async def _write(self, data: Any, count: int, sent: int = 0) -> None:
+        """Write ``data`` whole, of which ``sent`` bytes are written already, or break."""
+        if self._closed:
+            raise trio.ClosedResourceError(f"connection to {self._peer} is closed")
+        size = _nbytes(data)
+        if self._sending:
+            await self._acquire_send()
+        else:
+            self._sending = True  # uncontended: no coroutine for _acquire_send
+        try:
+            if self._closed:
+                raise trio.ClosedResourceError(f"connection to {self._peer} is closed")
+            try:
+                await self._write_all(data, size, sent)
+            except trio.BrokenResourceError as exc:
+                await self._break()
+                raise ConnectionLost(f"connection to {self._peer} lost while sending") from exc
+            except BaseException:
+                # Cancelled, timed out or closed part-way: the stream may
+                # hold half a message, so nothing valid can follow on it.
+                await self._break()
+                raise
+        finally:
+            self._release_send()
+        self._count_sent(size, count)
+
+    async def _write_all(self, data: Any, size: int, sent: int) -> None:
+        sock = self._sock
+        if sock is None:
+            if self._limits.unlimited:
+                await self._stream.send_all(data)
+            else:
+                await self._write_limited(data)
+            return
+        if not sent:
+            try:
+                sent = os.write(sock.fileno(), data)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise _stream_error(exc) from exc
+        if sent < size:
+            await self._write_rest(sock, data, sent, size)
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def _write_rest(
+        self, sock: trio.socket.SocketType, data: Any, sent: int, total: int
+    ) -> None:
+        """Write what the kernel did not take at once, waiting for room under the limits."""
+        view = memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        send_deadline = self._send_deadline()
+        while sent < total:
+            await self._wait_writable(sock, send_deadline)
+            try:
+                sent += os.write(sock.fileno(), view[sent:])
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise _stream_error(exc) from exc
+
+    async def _wait_writable(self, sock: trio.socket.SocketType, send_deadline: float) -> None:
+        """Wait for room in the socket's send buffer, under the send / inactivity limits.
+
+        A read deadline wakes every task blocked on the socket (see
+        :meth:`_on_alarm`); a writer woken that way while the connection is
+        open waits again, under the same deadline: a timer that ends a read
+        never cuts a write short.
+        """
+        deadline, phase, limit = self._write_deadline(send_deadline)
+        with trio.CancelScope(deadline=deadline) as scope:
+            while True:
+                try:
+                    await trio.lowlevel.wait_writable(sock)
+                    return
+                except trio.ClosedResourceError:
+                    if self._closed:
+                        raise
+        if scope.cancelled_caught:
+            raise CommTimeout(phase, limit or 0.0, self._peer)
+
+    def _write_deadline(self, send_deadline: float) -> tuple[float, str, float | None]:
+        limits = self._limits
+        if limits.inactivity is not None:
+            progress = self._now() + limits.inactivity
+            if progress < send_deadline:
+                return progress, "inactivity", limits.inactivity
+        return send_deadline, "send", limits.send
+
+    def _send_deadline(self) -> float:
+        send = self._limits.send
+        return _INF if send is None else self._now() + send
+
+    async def _write_limited(self, data: Any) -> None:
+        send_deadline = self._send_deadline()
+        with memoryview(data) as view:
+            total = view.nbytes
+            step = _WRITE_STEP if self._limits.inactivity is not None else max(total, 1)
+            for offset in range(0, max(total, 1), step):
+                deadline, phase, limit = self._write_deadline(send_deadline)
+                with trio.CancelScope(deadline=deadline) as scope:
+                    await self._stream.send_all(view[offset : offset + step])
+                if scope.cancelled_caught:
+                    raise CommTimeout(phase, limit or 0.0, self._peer)
 
     async def _acquire_send(self) -> None:
         if self._sending:
@@ -373,145 +581,6 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             self._send_queue.unpark()
         else:
             self._sending = False
-
-    def _write_nowait(self, data: Any, count: int) -> int:
-        """Write ``data`` at once if this is a plain socket, with no checkpoint.
-
-        For a caller that checks for cancellation and yields in its own
-        frame (the server's request loop and ``client.request``, each with
-        its own copy of the few lines that do so: a shared helper would be
-        the coroutine this saves): no coroutine, and one frame fewer to
-        pass through at its schedule point. Returns -1 when the
-        kernel took all of ``data`` (the write is done and counted);
-        otherwise the number of bytes it took, possibly 0 (also when the
-        connection is not a plain socket, is closed, or another send is in
-        progress, or on an error), and the caller must finish with
-        ``_write(data, count, ..., sent)``, which raises what it finds.
-        """
-        sock = self._sock
-        if sock is None or self._sending or self._closed:
-            return 0
-        try:
-            sent = os.write(sock.fileno(), data)
-        except OSError:
-            return 0  # _write meets the error again and handles it
-        if sent < (data.nbytes if isinstance(data, memoryview) else len(data)):
-            return sent
-        self._count_sent(sent, count)
-        return -1
-
-    def _count_sent(self, nbytes: int, count: int) -> None:
-        """A write of ``count`` messages, ``nbytes`` bytes in all, is done."""
-        stats = self._stats
-        stats.bytes_sent += nbytes
-        stats.messages_sent += count
-        stats.last_send_at = self._now()
-
-    async def _write(
-        self, data: Any, count: int, cancel_checked: bool = False, sent: int = 0
-    ) -> None:
-        # cancel_checked: the caller checks for cancellation once in each of
-        # its rounds elsewhere (the server's request loop, at its read), so
-        # this write needs only its schedule point. sent: bytes of data that
-        # _write_nowait has already written.
-        if self._closed:
-            raise trio.ClosedResourceError(f"connection to {self._peer} is closed")
-        size = data.nbytes if isinstance(data, memoryview) else len(data)
-        if self._sending:
-            await self._acquire_send()
-        else:
-            self._sending = True  # uncontended: no coroutine for _acquire_send
-        try:
-            if self._closed:
-                raise trio.ClosedResourceError(f"connection to {self._peer} is closed")
-            try:
-                sock = self._sock
-                if sock is not None:
-                    # SocketStream.send_all's contract without its layers,
-                    # inlined: the common case (the kernel takes it all at
-                    # once) costs one system call, a cancellation check and a
-                    # schedule point, and no cancel scope.
-                    if not cancel_checked:
-                        await trio.lowlevel.checkpoint_if_cancelled()
-                    if not sent:
-                        try:
-                            sent = os.write(sock.fileno(), data)
-                        except BlockingIOError:
-                            pass
-                        except OSError as exc:
-                            raise _stream_error(exc) from exc
-                    if sent < size:
-                        await self._write_rest(sock, data, sent, size)
-                    else:
-                        await trio.lowlevel.cancel_shielded_checkpoint()
-                elif self._limits.unlimited:
-                    await self._stream.send_all(data)
-                else:
-                    await self._write_limited(data)
-            except trio.BrokenResourceError as exc:
-                await self._break()
-                raise ConnectionLost(f"connection to {self._peer} lost while sending") from exc
-            except trio.ClosedResourceError:
-                raise
-            except BaseException:
-                # Timed out or cancelled part-way: the stream may hold half a
-                # message, so nothing valid can follow on it.
-                await self._break()
-                raise
-        finally:
-            self._release_send()
-        self._count_sent(size, count)
-
-    async def _write_rest(
-        self, sock: trio.socket.SocketType, data: Any, sent: int, total: int
-    ) -> None:
-        """Write what the kernel did not take at once (``total`` bytes in all), waiting for room.
-
-        Each wait gets a cancel scope for the send / inactivity limits.
-        """
-        view = memoryview(data)
-        if view.format != "B" or view.ndim != 1:
-            view = view.cast("B")
-        send_deadline = self._send_deadline()
-        while sent < total:
-            deadline, phase, limit = self._write_deadline(send_deadline)
-            if deadline == _INF:
-                await trio.lowlevel.wait_writable(sock)
-            else:
-                with trio.CancelScope(deadline=deadline) as scope:
-                    await trio.lowlevel.wait_writable(sock)
-                if scope.cancelled_caught:
-                    raise CommTimeout(phase, limit or 0.0, self._peer)
-            try:
-                sent += os.write(sock.fileno(), view[sent:])
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                raise _stream_error(exc) from exc
-
-    def _write_deadline(self, send_deadline: float) -> tuple[float, str, float | None]:
-        limits = self._limits
-        if limits.inactivity is not None:
-            progress = trio.current_time() + limits.inactivity
-            if progress < send_deadline:
-                return progress, "inactivity", limits.inactivity
-        return send_deadline, "send", limits.send
-
-    def _send_deadline(self) -> float:
-        send = self._limits.send
-        return _INF if send is None else trio.current_time() + send
-
-    async def _write_limited(self, data: Any) -> None:
-        send_deadline = self._send_deadline()
-        with memoryview(data) as view:
-            total = view.nbytes
-            step = _WRITE_STEP if self._limits.inactivity is not None else max(total, 1)
-            for offset in range(0, max(total, 1), step):
-                deadline, phase, limit = self._write_deadline(send_deadline)
-                with trio.CancelScope(deadline=deadline) as scope:
-                    await self._stream.send_all(view[offset : offset + step])
-                if scope.cancelled_caught:
-                    raise CommTimeout(phase, limit or 0.0, self._peer)
 
     # -- sending files -------------------------------------------------------
 
@@ -551,6 +620,8 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             raise ValueError(f"offset {offset} + count {count} exceed the file size ({size} bytes)")
         if self._closed:
             raise trio.ClosedResourceError(f"connection to {self._peer} is closed")
+        if self._outbox:
+            await self._flush()  # the accepted replies go first
         await self._acquire_send()
         sent = 0
         try:
@@ -570,16 +641,15 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
                 raise ConnectionLost(
                     f"connection to {self._peer} lost while sending a file"
                 ) from exc
-            except trio.ClosedResourceError:
-                raise
             except BaseException:
+                # Part of the file may be on the wire: nothing can follow it.
                 await self._break()
                 raise
         finally:
             self._release_send()
             self._stats.bytes_sent += sent
             if sent:
-                self._stats.last_send_at = trio.current_time()
+                self._stats.last_send_at = self._now()
         return sent
 
     async def _sendfile(
@@ -592,11 +662,7 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             try:
                 n = os.sendfile(sockfd, fd, offset, min(end - offset, 1 << 30))
             except BlockingIOError:
-                deadline, phase, limit = self._write_deadline(send_deadline)
-                with trio.CancelScope(deadline=deadline) as scope:
-                    await trio.lowlevel.wait_writable(sock)
-                if scope.cancelled_caught:
-                    raise CommTimeout(phase, limit or 0.0, self._peer) from None
+                await self._wait_writable(sock, send_deadline)
                 continue
             if n == 0:
                 raise CommError(
@@ -654,181 +720,169 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             if not pending:
                 self._pending = _NO_PENDING
             return message
-        if self._receiving:
-            raise trio.BusyResourceError("another task is already receiving on this connection")
-        self._receiving = True
-        # The whole slow path is inlined here rather than in a helper: a
-        # connection waiting for its next message holds this coroutine's frame,
-        # and one frame less is ~300 bytes less per idle connection.
+        self._begin_receive()
+        # Every wait is written out in this one frame, and everything else is
+        # a plain call: a connection waiting for its next message holds this
+        # frame alone (a frame more would be ~300 bytes per idle connection).
         try:
-            if self._closed:
-                raise trio.ClosedResourceError(f"connection to {self._peer} is closed")
-            if self._deferred_error is not None:
-                error, self._deferred_error = self._deferred_error, None
-                await self._break()
-                raise error
-            if self._eof:
+            if self._eof or self._deferred_error is not None:
                 await trio.lowlevel.checkpoint()
-                raise trio.EndOfChannel
-            decoder = self._decoder
+                self._raise_at_end()
             limits = self._limits
-            unlimited = limits.unlimited
-            # When this call began, for the first-byte deadline: read from the
-            # clock only when that deadline is needed (bytes left over from an
-            # earlier call, or a wait), which is before any schedule point of
-            # this call, so it is the call's start to within a system call.
-            started = self._now() if not unlimited and decoder.buffered else None
+            sock = self._sock
+            # When this call began, read from the clock only if a deadline
+            # needs it; and the deadline of the message once its first byte is in.
+            started = _INF
             message_deadline = _INF
-            data: bytes | bytearray
+            data: bytes | bytearray | None
             while True:
-                try:
-                    if not unlimited and decoder.buffered and message_deadline is _INF:
-                        # From the message's first byte, but not before this
-                        # call: time the application spent elsewhere while
-                        # those bytes sat buffered is not the peer's delay.
-                        message_deadline = self._receive_deadline(
-                            max(self._stats.last_receive_at or 0.0, started or 0.0)
-                        )
-                    sock = self._sock
-                    if sock is not None:
-                        # SocketStream.receive_some's contract without its
-                        # layers, inlined (no helper frame on the hot path, nor
-                        # held by every idle connection): data already there
-                        # costs one system call, a cancellation check and a
-                        # schedule point, and no deadline arithmetic (data is
-                        # progress); a read that must wait is timed by the
-                        # watchdog, or by a cancel scope when there is none.
-                        await trio.lowlevel.checkpoint_if_cancelled()
-                        waited = False
-                        while True:
-                            try:
-                                data = os.read(sock.fileno(), RECEIVE_SIZE)
-                                break
-                            except BlockingIOError:
-                                pass
-                            except OSError as exc:
-                                raise _stream_error(exc) from exc
-                            waited = True
-                            if self._on_wait is not None:
-                                self._on_wait()
-                            if unlimited:
-                                await trio.lowlevel.wait_readable(sock)
-                                continue
-                            if started is None:
-                                started = self._now()
-                            deadline, phase, limit = self._read_deadline(started, message_deadline)
-                            watchdog = self._watchdog
-                            if watchdog is not None and watchdog._running:
-                                # The watchdog wakes this wait if the deadline
-                                # passes: no cancel scope.
-                                self._expired = False
-                                self._wait_deadline = deadline
-                                if deadline < self._wd_at:
-                                    watchdog.arm(self, deadline)
-                                try:
-                                    await trio.lowlevel.wait_readable(sock)
-                                except trio.ClosedResourceError:
-                                    if self._expired:
-                                        raise CommTimeout(phase, limit or 0.0, self._peer) from None
-                                    raise
-                                finally:
-                                    self._wait_deadline = _INF
-                            else:
-                                with trio.CancelScope(deadline=deadline) as scope:
-                                    await trio.lowlevel.wait_readable(sock)
-                                if scope.cancelled_caught:
-                                    raise CommTimeout(phase, limit or 0.0, self._peer)
-                        if not waited:
-                            if message_deadline is not _INF and self._now() >= message_deadline:
-                                # A message that keeps coming but never ends
-                                # still times out.
-                                raise CommTimeout("receive", limits.receive or 0.0, self._peer)
-                            if self._yield_on_data:
-                                await trio.lowlevel.cancel_shielded_checkpoint()
+                if message_deadline is _INF and not limits.unlimited and self._decoder.buffered:
+                    started = min(started, self._now())
+                    message_deadline = self._message_deadline(started)
+                if sock is None:
+                    if self._on_wait is not None:
+                        self._on_wait()  # not a socket: every read counts as a wait
+                    if limits.unlimited:
+                        data = await self._stream.receive_some(RECEIVE_SIZE)
                     else:
-                        # Not a plain socket: whether the read will wait is
-                        # not known, so it counts as waiting.
+                        started = min(started, self._now())
+                        deadline, phase, limit = self._read_deadline(started, message_deadline)
+                        with trio.CancelScope(deadline=deadline) as scope:
+                            data = await self._stream.receive_some(RECEIVE_SIZE)
+                        if scope.cancelled_caught:
+                            raise CommTimeout(phase, limit or 0.0, self._peer)
+                else:
+                    await trio.lowlevel.checkpoint_if_cancelled()
+                    waited = False
+                    while (data := self._read_now(sock)) is None:
+                        waited = True
                         if self._on_wait is not None:
                             self._on_wait()
-                        if unlimited:
-                            data = await self._stream.receive_some(RECEIVE_SIZE)
-                        else:
-                            if started is None:
-                                started = self._now()
-                            data = await self._read_limited(started, message_deadline)
-                except trio.BrokenResourceError as exc:
-                    await self._break()
-                    raise ConnectionLost(
-                        f"connection to {self._peer} lost: {exc or 'reset'}"
-                    ) from exc
-                except CommTimeout:
-                    await self._break()
-                    raise
-                if not data:
-                    self._eof = True
-                    if decoder.buffered:
-                        await self._break()
-                        raise ConnectionLost(
-                            f"{self._peer} closed the connection in the middle of a message "
-                            f"({decoder.buffered} bytes of it received)"
-                        )
-                    raise trio.EndOfChannel
-                stats = self._stats
-                stats.bytes_received += len(data)
-                stats.last_receive_at = self._now()
-                try:
-                    messages = decoder.feed(data)
-                except ProtocolError as exc:
-                    if not exc.messages:
-                        await self._break()
-                        raise
-                    # Messages that arrived whole before the bad bytes are
-                    # handed out first (a server answers them); the error is
-                    # raised, and the connection closed, by the receive after
-                    # them. The state is ERROR from now on: it is never reused.
-                    self._state = ConnState.ERROR
-                    self._deferred_error = exc
-                    messages = list(exc.messages)
-                    exc.messages = ()
-                except Exception as exc:
-                    # A user codec raising something else still means bad input.
-                    await self._break()
-                    raise ProtocolError(f"cannot decode data from {self._peer}: {exc!r}") from exc
-                if messages:
-                    count = len(messages)
-                    stats.messages_received += count
-                    if count == 1:
-                        return messages[0]
-                    # Nothing is pending when a read happens: the rest of
-                    # the burst becomes the pending list, with no copy (the
-                    # decoder hands its list over; see Decoder.feed).
-                    if type(messages) is not list:
-                        messages = list(messages)
-                    messages.reverse()
-                    first = messages.pop()
-                    self._pending = messages
-                    return first
+                        if limits.unlimited:
+                            await trio.lowlevel.wait_readable(sock)
+                            continue
+                        started = min(started, self._now())
+                        deadline, phase, limit = self._read_deadline(started, message_deadline)
+                        if self._arm_wait(deadline):
+                            try:
+                                await trio.lowlevel.wait_readable(sock)
+                            except trio.ClosedResourceError:
+                                self._raise_if_expired(phase, limit)
+                                raise
+                            finally:
+                                self._wait_deadline = _INF
+                            continue
+                        with trio.CancelScope(deadline=deadline) as scope:
+                            await trio.lowlevel.wait_readable(sock)
+                        if scope.cancelled_caught:
+                            raise CommTimeout(phase, limit or 0.0, self._peer)
+                    if not waited:
+                        self._check_message_deadline(message_deadline)
+                        if self._yield_on_data:
+                            await trio.lowlevel.cancel_shielded_checkpoint()
+                message = self._absorb(data)
+                if message is not _NOTHING:
+                    return message
+        except trio.BrokenResourceError as exc:
+            await self._break()
+            if isinstance(exc, ConnectionLost):
+                raise
+            raise ConnectionLost(f"connection to {self._peer} lost: {exc or 'reset'}") from exc
+        except (ProtocolError, CommTimeout):
+            await self._break()
+            raise
         finally:
             self._receiving = False
 
-    def _take_pending(self, first: In) -> list[In]:
-        """Return ``first`` followed by every message already decoded, removing them (no I/O)."""
-        items = self._pending
-        if not items:
-            return [first]
-        self._pending = _NO_PENDING
-        items.append(first)
-        items.reverse()
-        return items
+    def _begin_receive(self) -> None:
+        """Claim the receive side, or raise why a receive cannot run."""
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this connection")
+        if self._closed:
+            raise trio.ClosedResourceError(f"connection to {self._peer} is closed")
+        self._receiving = True
 
-    @property
-    def pending(self) -> int:
-        """Messages already decoded and waiting to be received (no I/O needed)."""
-        return len(self._pending)
+    def _raise_at_end(self) -> None:
+        """The stream has nothing more to give: raise the bad input found, or its end."""
+        error = self._deferred_error
+        if error is not None:
+            # Bad input after good messages: raised now that they are taken.
+            self._deferred_error = None
+            raise error
+        raise trio.EndOfChannel
 
-    def _receive_deadline(self, first_byte_at: float) -> float:
+    def _read_now(self, sock: trio.socket.SocketType) -> bytes | None:
+        """What the socket holds now (``b""`` at its end), or ``None`` if it is empty."""
+        try:
+            return os.read(sock.fileno(), RECEIVE_SIZE)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            raise _stream_error(exc) from exc
+
+    def _absorb(self, data: bytes | bytearray | None) -> Any:
+        """Count and decode bytes just read: the first message they complete, or ``_NOTHING``.
+
+        Further messages of the same read become pending. Raises
+        :class:`trio.EndOfChannel` at a clean end, :class:`ConnectionLost` at
+        an end in the middle of a message, and the decoder's errors.
+        """
+        if not data:
+            self._eof = True
+            buffered = self._decoder.buffered
+            if buffered:
+                raise ConnectionLost(
+                    f"{self._peer} closed the connection in the middle of a message "
+                    f"({buffered} bytes of it received)"
+                )
+            raise trio.EndOfChannel
+        stats = self._stats
+        stats.bytes_received += len(data)
+        stats.last_receive_at = self._now()
+        try:
+            messages = self._decoder.feed(data)
+        except ProtocolError as exc:
+            if not exc.messages:
+                raise
+            # Messages that arrived whole before the bad bytes are handed out
+            # first (a server answers them); the receive after them raises.
+            # The state is ERROR from now on: the connection is never reused.
+            self._state = ConnState.ERROR
+            self._deferred_error = exc
+            messages = list(exc.messages)
+            exc.messages = ()
+        except Exception as exc:
+            # A user codec raising something else still means bad input.
+            raise ProtocolError(f"cannot decode data from {self._peer}: {exc!r}") from exc
+        if not messages:
+            return _NOTHING
+        stats.messages_received += len(messages)
+        if len(messages) == 1:
+            return messages[0]
+        # The rest of the burst becomes the pending list with no copy (the
+        # decoder hands its list over; see Decoder.feed).
+        if type(messages) is not list:
+            messages = list(messages)
+        messages.reverse()
+        first = messages.pop()
+        self._pending = messages
+        return first
+
+    def _message_deadline(self, started: float) -> float:
+        """The ``receive`` deadline of a message whose first byte is buffered.
+
+        From that byte, but not before this call began: time the application
+        spent elsewhere while the bytes sat buffered is not the peer's delay.
+        """
         receive = self._limits.receive
-        return _INF if receive is None else first_byte_at + receive
+        if receive is None:
+            return _INF
+        return max(self._stats.last_receive_at or 0.0, started) + receive
+
+    def _check_message_deadline(self, message_deadline: float) -> None:
+        # A message that keeps coming but never ends still times out.
+        if message_deadline is not _INF and self._now() >= message_deadline:
+            raise CommTimeout("receive", self._limits.receive or 0.0, self._peer)
 
     def _read_deadline(
         self, started: float, message_deadline: float
@@ -850,18 +904,42 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
                 phase, limit, deadline = "inactivity", limits.inactivity, progress
         return deadline, phase, limit
 
-    async def _read_limited(self, started: float, message_deadline: float) -> bytes | bytearray:
-        deadline, phase, limit = self._read_deadline(started, message_deadline)
-        with trio.CancelScope(deadline=deadline):
-            return await self._stream.receive_some(RECEIVE_SIZE)
-        # Only reached when the deadline cancelled the read.
-        raise CommTimeout(phase, limit or 0.0, self._peer)
+    def _arm_wait(self, deadline: float) -> bool:
+        """Have the timers end the coming wait at ``deadline``; False if there are none."""
+        timers = self._timers
+        if timers is None or not timers.running:
+            return False
+        self._expired = False
+        self._wait_deadline = deadline
+        timers.arm(self, deadline)
+        return True
+
+    def _raise_if_expired(self, phase: str, limit: float | None) -> None:
+        """A timed wait was woken by a close: raise its timeout if the timers did it."""
+        if self._expired:
+            raise CommTimeout(phase, limit or 0.0, self._peer) from None
+
+    def _on_alarm(self, now: float) -> float:
+        """The timers' call (see ``_timers.py``): end the waiting read if its deadline passed."""
+        wait = self._wait_deadline
+        if wait > now:
+            return wait  # a later deadline, or nothing waiting (inf)
+        self._expired = True
+        if self._sock is not None and not self._closed:
+            # Wakes every task blocked on this socket; writers wait again
+            # (_wait_writable), the reader raises its timeout (_end_wait).
+            trio.lowlevel.notify_closing(self._sock)
+        return _INF
 
     # -- closing -------------------------------------------------------------
 
     async def aclose(self) -> None:
-        """Close gracefully: a send in progress finishes first, then the stream closes.
+        """Close gracefully: what was accepted is written first, then the stream closes.
 
+        "Accepted" is a send in progress in another task and, in a
+        :func:`~triocomm.serve` handler, the replies to the earlier requests
+        of the same batch (so a handler that ends its connection, like
+        memcached's ``quit``, still answers what came before it).
         Idempotent. If cancelled, the connection is still closed (forcefully).
         Use :func:`trio.aclose_forcefully` to close at once (MINA's close-now).
         """
@@ -871,9 +949,13 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         if self._state is not ConnState.ERROR:
             self._state = ConnState.CLOSING
         try:
-            if self._sending:
+            if self._outbox:
+                await self._flush()
+            elif self._sending:
                 await self._acquire_send()
                 self._release_send()
+        except (CommError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the write broke the connection; it is closed below all the same
         finally:
             self._closed = True
             if self._state is ConnState.CLOSING:
@@ -884,25 +966,21 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
     async def _break(self) -> None:
         """Move to ERROR and close at once (shielded: this runs on failure paths)."""
         self._state = ConnState.ERROR
+        if self._outbox:
+            self._outbox = _NO_OUTBOX  # never written: the stream is broken
         if not self._closed:
             self._closed = True
             self._log_closed()
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self._stream)
 
-    def _expire(self) -> None:
-        """The watchdog's call: the waiting read's deadline passed; wake it."""
-        self._expired = True
-        if self._sock is not None and not self._closed:
-            trio.lowlevel.notify_closing(self._sock)
-
     def _log_closed(self) -> None:
-        watchdog = self._watchdog
-        if watchdog is not None:
-            watchdog.forget(self)
-        if logger.isEnabledFor(logging.DEBUG):
+        timers = self._timers
+        if timers is not None:
+            timers.disarm(self)
+        if logger.isEnabledFor(logging.INFO):
             stats = self._stats
-            logger.debug(
+            logger.info(
                 "connection #%d with %s closed (%s): %d messages in, %d out, open %.3fs",
                 self._id,
                 self._peer,
@@ -912,15 +990,129 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
                 trio.current_time() - stats.created_at,
             )
 
-    # -- hooks for the client and server layers ------------------------------
+    # -- operations for the client and server layers -------------------------
+    #
+    # The only way the other modules change a connection (docs/architecture.md).
 
-    def _set_state(self, state: ConnState) -> None:
+    def _attach(
+        self,
+        timers: Timers,
+        *,
+        label: str | None = None,
+        on_wait: Callable[[], None] | None = None,
+        request_loop: bool = False,
+    ) -> None:
+        """Join a client or service: its timers time the reads, its name for the peer.
+
+        ``on_wait``: called when a read must wait (see ``_on_wait``).
+        ``request_loop``: reads are made by a loop that has a schedule point
+        of its own in every round, so a read that finds data skips one.
+        """
+        self._timers = timers
+        if label is not None:
+            self._peer = label
+        if on_wait is not None:
+            self._on_wait = on_wait
+        if request_loop:
+            self._yield_on_data = False
+
+    def _set_state(self, state: ConnState, limits: _Limits | None = None) -> None:
+        """Enter ``state`` (never out of ERROR or a close), with the phase limits that apply."""
         if self._state is not ConnState.ERROR and not self._closed:
             self._state = state
+        if limits is not None:
+            self._limits = limits
 
-    def _begin_session(self) -> None:
+    def _begin_session(self, limits: _Limits | None = None) -> None:
+        """A session starts: ``seq`` moves on; ``limits``, if given, bound it."""
         self._sessions += 1
+        if limits is not None:
+            self._limits = limits
 
-    @property
-    def _has_unread_bytes(self) -> bool:
-        return bool(self._pending) or self._decoder.buffered > 0 or self._deferred_error is not None
+    async def _exchange(self, data: Any) -> In:
+        """``client.request``'s session: write one encoded message, return the reply.
+
+        The write is this session's schedule point, so a reply already there
+        is read without a second one.
+        """
+        await self._send_bytes(data, 1)
+        self._set_state(ConnState.RECEIVING)
+        self._yield_on_data = False
+        try:
+            return await self.receive()
+        finally:
+            self._yield_on_data = True
+
+    def _take_burst(self, first: In) -> list[In]:
+        """``first`` and every message already decoded after it, removed from the connection."""
+        items = self._pending
+        if not items:
+            return [first]
+        self._pending = _NO_PENDING
+        items.append(first)
+        items.reverse()
+        return items
+
+    def _queue(self, reply: Any) -> bool:
+        """Accept a passive session's reply for the next :meth:`_flush`; True when that is due.
+
+        A codec with a batch encoder encodes the batch at the flush (its
+        messages are buffers, whose size is known); any other encodes now.
+        Raises what the codec raises for a reply it cannot encode, accepting
+        nothing.
+        """
+        if getattr(self._codec, "encode_batch", None) is not None:
+            size = _nbytes(reply)  # TypeError for a non-buffer, as encoding would
+        else:
+            reply = self._encode(reply)
+            size = _nbytes(reply)
+        outbox = self._outbox
+        if outbox is _NO_OUTBOX:
+            outbox = self._outbox = []
+        outbox.append(reply)
+        self._outbox_size += size
+        return len(outbox) >= MAX_REPLY_BATCH or self._outbox_size >= MAX_REPLY_BYTES
+
+    async def _flush(self) -> None:
+        """Write the accepted replies in one write (through the one write path).
+
+        If the codec refuses one of them, the replies before it are written
+        and the codec's error is raised.
+        """
+        if not self._outbox:
+            # Nothing to write: still the schedule point the caller's round needs.
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        data, count, error = self._encode_outbox()
+        if count:
+            await self._send_bytes(data, count, cancel_checked=True)
+        if error is not None:
+            raise error
+
+    def _take_outbox(self, data: Any, count: int) -> tuple[Any, int]:
+        """The accepted replies followed by ``data`` (``count`` messages), as one write."""
+        replies, outbox_count, error = self._encode_outbox()
+        if error is not None:
+            raise error
+        return b"".join([replies, data]), outbox_count + count
+
+    def _encode_outbox(self) -> tuple[Any, int, Exception | None]:
+        """Empty the outbox: its bytes, its message count, and the codec's error if any."""
+        outbox = self._outbox
+        self._outbox = _NO_OUTBOX
+        self._outbox_size = 0
+        if getattr(self._codec, "encode_batch", None) is None:
+            return b"".join(outbox), len(outbox), None  # encoded by _queue
+        try:
+            return self._encode_many(outbox), len(outbox), None
+        except Exception as exc:
+            error = exc
+        # Find the reply the codec refused; those before it are still sent.
+        parts = []
+        for reply in outbox:
+            try:
+                parts.append(self._encode(reply))
+            except Exception as exc:
+                error = exc
+                break
+        return b"".join(parts), len(parts), error

@@ -217,7 +217,7 @@ class PooledConnection:
         a session ends relies on the check when the connection is next lent.
         """
         conn = self.conn
-        if self.spoke or conn._closed or conn._has_unread_bytes:
+        if self.spoke or conn.is_closed or not conn.between_messages:
             return True
         if self.tls and conn.stream.pending():  # type: ignore[attr-defined]
             return True  # decrypted bytes already buffered inside the TLS object

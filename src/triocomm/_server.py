@@ -14,8 +14,6 @@ and per-phase limits and never touches bytes itself.
 from __future__ import annotations
 
 import errno
-import heapq
-import itertools
 import logging
 import math
 import os
@@ -29,11 +27,11 @@ from typing import Any, TypeVar
 
 import trio
 
-from ._connection import Connection, ConnState, Idle, _socket_of, format_address
+from ._connection import Connection, ConnState, Idle, format_address, socket_of
 from ._errors import CommError, CommTimeout, ConnectionLost, FrameTooLarge, ProtocolError
 from ._framing import Codec
 from ._timeouts import ServerTimeouts
-from ._watchdog import Watchdog
+from ._timers import Timers
 
 __all__ = ["Server", "ServerStats", "serve", "serve_connections"]
 
@@ -42,10 +40,6 @@ Out = TypeVar("Out")
 
 logger = logging.getLogger("triocomm.server")
 
-#: Requests answered before their replies are written, at most: past this a
-#: pipelined burst is flushed in several writes, so replies waiting in memory
-#: stay bounded even when one read brought thousands of tiny requests.
-MAX_REPLY_BATCH = 256
 # Accept fails with these when the process or the system is out of a resource
 # that closing connections gives back; the service waits and tries again.
 _CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
@@ -87,6 +81,9 @@ class ServerStats:
     errors: Counter[str] = field(default_factory=Counter)
 
 
+_UNENCODABLE = "the handler returned a reply the codec cannot encode"
+
+
 class _HandlerFailed(Exception):
     """The user's request handler raised (or its reply could not be encoded)."""
 
@@ -94,6 +91,49 @@ class _HandlerFailed(Exception):
         super().__init__(what)
         self.error = error
         self.what = what
+
+
+@dataclass(frozen=True)
+class ServiceOptions:
+    """Every option of a service, checked once: what :func:`serve`,
+    :func:`serve_connections` and ``serve_workers`` hand down to the layers below.
+
+    Picklable when its parts are (``serve_workers`` sends it to each worker).
+    """
+
+    codec: Codec[Any, Any]
+    ssl_context: Any = None
+    timeouts: ServerTimeouts = field(default_factory=ServerTimeouts)
+    max_connections: int = 2000
+    idle: Mapping[Idle, float] = field(default_factory=dict)
+    on_idle: IdleCallback | None = None
+
+    def __post_init__(self) -> None:
+        timeouts = self.timeouts
+        if not isinstance(timeouts, ServerTimeouts):
+            raise TypeError(f"timeouts must be a ServerTimeouts, got {type(timeouts).__name__}")
+        max_connections = self.max_connections
+        if isinstance(max_connections, bool) or not isinstance(max_connections, int):
+            raise TypeError(f"max_connections must be an int, got {max_connections!r}")
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, got {max_connections}")
+        idle = dict(self.idle or {})
+        for status, period in idle.items():
+            _check_idle_period(status, period)
+        if idle and self.on_idle is None:
+            raise ValueError("idle= needs on_idle=, the callback to call when a connection is idle")
+        if not idle and self.on_idle is not None:
+            raise ValueError("on_idle= needs idle=, e.g. idle={Idle.READ: 30.0}")
+        object.__setattr__(self, "idle", idle)
+
+
+def _check_idle_period(status: object, period: object) -> None:
+    if not isinstance(status, Idle):
+        raise TypeError(f"idle keys must be Idle.READ, Idle.WRITE or Idle.BOTH, got {status!r}")
+    if isinstance(period, bool) or not isinstance(period, (int, float)):
+        raise TypeError(f"idle period for {status.name} must be seconds, got {period!r}")
+    if not period > 0 or math.isinf(period):
+        raise ValueError(f"idle period for {status.name} must be > 0 and finite, got {period!r}")
 
 
 class _Entry:
@@ -126,11 +166,44 @@ class _Entry:
         # _end_wait), or, for a stream without one, cancelling this scope.
         self.sock: trio.socket.SocketType | None = None
         self.scope: trio.CancelScope | None = None
-        # Idle detection state, only made when the service has idle= set.
+        # Idle detection state, only made when the service has idle= set:
+        # when each status last fired, the running callback's scope, and
+        # statuses that came due while it was busy (each at most once).
         self.idle_fired: dict[Idle, float] | None = None
         self.idle_callback: trio.CancelScope | None = None
-        # Statuses that came due while the callback was busy, each at most once.
         self.idle_due: list[Idle] | None = None
+
+    def begin_wait(self, conn: Connection[Any, Any], keepalive: bool) -> bool:
+        """The request loop is about to wait for a request; False: end the connection instead.
+
+        A service that is shutting down, or that chose this connection to make
+        room, ends it between requests. A request may have reached the socket
+        already: the read side is shut and read once more, so that request is
+        answered, not reset.
+        """
+        at_boundary = conn.between_messages
+        if (self.server._draining or self.closing) and at_boundary:
+            if self.sock is None:
+                return False
+            if not self.closing:
+                _end_wait(self)
+        # Evictable once its read finds nothing and waits (went_quiet).
+        self.evictable = keepalive and at_boundary
+        self.waiting = True
+        return True
+
+    def wait_scope(self) -> trio.CancelScope:
+        """The scope that ends a wait on a stream without a socket to shut (see _end_wait)."""
+        self.scope = trio.CancelScope()
+        return self.scope
+
+    def end_wait(self) -> None:
+        """The request loop's wait is over."""
+        self.waiting = False
+        self.scope = None
+        if self.evictable:
+            self.evictable = False
+            self.server._keepalive.pop(self, None)
 
     def went_quiet(self) -> None:
         """Called by the connection when a read of it must wait (``Connection._on_wait``).
@@ -141,9 +214,14 @@ class _Entry:
         one costs no bookkeeping for a round that finds its request there.
         """
         if self.evictable:
-            server = self.server
-            server._keepalive[self] = None
-            server._wake_acceptors()
+            self.server._went_quiet(self)
+
+    def _on_alarm(self, now: float) -> float:
+        """The service's timers look at this connection's idle statuses (see ``_timers.py``)."""
+        conn = self.conn
+        if conn is None:
+            return math.inf
+        return self.server._check_idle(self, conn, now)
 
 
 def _peer_of(stream: trio.abc.Stream) -> str:
@@ -230,24 +308,15 @@ class Server:
     def __init__(
         self,
         listeners: list[trio.SocketListener],
-        body: Callable[[Server, Connection[Any, Any], _Entry], Awaitable[None]],
-        *,
-        codec: Codec[Any, Any],
-        ssl_context: Any,
-        timeouts: ServerTimeouts,
-        max_connections: int,
-        idle: Mapping[Idle, float] | None,
-        on_idle: IdleCallback | None,
+        body: Body,
+        options: ServiceOptions,
         unix_path: str | None,
     ) -> None:
         self._listeners = listeners
         self._body = body
-        self._codec = codec
-        self._ssl_context = ssl_context
-        self._timeouts = timeouts
-        self._max = max_connections
-        self._idle_periods = dict(idle or {})
-        self._on_idle = on_idle
+        self._options = options
+        self._max = options.max_connections
+        self._idle_periods = options.idle
         self._unix_path = unix_path
         self._unix_identity = _socket_identity(unix_path) if unix_path else None
         self._stats = ServerStats()
@@ -264,13 +333,8 @@ class Server:
         self._stop = trio.Event()
         self._drained = trio.Event()
         self._done = trio.Event()
-        # Idle detection: a heap of (due, tiebreak, entry, status), checked lazily.
-        self._idle_heap: list[tuple[float, int, _Entry, Idle]] = []
-        self._idle_tiebreak = itertools.count()
-        self._idle_dead = 0
-        self._idle_sleep: trio.CancelScope | None = None
-        # Times the waiting reads of every connection (see _watchdog.py).
-        self._watchdog = Watchdog()
+        # Times the waiting reads and the idle periods of every connection.
+        self._timers = Timers()
 
     # -- public surface ------------------------------------------------------
 
@@ -342,15 +406,13 @@ class Server:
         try:
             async with trio.open_nursery() as service:
                 self._service = service
-                # Before the first connection: it times every waiting read.
-                await service.start(self._watchdog.run)
+                # Before the first connection: they time every waiting read.
+                await service.start(self._timers.run)
                 service.start_soon(self._accept_all)
-                if self._idle_periods:
-                    service.start_soon(self._watch_idle)
                 task_status.started(self)
                 await self._stop.wait()
                 await self._drained.wait()
-                # Only the idle watcher and its callbacks can be left now.
+                # Only the timers and idle callbacks can be left now.
                 service.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
@@ -426,9 +488,14 @@ class Server:
     def _evictable(self) -> _Entry | None:
         for entry in self._keepalive:
             conn = entry.conn
-            if entry.waiting and not entry.closing and conn and not conn._has_unread_bytes:
+            if entry.waiting and not entry.closing and conn and conn.between_messages:
                 return entry
         return None
+
+    def _went_quiet(self, entry: _Entry) -> None:
+        # The entry's connection waits for its next request: evictable, in this order.
+        self._keepalive[entry] = None
+        self._wake_acceptors()
 
     def _evict(self, entry: _Entry) -> None:
         self._keepalive.pop(entry, None)
@@ -442,7 +509,7 @@ class Server:
 
     def _close_if_waiting(self, entry: _Entry) -> None:
         conn = entry.conn
-        if entry.waiting and conn is not None and not conn._has_unread_bytes:
+        if entry.waiting and conn is not None and conn.between_messages:
             _end_wait(entry)
 
     async def _park(self, room: trio.lowlevel.ParkingLot) -> None:
@@ -464,25 +531,20 @@ class Server:
         entry = _Entry(self)
         self._entries.add(entry)
         try:
-            peer = _peer_of(stream)
             transport: trio.abc.Stream = stream
-            if self._ssl_context is not None:
-                secure = await self._handshake(stream, peer)
+            if self._options.ssl_context is not None:
+                secure = await self._handshake(stream, _peer_of(stream))
                 if secure is None:
                     return
                 transport = secure
-            conn: Connection[Any, Any] = Connection(transport, self._codec)
-            conn._watchdog = self._watchdog
-            conn._on_wait = entry.went_quiet
+            conn: Connection[Any, Any] = Connection(transport, self._options.codec)
+            conn._attach(
+                self._timers, on_wait=entry.went_quiet, request_loop=self._body.request_loop
+            )
             entry.conn = conn
             if _SHUT_RD_WAKES_READERS:
-                entry.sock = _socket_of(transport)
-            if self._idle_periods:
-                entry.idle_fired = {}
-                entry.idle_due = []
-                now = trio.current_time()
-                for status, period in self._idle_periods.items():
-                    self._push_idle(now + period, entry, status)
+                entry.sock = socket_of(transport)
+            self._start_idle_detection(entry)
             try:
                 await self._body(self, conn, entry)
             except Exception as exc:
@@ -503,23 +565,15 @@ class Server:
         stats.connections_open -= 1
         self._entries.discard(entry)
         self._keepalive.pop(entry, None)
-        if entry.conn is not None and self._idle_periods:
-            self._idle_dead += len(self._idle_periods)
-            heap = self._idle_heap
-            if self._idle_dead > 256 and 2 * self._idle_dead > len(heap):
-                heap[:] = [
-                    item for item in heap if item[2].conn is not None and item[2] is not entry
-                ]
-                heapq.heapify(heap)
-                self._idle_dead = 0
+        self._timers.disarm(entry)
         entry.conn = None
         self._wake_acceptors()
         if self._draining and stats.connections_open == 0:
             self._drained.set()
 
     async def _handshake(self, stream: trio.abc.Stream, peer: str) -> trio.SSLStream[Any] | None:
-        ssl_stream = trio.SSLStream(stream, self._ssl_context, server_side=True)
-        limit = self._timeouts.handshake
+        ssl_stream = trio.SSLStream(stream, self._options.ssl_context, server_side=True)
+        limit = self._options.timeouts.handshake
         deadline = math.inf if limit is None else trio.current_time() + limit
         failure = None
         with trio.CancelScope(deadline=deadline) as scope:
@@ -578,59 +632,50 @@ class Server:
 
     # -- idle detection ------------------------------------------------------
 
-    def _push_idle(self, due: float, entry: _Entry, status: Idle) -> None:
-        heapq.heappush(self._idle_heap, (due, next(self._idle_tiebreak), entry, status))
-        sleep = self._idle_sleep
-        if sleep is not None and due < sleep.deadline:
-            sleep.deadline = due
-
-    async def _watch_idle(self) -> None:
-        # One task for every connection: each (connection, status) sits in a
-        # heap under the earliest moment it could become idle. When that comes
-        # the real idle time is checked; I/O since then only pushes it back.
-        # So the cost is per idle period, never per read or write.
-        heap = self._idle_heap
+    def _start_idle_detection(self, entry: _Entry) -> None:
         periods = self._idle_periods
-        while True:
-            now = trio.current_time()
-            while heap and heap[0][0] <= now:
-                _, _, entry, status = heapq.heappop(heap)
-                conn = entry.conn
-                if conn is None:
-                    self._idle_dead -= 1
-                    continue
-                fired, waiting = entry.idle_fired, entry.idle_due
-                assert fired is not None
-                assert waiting is not None
-                period = periods[status]
-                quiet_since = max(now - conn.idle_time(status), fired.get(status, -math.inf))
-                due = quiet_since + period
-                if due <= now:
-                    fired[status] = now
-                    due = now + period
-                    # One callback task per connection at a time: statuses
-                    # that come due meanwhile wait for it, each at most once,
-                    # so a slow callback skips beats instead of piling up.
-                    if entry.idle_callback is None and self._service is not None:
-                        entry.idle_callback = trio.CancelScope()
-                        self._service.start_soon(self._call_on_idle, entry, conn, status)
-                    elif status not in waiting:
-                        waiting.append(status)
-                heapq.heappush(heap, (due, next(self._idle_tiebreak), entry, status))
-            with trio.CancelScope(deadline=heap[0][0] if heap else math.inf) as sleep:
-                self._idle_sleep = sleep
-                await trio.sleep_forever()
-            self._idle_sleep = None
+        if periods:
+            entry.idle_fired = {}
+            entry.idle_due = []
+            self._timers.arm(entry, trio.current_time() + min(periods.values()))
+
+    def _check_idle(self, entry: _Entry, conn: Connection[Any, Any], now: float) -> float:
+        """Call ``on_idle`` for each status idle for its period; return when to look next.
+
+        The real idle time is checked only when a period could have ended, so
+        the cost is per idle period, never per read or write. One callback
+        task per connection at a time: statuses that come due meanwhile wait
+        for it, each at most once, so a slow callback skips beats instead of
+        piling them up.
+        """
+        fired, waiting = entry.idle_fired, entry.idle_due
+        assert fired is not None
+        assert waiting is not None
+        following = math.inf
+        for status, period in self._idle_periods.items():
+            quiet_since = max(now - conn.idle_time(status), fired.get(status, -math.inf))
+            due = quiet_since + period
+            if due <= now:
+                fired[status] = now
+                due = now + period
+                if entry.idle_callback is None and self._service is not None:
+                    entry.idle_callback = trio.CancelScope()
+                    self._service.start_soon(self._call_on_idle, entry, conn, status)
+                elif status not in waiting:
+                    waiting.append(status)
+            following = min(following, due)
+        return following
 
     async def _call_on_idle(self, entry: _Entry, conn: Connection[Any, Any], status: Idle) -> None:
         scope, waiting = entry.idle_callback, entry.idle_due
         assert scope is not None
         assert waiting is not None
-        assert self._on_idle is not None
+        on_idle = self._options.on_idle
+        assert on_idle is not None
         try:
             with scope:
                 while entry.conn is conn:
-                    await self._on_idle(conn, status)
+                    await on_idle(conn, status)
                     if not waiting:
                         break
                     status = waiting.pop(0)
@@ -662,153 +707,96 @@ def _from_connection(conn: Connection[Any, Any], exc: Exception) -> bool:
 # -- the two kinds of body ---------------------------------------------------
 
 
-def _request_body(
-    handler: RequestHandler[In, Out],
-) -> Callable[[Server, Connection[In, Out], _Entry], Awaitable[None]]:
-    async def answer_requests(server: Server, conn: Connection[In, Out], entry: _Entry) -> None:
-        # The hot loop of the service: one task per connection, no task or
-        # cancel scope per request. A read that brought several requests
-        # leaves them decoded in the connection; they are answered in order
-        # without further I/O, and their replies leave in one write. Nothing
-        # is read while replies are pending, so read-ahead is bounded by one
-        # read (RECEIVE_SIZE) plus one unfinished request (the codec's bound).
-        # Everything is inlined here: each coroutine frame kept alive by an
-        # idle connection costs memory, for every connection. For the same
-        # reason the connection's methods are looked up where they are
-        # called, not bound once: a bound method kept in this frame would be
-        # 64 bytes more per idle connection, to save 20 ns per round.
-        t = server._timeouts
+class RequestLoop:
+    """The body of a :func:`serve` connection: read requests, answer them in order.
+
+    The hot loop of the service: one task per connection, no task or cancel
+    scope per request. A read that brought several requests leaves them
+    decoded in the connection; they are answered in order without further
+    I/O, their replies accepted into the connection's outbox and written in
+    one write when the burst is done or the outbox is full (bounded in count
+    and bytes). Nothing is read while replies are unwritten, so read-ahead is
+    bounded by one read plus one unfinished request (the codec's bound), and a
+    client that never reads is held back by TCP.
+    """
+
+    request_loop = True
+
+    def __init__(self, handler: RequestHandler[Any, Any]) -> None:
+        self.handler = handler
+
+    async def __call__(self, server: Server, conn: Connection[Any, Any], entry: _Entry) -> None:
+        # Locals, not attributes: a connection waiting for its next request
+        # holds this frame, and what it refers to is memory per idle connection.
+        handler = self.handler
+        limits = server._options.timeouts._first_request_limits
+        keepalive = server._options.timeouts._keepalive_limits
         stats = server._stats
-        waiting_order = server._keepalive
-        conn._limits = t._first_request_limits
         state = ConnState.CONNECTED
-        error = ConnState.ERROR
         while True:
             # Wait for the next request: the only place a connection is idle.
-            partial = conn._has_unread_bytes
-            if (server._draining or entry.closing) and not partial:
-                if entry.sock is None:
-                    return
-                # A request may have reached the socket already: shut the
-                # read side and read once more, so it is answered, not reset.
-                if not entry.closing:
-                    _end_wait(entry)
-            # conn._set_state(state), inlined like the state change below
-            # (a call costs 100 ns more, twice a round): ERROR is final, and
-            # a handler may have closed the connection.
-            if conn._state is not error and not conn._closed:
-                conn._state = state
-            evictable = state is ConnState.KEEPALIVE and not partial
-            # Evictable once its read finds nothing and waits.
-            entry.evictable = evictable
-            entry.waiting = True
+            conn._set_state(state, limits)
+            if not entry.begin_wait(conn, state is ConnState.KEEPALIVE):
+                return
             try:
                 if entry.sock is not None:
-                    # _end_wait shuts the read side to end this wait: a request
-                    # that had already arrived is still returned, else
-                    # EndOfChannel (a clean close). A read that finds a
-                    # request waiting is a cancel point but not a schedule
-                    # point: this loop has one in every round (the reply's
-                    # send, or the checkpoint below when there is no reply).
-                    conn._yield_on_data = False
-                    try:
-                        request = await conn.receive()
-                    finally:
-                        conn._yield_on_data = True
+                    # _end_wait shuts the read side to end this wait: a
+                    # request that had already arrived is still returned.
+                    request = await conn.receive()
                 else:
-                    scope = entry.scope = trio.CancelScope()
-                    with scope:
+                    with entry.wait_scope() as scope:
                         request = await conn.receive()
                     if scope.cancelled_caught:
                         return
+            except trio.EndOfChannel:
+                return
             finally:
-                entry.waiting = False
-                entry.scope = None
-                if evictable:
-                    entry.evictable = False
-                    waiting_order.pop(entry, None)
-            if state is ConnState.CONNECTED:
-                state = ConnState.KEEPALIVE
-                conn._limits = t._keepalive_limits
-
-            # Answer the burst that arrived with it, in order.
-            if conn._state is not error and not conn._closed:
-                conn._state = ConnState.RECEIVING
-            replies: list[Out] = []
-            # The rest of the burst, taken at once: no checkpoint per request.
-            burst = conn._take_pending(request) if conn._pending else [request]
-            for request in burst:
-                # conn._begin_session(), inlined: this loop runs once per
-                # request, and a method call is a third of its bookkeeping.
-                conn._sessions += 1
+                entry.end_wait()
+            state, limits = ConnState.KEEPALIVE, keepalive
+            conn._set_state(ConnState.RECEIVING)
+            for request in conn._take_burst(request):  # noqa: B020 - the burst starts with it
+                conn._begin_session()
                 stats.sessions += 1
                 try:
                     reply = await handler(request, conn)
                 except Exception as exc:
-                    await _flush_quietly(conn, replies)
+                    await _flush_quietly(conn)
                     raise _HandlerFailed(exc, "the handler raised") from exc
+                if conn.is_closed:
+                    return  # the handler closed it, after the replies before it
                 if reply is not None:
-                    replies.append(reply)
-                    if len(replies) >= MAX_REPLY_BATCH:
-                        await _send_replies(conn, replies)
-                        replies = []
-            if replies:
-                # send_many, inlined for the usual case: a helper's frame
-                # would be suspended and resumed with every write. The write
-                # skips the cancellation check: the round's read made one.
-                # A cancellation the handler's own checkpoints did not
-                # raise (the handler cancelled the service itself, or it
-                # came during the flush of a long burst) is raised by the
-                # next read, once the replies of the requests already
-                # handled are written.
-                try:
-                    data = conn._encode_many(replies)
-                except TypeError as exc:
-                    raise _unencodable(exc) from exc
-                # Usually the kernel takes it all at once, and the round's
-                # schedule point is this frame's own; else _write finishes
-                # the write, waiting for room under the send limits.
-                sent = conn._write_nowait(data, len(replies))
-                if sent < 0:
-                    await trio.lowlevel.cancel_shielded_checkpoint()
-                else:
-                    await conn._write(data, len(replies), True, sent)
-                del data
-            else:
-                # No reply to send: the schedule point the read skipped, so
-                # that a client streaming requests that get no reply cannot
-                # keep this task running while others wait.
-                await trio.lowlevel.cancel_shielded_checkpoint()
-            # The round ends here and the next one sets KEEPALIVE before any
-            # other task can run, so SUCCESS, which no one could observe,
-            # is not written.
-            # Let go of the burst's requests and replies before waiting: a
-            # keep-alive connection may wait for minutes, and what its frame
-            # holds is memory held per idle connection.
-            del burst, replies, request, reply
-
-    return answer_requests
+                    try:
+                        full = conn._queue(reply)
+                    except Exception as exc:
+                        await _flush_quietly(conn)  # the replies before it go out
+                        raise _HandlerFailed(exc, _UNENCODABLE) from exc
+                    if full:
+                        await _flush(conn)
+            # The round's schedule point: the replies' write, or a bare one
+            # when there is none (a client streaming requests that get no
+            # reply cannot keep this task running while others wait). The
+            # read skipped its own when it found data there.
+            await _flush(conn)
+            # Let go of the burst before waiting: a keep-alive connection may
+            # wait for minutes, and what its frame holds is held per idle one.
+            del request, reply
 
 
-async def _send_replies(conn: Connection[Any, Any], replies: list[Any]) -> None:
+async def _flush(conn: Connection[Any, Any]) -> None:
     try:
-        await conn.send_many(replies)
-    except TypeError as exc:
-        raise _unencodable(exc) from exc
+        await conn._flush()
+    except Exception as exc:
+        if isinstance(exc, (CommError, trio.BrokenResourceError, trio.ClosedResourceError)):
+            raise
+        raise _HandlerFailed(exc, _UNENCODABLE) from exc
 
 
-def _unencodable(exc: TypeError) -> _HandlerFailed:
-    # The codec refused a reply before anything was written.
-    return _HandlerFailed(exc, "the handler returned a reply the codec cannot encode")
-
-
-async def _flush_quietly(conn: Connection[Any, Any], replies: list[Any]) -> None:
+async def _flush_quietly(conn: Connection[Any, Any]) -> None:
     # Requests before the failing one were answered: deliver those replies.
-    if replies:
-        try:
-            await conn.send_many(replies)
-        except (CommError, trio.BrokenResourceError, trio.ClosedResourceError, TypeError):
-            pass
+    try:
+        await conn._flush()
+    except Exception:
+        pass  # the connection is closed as failed all the same
 
 
 def _end_wait(entry: _Entry) -> None:
@@ -830,88 +818,46 @@ def _end_wait(entry: _Entry) -> None:
         entry.scope.cancel()
 
 
-def _connection_body(
-    handler: ConnectionHandler[In, Out],
-) -> Callable[[Server, Connection[In, Out], _Entry], Awaitable[None]]:
-    async def run_handler(server: Server, conn: Connection[In, Out], entry: _Entry) -> None:
-        t = server._timeouts
+class ConnectionBody:
+    """The body of a :func:`serve_connections` connection: the handler owns it."""
+
+    request_loop = False
+
+    def __init__(self, handler: ConnectionHandler[Any, Any]) -> None:
+        self.handler = handler
+
+    async def __call__(self, server: Server, conn: Connection[Any, Any], entry: _Entry) -> None:
         # The handler decides when to read, so every wait for a message is a
         # wait between messages: keepalive bounds it.
-        conn._limits = t._keepalive_limits
-        conn._begin_session()
+        conn._begin_session(server._options.timeouts._keepalive_limits)
         server._stats.sessions += 1
         conn._set_state(ConnState.RECEIVING)
-        await handler(conn)
+        await self.handler(conn)
         # Closed straight after, before any other task runs: SUCCESS, which
         # no one could see, is not written (see ConnState).
 
-    return run_handler
+
+Body = RequestLoop | ConnectionBody
 
 
 # -- entry points ------------------------------------------------------------
 
 
-def _check_options(
-    max_connections: int, idle: Mapping[Idle, float] | None, on_idle: object
-) -> None:
-    if isinstance(max_connections, bool) or not isinstance(max_connections, int):
-        raise TypeError(f"max_connections must be an int, got {max_connections!r}")
-    if max_connections < 1:
-        raise ValueError(f"max_connections must be >= 1, got {max_connections}")
-    if idle:
-        for status, period in idle.items():
-            if not isinstance(status, Idle):
-                raise TypeError(
-                    f"idle keys must be Idle.READ, Idle.WRITE or Idle.BOTH, got {status!r}"
-                )
-            if isinstance(period, bool) or not isinstance(period, (int, float)):
-                raise TypeError(f"idle period for {status.name} must be seconds, got {period!r}")
-            if not period > 0 or math.isinf(period):
-                raise ValueError(
-                    f"idle period for {status.name} must be > 0 and finite, got {period!r}"
-                )
-        if on_idle is None:
-            raise ValueError("idle= needs on_idle=, the callback to call when a connection is idle")
-    elif on_idle is not None:
-        raise ValueError("on_idle= needs idle=, e.g. idle={Idle.READ: 30.0}")
-
-
-async def _serve(
-    body: Callable[[Server, Connection[Any, Any], _Entry], Awaitable[None]],
-    port: int | None,
-    host: str | bytes | None,
-    path: str | os.PathLike[str] | None,
-    codec: Codec[Any, Any],
-    ssl_context: Any,
-    timeouts: ServerTimeouts | None,
-    max_connections: int,
-    idle: Mapping[Idle, float] | None,
-    on_idle: IdleCallback | None,
+async def run_service(
+    body: Body,
+    options: ServiceOptions,
     task_status: trio.TaskStatus[Server],
     *,
+    port: int | None = None,
+    host: str | bytes | None = None,
+    path: str | os.PathLike[str] | None = None,
     listeners: list[trio.SocketListener] | None = None,
 ) -> None:
-    # ``listeners``: pre-made listening sockets (serve_workers' SO_REUSEPORT
-    # ones) used instead of binding ``port``/``host``/``path`` here.
-    _check_options(max_connections, idle, on_idle)
-    if timeouts is None:
-        timeouts = ServerTimeouts()
-    elif not isinstance(timeouts, ServerTimeouts):
-        raise TypeError(f"timeouts must be a ServerTimeouts, got {type(timeouts).__name__}")
+    """Bind (or take ``listeners``, e.g. serve_workers' SO_REUSEPORT ones) and serve."""
     if listeners is None:
         listeners = await _open_listeners(port, host, path)
     try:
-        server = Server(
-            listeners,
-            body,
-            codec=codec,
-            ssl_context=ssl_context,
-            timeouts=timeouts,
-            max_connections=max_connections,
-            idle=idle,
-            on_idle=on_idle,
-            unix_path=os.fspath(path) if path is not None else None,
-        )
+        server = Server(listeners, body, options, os.fspath(path) if path is not None else None)
     except BaseException:
         for listener in listeners:
             await trio.aclose_forcefully(listener)
@@ -981,19 +927,15 @@ async def serve(
         ValueError, TypeError: bad options (before anything is bound).
         OSError: the address cannot be bound.
     """
-    await _serve(
-        _request_body(handler),
-        port,
-        host,
-        path,
+    options = ServiceOptions(
         codec,
         ssl_context,
-        timeouts,
+        ServerTimeouts() if timeouts is None else timeouts,
         max_connections,
-        idle,
+        idle or {},
         on_idle,
-        task_status,
     )
+    await run_service(RequestLoop(handler), options, task_status, port=port, host=host, path=path)
 
 
 async def serve_connections(
@@ -1028,16 +970,14 @@ async def serve_connections(
     ``"handler"``). If the peer closes cleanly, ``receive`` raises
     :class:`trio.EndOfChannel`; letting it escape the handler is fine.
     """
-    await _serve(
-        _connection_body(handler),
-        port,
-        host,
-        path,
+    options = ServiceOptions(
         codec,
         ssl_context,
-        timeouts,
+        ServerTimeouts() if timeouts is None else timeouts,
         max_connections,
-        idle,
+        idle or {},
         on_idle,
-        task_status,
+    )
+    await run_service(
+        ConnectionBody(handler), options, task_status, port=port, host=host, path=path
     )

@@ -15,6 +15,7 @@ and, unless ``restart=False``, started again after a back-off.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import multiprocessing
@@ -30,7 +31,14 @@ import trio
 
 from ._connection import Idle
 from ._framing import Codec
-from ._server import IdleCallback, Server, _connection_body, _request_body, _serve
+from ._server import (
+    ConnectionBody,
+    IdleCallback,
+    RequestLoop,
+    Server,
+    ServiceOptions,
+    run_service,
+)
 from ._timeouts import ServerTimeouts
 
 __all__ = ["WorkerGroup", "serve_workers"]
@@ -49,12 +57,10 @@ class _WorkerConfig:
     connections: bool
     host: str | None
     port: int
-    codec: Codec[Any, Any]
+    # The service's options without TLS (an SSLContext does not pickle):
+    # each worker makes its own context with the factory.
+    options: ServiceOptions
     ssl_context_factory: Callable[[], Any] | None
-    timeouts: ServerTimeouts | None
-    max_connections: int
-    idle: Mapping[Idle, float] | None
-    on_idle: IdleCallback | None
     grace: float
 
 
@@ -102,26 +108,15 @@ async def _worker(config: _WorkerConfig, ready: multiprocessing.connection.Conne
         async with trio.open_nursery() as nursery:
             listeners = _reuseport_listeners(config.host, config.port)
             body = (
-                _connection_body(config.handler)
+                ConnectionBody(config.handler)
                 if config.connections
-                else _request_body(config.handler)
+                else RequestLoop(config.handler)
             )
-            ssl_context = config.ssl_context_factory() if config.ssl_context_factory else None
+            options = config.options
+            if config.ssl_context_factory is not None:
+                options = dataclasses.replace(options, ssl_context=config.ssl_context_factory())
             server: Server = await nursery.start(
-                functools.partial(
-                    _serve,
-                    body,
-                    config.port,
-                    config.host,
-                    None,
-                    config.codec,
-                    ssl_context,
-                    config.timeouts,
-                    config.max_connections,
-                    config.idle,
-                    config.on_idle,
-                    listeners=listeners,
-                )
+                functools.partial(run_service, body, options, listeners=listeners)
             )
             ready.send(server.port)
             ready.close()
@@ -214,6 +209,14 @@ async def serve_workers(
     """
     if not hasattr(socket, "SO_REUSEPORT"):
         raise RuntimeError("serve_workers needs SO_REUSEPORT (Linux)")
+    options = ServiceOptions(
+        codec,
+        None,
+        ServerTimeouts() if timeouts is None else timeouts,
+        max_connections,
+        idle or {},
+        on_idle,
+    )
     count = workers if workers is not None else (os.cpu_count() or 1)
     if count < 1:
         raise ValueError(f"workers must be >= 1, got {count}")
@@ -231,12 +234,8 @@ async def serve_workers(
             connections=connections,
             host=host,
             port=port,
-            codec=codec,
+            options=options,
             ssl_context_factory=ssl_context_factory,
-            timeouts=timeouts,
-            max_connections=max_connections,
-            idle=idle,
-            on_idle=on_idle,
             grace=grace,
         )
         group = WorkerGroup(port, count)

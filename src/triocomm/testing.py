@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 import trio
 import trio.testing
 
-from ._connection import Connection, _socket_of, format_address
+from ._connection import Connection, format_address, socket_of
 from ._framing import Codec, LengthPrefixed, Lines
 
 __all__ = [
@@ -401,7 +401,7 @@ class _Link:
             await trio.sleep(fault.seconds)
         self.peer._count("faults")
         if fault.kind == "reset":
-            sock = _socket_of(self.stream)
+            sock = socket_of(self.stream)
             if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.nursery.cancel_scope.cancel()

@@ -22,7 +22,7 @@ import trio
 import trio.testing
 
 import triocomm
-from triocomm._watchdog import Watchdog
+from triocomm._timers import Timers
 from triocomm.testing import open_fd_count, task_count
 
 # How long (real seconds) a check waits for closes and task exits to finish.
@@ -58,7 +58,7 @@ def tasks() -> int:
     """
 
     def watchdogs(task: trio.lowlevel.Task) -> int:
-        own = getattr(task.coro, "cr_code", None) is Watchdog.run.__code__
+        own = getattr(task.coro, "cr_code", None) is Timers.run.__code__
         return own + sum(watchdogs(c) for n in task.child_nurseries for c in n.child_tasks)
 
     root = trio.lowlevel.current_root_task()
