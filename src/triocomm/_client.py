@@ -32,7 +32,7 @@ from ._connection import Connection, ConnState
 from ._errors import CommError, CommTimeout, ConnectError, ConnectionLost, UpstreamUnavailable
 from ._pool import KeepAlivePool, PooledConnection, PoolStats
 from ._timeouts import Timeouts
-from ._upstream import Upstream
+from ._upstream import Upstream, UpstreamAttempt
 from ._watchdog import Watchdog
 
 if TYPE_CHECKING:
@@ -190,10 +190,12 @@ class Target(Generic[In, Out]):
     def __str__(self) -> str:
         return self.address
 
-    def _tls_hostname(self) -> str | None:
-        if self.server_hostname is not None:
-            return self.server_hostname
-        return self.host
+
+def _tls_hostname(target: Target[Any, Any]) -> str | None:
+    """The name a TLS connection to ``target`` verifies and sends as SNI."""
+    if target.server_hostname is not None:
+        return target.server_hostname
+    return target.host
 
 
 def _is_ip(host: str) -> bool:
@@ -239,7 +241,7 @@ async def _open_stream(target: Target[Any, Any]) -> trio.abc.Stream:
         tls = trio.SSLStream(
             stream,
             context,
-            server_hostname=target._tls_hostname(),
+            server_hostname=_tls_hostname(target),
             https_compatible=False,
         )
         await tls.do_handshake()
@@ -394,27 +396,31 @@ class Client:
     #
     # A session attempt goes through exactly two points that know what the
     # caller passed as the destination:
-    #   _resolve(dest, key, tried) -> the Target for this attempt;
-    #   _report(dest, target, ok)  -> how the attempt ended (True: success,
-    #       False: a failure of that address, None: neither, e.g. cancelled
-    #       or the caller's own error).
+    #   _resolve(dest, key, tried) -> the Target for this attempt, and the
+    #       UpstreamAttempt it is counted as (None for a plain Target);
+    #   _report(attempt, ok) -> settles that attempt once it ended (True:
+    #       success, False: a failure of that address, None: neither, e.g.
+    #       cancelled, the caller's own error).
     # _can_resolve(dest, tried) says whether another attempt would find an
     # address, so a retry never replaces the real error with an
     # UpstreamUnavailable; and _may_retry_connect(dest, tried) says whether a
     # failed *connect* may be retried (never for a plain Target, whose address
     # just failed). An Upstream plugs in here and nowhere else.
 
-    def _resolve(self, dest: _Dest, key: object, tried: list[Target[Any, Any]]) -> Target[Any, Any]:
+    def _resolve(
+        self, dest: _Dest, key: object, tried: list[Target[Any, Any]]
+    ) -> tuple[Target[Any, Any], UpstreamAttempt[Target[Any, Any]] | None]:
         if isinstance(dest, Upstream):
-            return dest._select(key, tried)
-        return dest
+            attempt = dest.choose(key, tried)
+            return attempt.target, attempt
+        return dest, None
 
-    def _report(self, dest: _Dest, target: Target[Any, Any], ok: bool | None) -> None:
-        if isinstance(dest, Upstream):
-            dest._finished(target, ok)
+    def _report(self, attempt: UpstreamAttempt[Target[Any, Any]] | None, ok: bool | None) -> None:
+        if attempt is not None:
+            attempt.settle(ok)
 
     def _can_resolve(self, dest: _Dest, tried: list[Target[Any, Any]]) -> bool:
-        return not isinstance(dest, Upstream) or dest._can_select(tried)
+        return not isinstance(dest, Upstream) or dest.can_choose(tried)
 
     def _may_retry_connect(self, dest: _Dest, tried: list[Target[Any, Any]]) -> bool:
         # An Upstream retries a failed connect on another address, within the
@@ -437,10 +443,14 @@ class Client:
             return self._timeouts
         return _DEFAULT_TIMEOUTS
 
-    def _pool(self, target: Target[Any, Any]) -> KeepAlivePool:
+    def _pool(
+        self, target: Target[Any, Any], attempt: UpstreamAttempt[Target[Any, Any]] | None
+    ) -> KeepAlivePool:
+        """``target``'s pool, made on first use; settles ``attempt`` if it raises."""
         pool = self._pools.get(target)
         if pool is None:
             if self._closed:
+                self._report(attempt, None)
                 raise trio.ClosedResourceError("the client is closed")
             if len(self._pools) >= self._sweep_at:
                 self._drop_unused_pools()
@@ -543,14 +553,14 @@ class Client:
         retries_left = self._retries
         fresh = False
         while True:
-            target = self._resolve(dest, key, tried)
+            target, attempt = self._resolve(dest, key, tried)
             tried.append(target)
             timeouts = self._effective_timeouts(target, call_timeouts)
             last = self._last_pool
             if last is not None and last[0] is target:
                 pool = last[1]
             else:
-                pool = self._pool(target)
+                pool = self._pool(target, attempt)
                 self._last_pool = (target, pool)
             # The usual case first: a sound idle connection, lent without a
             # coroutine call (_checkout would find the pool in the same state).
@@ -564,7 +574,7 @@ class Client:
                 connect_failed = isinstance(exc, ConnectError) or (
                     isinstance(exc, CommTimeout) and exc.phase == "connect"
                 )
-                self._report(dest, target, False if connect_failed else None)
+                self._report(attempt, False if connect_failed else None)
                 if connect_failed and self._may_retry_connect(dest, tried):
                     continue
                 raise
@@ -603,7 +613,7 @@ class Client:
                 pool.record_failure()
                 await conn._break()
                 nothing_received = conn.stats.bytes_received == received_before
-                self._report(dest, target, _address_failed(exc))
+                self._report(attempt, _address_failed(exc))
                 if (
                     reused
                     and nothing_received
@@ -621,7 +631,7 @@ class Client:
                     ) from exc
                 raise
             self._finish(entry, pool, timeouts)
-            self._report(dest, target, True)
+            self._report(attempt, True)
             return result
 
     def _finish(self, entry: PooledConnection, pool: KeepAlivePool, timeouts: Timeouts) -> None:
@@ -638,14 +648,14 @@ class Client:
     async def _borrow(
         self, dest: _Dest, key: object, call_timeouts: Timeouts | None
     ) -> AsyncIterator[Connection[Any, Any]]:
-        target = self._resolve(dest, key, [])
+        target, attempt = self._resolve(dest, key, [])
         timeouts = self._effective_timeouts(target, call_timeouts)
-        pool = self._pool(target)
+        pool = self._pool(target, attempt)
         try:
             entry, _ = await self._checkout(target, pool, timeouts, False)
         except BaseException as exc:
             pool.record_failure()
-            self._report(dest, target, _address_failed(exc))
+            self._report(attempt, _address_failed(exc))
             raise
         conn = entry.conn
         conn._begin_session()
@@ -656,10 +666,10 @@ class Client:
             pool.release(entry, reusable=False)
             pool.record_failure()
             await conn._break()
-            self._report(dest, target, _address_failed(exc))
+            self._report(attempt, _address_failed(exc))
             raise
         self._finish(entry, pool, timeouts)
-        self._report(dest, target, True)
+        self._report(attempt, True)
 
     def _shutdown(self) -> None:
         self._closed = True
