@@ -158,6 +158,21 @@ async def test_a_cancelled_session_leaves_nothing_in_flight_and_fuses_nothing(
         assert client.stats(target).in_use == 0
 
 
+async def test_a_refused_message_counts_nothing_against_any_address(
+    servers: list[Target[bytes, bytes]],
+) -> None:
+    dead = dead_target()
+    up = Upstream([dead, servers[0]], max_fails=1)
+    async with triocomm.open_client(retries=1) as client:
+        for _ in range(2):  # each address in turn, the dead one included
+            with pytest.raises(TypeError):
+                await client.request(up, "not bytes")  # type: ignore[misc]
+        for target in (dead, servers[0]):
+            st = up.stats()[target]
+            assert (st.in_flight, st.failures, st.fused_until) == (0, 0, None)
+            assert client.stats(target) == triocomm.PoolStats()
+
+
 async def test_a_session_across_remove_and_add_settles_on_its_own_entry(
     servers: list[Target[bytes, bytes]],
 ) -> None:

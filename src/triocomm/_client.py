@@ -328,7 +328,13 @@ class Client:
         the reply arrived, the request is sent once more on a fresh connection
         (``open_client(retries=)``); never once reply bytes arrived.
 
+        ``message`` is encoded before a connection is borrowed or opened.
+
         Raises:
+            TypeError, ValueError, FrameTooLarge: the target's codec refused
+                ``message`` (its own exception, unchanged). No connection was
+                borrowed, opened or closed, and an ``Upstream`` counts no
+                failure of the address.
             ConnectError: a new connection could not be made.
             CommTimeout: a limit of :class:`Timeouts` ran out (``phase`` says
                 which); the connection is closed.
@@ -400,7 +406,7 @@ class Client:
     #       UpstreamAttempt it is counted as (None for a plain Target);
     #   _report(attempt, ok) -> settles that attempt once it ended (True:
     #       success, False: a failure of that address, None: neither, e.g.
-    #       cancelled, the caller's own error).
+    #       cancelled, the caller's own error, a message the codec refused).
     # _can_resolve(dest, tried) says whether another attempt would find an
     # address, so a retry never replaces the real error with an
     # UpstreamUnavailable; and _may_retry_connect(dest, tried) says whether a
@@ -555,6 +561,14 @@ class Client:
         while True:
             target, attempt = self._resolve(dest, key, tried)
             tried.append(target)
+            if request:
+                # Before borrowing: a message the codec refuses raises the
+                # codec's own error and touches no connection.
+                try:
+                    data = target.codec.encode(message)
+                except BaseException:
+                    self._report(attempt, None)
+                    raise
             timeouts = self._effective_timeouts(target, call_timeouts)
             last = self._last_pool
             if last is not None and last[0] is target:
@@ -589,7 +603,6 @@ class Client:
                     # the cancellation check, the bytes handed to the socket
                     # at once, and the schedule point in this frame; _write
                     # finishes a write the kernel took only part of.
-                    data = conn._encode(message)
                     await trio.lowlevel.checkpoint_if_cancelled()
                     sent = conn._write_nowait(data, 1)
                     if sent < 0:
