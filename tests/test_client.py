@@ -12,6 +12,7 @@ import errno
 import os
 import socket
 import ssl
+from typing import Any
 
 import pytest
 import trio
@@ -667,6 +668,48 @@ async def test_timeouts_precedence_call_over_target_over_client() -> None:
         assert client._effective_timeouts(with_own, None) is long
         async with open_client() as bare:
             assert bare._effective_timeouts(plain, None) == Timeouts()
+
+
+# -- messages the codec refuses ----------------------------------------------------
+
+
+# LengthPrefixed(max_frame=4) speaks the scripted echo server's framing.
+SMALL_FRAMES = LengthPrefixed(max_frame=4)
+REFUSED = [
+    pytest.param(SMALL_FRAMES, "text", TypeError, id="TypeError"),
+    pytest.param(SMALL_FRAMES, b"12345", triocomm.FrameTooLarge, id="FrameTooLarge"),
+    pytest.param(Lines(), b"two\nlines", ValueError, id="ValueError"),
+]
+
+
+@pytest.mark.parametrize(("codec", "message", "error"), REFUSED[:2])
+async def test_a_refused_message_leaves_the_pooled_connection_alone(
+    codec: triocomm.Codec[bytes, bytes], message: Any, error: type[Exception]
+) -> None:
+    async with scripted_server(echo) as server, open_client() as client:
+        target = Target("127.0.0.1", server.port, codec)
+        assert await client.request(target, b"one") == b"one"
+        before = client.stats(target)
+        with pytest.raises(error) as info:
+            await client.request(target, message)
+        assert type(info.value) is error  # the codec's own, not a CommError
+        assert client.stats(target) == before  # nothing borrowed, opened or closed
+        assert await client.request(target, b"two") == b"two"
+        after = client.stats(target)
+        assert (after.created, after.reused, after.closed, after.failed) == (1, 1, 0, 0)
+        assert server.accepted == 1
+
+
+@pytest.mark.parametrize(("codec", "message", "error"), REFUSED)
+async def test_a_refused_message_to_a_server_that_is_down_raises_the_codec_error(
+    codec: triocomm.Codec[bytes, bytes], message: Any, error: type[Exception]
+) -> None:
+    async with open_client() as client:
+        target = Target("127.0.0.1", unused_port(), codec)
+        with pytest.raises(error) as info:
+            await client.request(target, message)
+        assert type(info.value) is error
+        assert client.stats(target) == triocomm.PoolStats()
 
 
 # -- errors from the peer ---------------------------------------------------------

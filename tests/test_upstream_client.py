@@ -131,7 +131,7 @@ async def test_connect_failure_is_not_masked_when_the_others_are_fused(
 ) -> None:
     dead = dead_target()
     up = Upstream([servers[0], dead], max_fails=1, fuse_time=60)
-    up._finished(up._select(exclude=[dead]), False)  # fuse the live one
+    up.choose(exclude=[dead]).settle(False)  # fuse the live one
     async with triocomm.open_client(retries=1) as client:
         # The only available address refuses: the caller sees that failure,
         # not an UpstreamUnavailable from a retry that had nowhere to go.
@@ -156,3 +156,72 @@ async def test_a_cancelled_session_leaves_nothing_in_flight_and_fuses_nothing(
         st = up.stats()[target]
         assert (st.sessions, st.in_flight, st.failures, st.fused_until) == (1, 0, 0, None)
         assert client.stats(target).in_use == 0
+
+
+async def test_a_refused_message_counts_nothing_against_any_address(
+    servers: list[Target[bytes, bytes]],
+) -> None:
+    dead = dead_target()
+    up = Upstream([dead, servers[0]], max_fails=1)
+    async with triocomm.open_client(retries=1) as client:
+        for _ in range(2):  # each address in turn, the dead one included
+            with pytest.raises(TypeError):
+                await client.request(up, "not bytes")  # type: ignore[misc]
+        for target in (dead, servers[0]):
+            st = up.stats()[target]
+            assert (st.in_flight, st.failures, st.fused_until) == (0, 0, None)
+            assert client.stats(target) == triocomm.PoolStats()
+
+
+async def test_a_session_across_remove_and_add_settles_on_its_own_entry(
+    servers: list[Target[bytes, bytes]],
+) -> None:
+    a, b = servers[:2]
+    up = Upstream([a, b], policy="least_connections")
+    started, finish = trio.Event(), trio.Event()
+
+    async def long_session(conn: triocomm.Connection[bytes, bytes]) -> bytes:
+        started.set()
+        await finish.wait()
+        await conn.send(b"late")
+        return await conn.receive()
+
+    async with triocomm.open_client() as client, trio.open_nursery() as nursery:
+        replies: list[bytes] = []
+
+        async def run_long() -> None:
+            replies.append(await client.run(up, long_session))
+
+        nursery.start_soon(run_long)
+        await started.wait()
+        up.remove(a)
+        up.add(a)
+        finish.set()
+    assert replies == [b"A:late"]
+    assert up.stats()[a].in_flight == 0
+    # One session held open on each address: least_connections must
+    # alternate, which it would not if `a` were at -1 in flight.
+    async with (
+        triocomm.open_client() as client,
+        client.connection(up) as first,
+        client.connection(up) as second,
+    ):
+        await first.send(b"1")
+        await second.send(b"2")
+        tags = [(await first.receive())[:2], (await second.receive())[:2]]
+        assert sorted(tags) == [b"A:", b"B:"]
+
+
+async def test_a_closed_client_leaves_nothing_in_flight(
+    servers: list[Target[bytes, bytes]],
+) -> None:
+    up = Upstream(servers[:2])
+    async with triocomm.open_client() as client:
+        assert await client.request(up, b"x") == b"A:x"
+    for _ in range(2):  # the address used before, and one never used
+        with pytest.raises(trio.ClosedResourceError):
+            await client.request(up, b"x")
+    with pytest.raises(trio.ClosedResourceError):
+        async with client.connection(up):
+            pass  # pragma: no cover
+    assert [st.in_flight for st in up.stats().values()] == [0, 0]

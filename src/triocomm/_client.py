@@ -33,7 +33,7 @@ from ._errors import CommError, CommTimeout, ConnectError, ConnectionLost, Upstr
 from ._pool import KeepAlivePool, PooledConnection, PoolStats
 from ._timeouts import Timeouts
 from ._timers import Timers
-from ._upstream import Upstream
+from ._upstream import Upstream, UpstreamAttempt
 
 if TYPE_CHECKING:
     from typing_extensions import TypeVarTuple, Unpack
@@ -190,10 +190,12 @@ class Target(Generic[In, Out]):
     def __str__(self) -> str:
         return self.address
 
-    def _tls_hostname(self) -> str | None:
-        if self.server_hostname is not None:
-            return self.server_hostname
-        return self.host
+
+def _tls_hostname(target: Target[Any, Any]) -> str | None:
+    """The name a TLS connection to ``target`` verifies and sends as SNI."""
+    if target.server_hostname is not None:
+        return target.server_hostname
+    return target.host
 
 
 def _is_ip(host: str) -> bool:
@@ -239,7 +241,7 @@ async def _open_stream(target: Target[Any, Any]) -> trio.abc.Stream:
         tls = trio.SSLStream(
             stream,
             context,
-            server_hostname=target._tls_hostname(),
+            server_hostname=_tls_hostname(target),
             https_compatible=False,
         )
         await tls.do_handshake()
@@ -326,7 +328,13 @@ class Client:
         the reply arrived, the request is sent once more on a fresh connection
         (``open_client(retries=)``); never once reply bytes arrived.
 
+        ``message`` is encoded before a connection is borrowed or opened.
+
         Raises:
+            TypeError, ValueError, FrameTooLarge: the target's codec refused
+                ``message`` (its own exception, unchanged). No connection was
+                borrowed, opened or closed, and an ``Upstream`` counts no
+                failure of the address.
             ConnectError: a new connection could not be made.
             CommTimeout: a limit of :class:`Timeouts` ran out (``phase`` says
                 which); the connection is closed.
@@ -394,27 +402,31 @@ class Client:
     #
     # A session attempt goes through exactly two points that know what the
     # caller passed as the destination:
-    #   _resolve(dest, key, tried) -> the Target for this attempt;
-    #   _report(dest, target, ok)  -> how the attempt ended (True: success,
-    #       False: a failure of that address, None: neither, e.g. cancelled
-    #       or the caller's own error).
+    #   _resolve(dest, key, tried) -> the Target for this attempt, and the
+    #       UpstreamAttempt it is counted as (None for a plain Target);
+    #   _report(attempt, ok) -> settles that attempt once it ended (True:
+    #       success, False: a failure of that address, None: neither, e.g.
+    #       cancelled, the caller's own error, a message the codec refused).
     # _can_resolve(dest, tried) says whether another attempt would find an
     # address, so a retry never replaces the real error with an
     # UpstreamUnavailable; and _may_retry_connect(dest, tried) says whether a
     # failed *connect* may be retried (never for a plain Target, whose address
     # just failed). An Upstream plugs in here and nowhere else.
 
-    def _resolve(self, dest: _Dest, key: object, tried: list[Target[Any, Any]]) -> Target[Any, Any]:
+    def _resolve(
+        self, dest: _Dest, key: object, tried: list[Target[Any, Any]]
+    ) -> tuple[Target[Any, Any], UpstreamAttempt[Target[Any, Any]] | None]:
         if isinstance(dest, Upstream):
-            return dest._select(key, tried)
-        return dest
+            attempt = dest.choose(key, tried)
+            return attempt.target, attempt
+        return dest, None
 
-    def _report(self, dest: _Dest, target: Target[Any, Any], ok: bool | None) -> None:
-        if isinstance(dest, Upstream):
-            dest._finished(target, ok)
+    def _report(self, attempt: UpstreamAttempt[Target[Any, Any]] | None, ok: bool | None) -> None:
+        if attempt is not None:
+            attempt.settle(ok)
 
     def _can_resolve(self, dest: _Dest, tried: list[Target[Any, Any]]) -> bool:
-        return not isinstance(dest, Upstream) or dest._can_select(tried)
+        return not isinstance(dest, Upstream) or dest.can_choose(tried)
 
     def _may_retry_connect(self, dest: _Dest, tried: list[Target[Any, Any]]) -> bool:
         # An Upstream retries a failed connect on another address, within the
@@ -437,10 +449,14 @@ class Client:
             return self._timeouts
         return _DEFAULT_TIMEOUTS
 
-    def _pool(self, target: Target[Any, Any]) -> KeepAlivePool:
+    def _pool(
+        self, target: Target[Any, Any], attempt: UpstreamAttempt[Target[Any, Any]] | None
+    ) -> KeepAlivePool:
+        """``target``'s pool, made on first use; settles ``attempt`` if it raises."""
         pool = self._pools.get(target)
         if pool is None:
             if self._closed:
+                self._report(attempt, None)
                 raise trio.ClosedResourceError("the client is closed")
             if len(self._pools) >= self._sweep_at:
                 self._drop_unused_pools()
@@ -543,54 +559,41 @@ class Client:
         retries_left = self._retries
         fresh = False
         while True:
-            target = self._resolve(dest, key, tried)
+            target, attempt = self._resolve(dest, key, tried)
             tried.append(target)
+            data = self._encode(target, attempt, message) if request else None
             timeouts = self._effective_timeouts(target, call_timeouts)
             last = self._last_pool
             if last is not None and last[0] is target:
                 pool = last[1]
             else:
-                pool = self._pool(target)
+                pool = self._pool(target, attempt)
                 self._last_pool = (target, pool)
             # The usual case first: a sound idle connection, lent without a
             # coroutine call (_checkout would find the pool in the same state).
             entry = None if fresh else pool.lend_idle()
             reused = True
-            try:
-                if entry is None:
+            if entry is None:
+                try:
                     entry, reused = await self._checkout(target, pool, timeouts, fresh)
-            except BaseException as exc:
-                pool.record_failure()
-                connect_failed = isinstance(exc, ConnectError) or (
-                    isinstance(exc, CommTimeout) and exc.phase == "connect"
-                )
-                self._report(dest, target, False if connect_failed else None)
-                if connect_failed and self._may_retry_connect(dest, tried):
-                    continue
-                raise
+                except BaseException as exc:
+                    if self._connect_failed(exc, pool, attempt, dest, tried):
+                        continue
+                    raise
             conn = entry.conn
             received_before = conn.stats.bytes_received
             conn._begin_session(timeouts._limits)
             result: R
             try:
-                if body is None:
-                    result = await conn._exchange(conn.codec.encode(message))
-                else:
-                    result = await body(conn)
+                result = await (conn._exchange(data) if body is None else body(conn))
             except BaseException as exc:
                 # Bookkeeping first: the close below may be cancelled.
                 pool.release(entry, reusable=False)
                 pool.record_failure()
                 await conn._break()
-                nothing_received = conn.stats.bytes_received == received_before
-                self._report(dest, target, _address_failed(exc))
-                if (
-                    reused
-                    and nothing_received
-                    and retries_left > 0
-                    and _peer_went_away(exc)
-                    and self._can_resolve(dest, tried)
-                ):
+                self._report(attempt, _address_failed(exc))
+                stale = reused and conn.stats.bytes_received == received_before
+                if stale and retries_left > 0 and self._may_retry_stale(exc, dest, tried):
                     logger.debug("pooled connection to %s was stale; retrying", conn.peer)
                     retries_left -= 1
                     fresh = True
@@ -601,8 +604,45 @@ class Client:
                     ) from exc
                 raise
             self._finish(entry, pool, timeouts)
-            self._report(dest, target, True)
+            self._report(attempt, True)
             return result
+
+    def _encode(
+        self,
+        target: Target[Any, Any],
+        attempt: UpstreamAttempt[Target[Any, Any]] | None,
+        message: object,
+    ) -> Any:
+        """Encode a request before borrowing: a message the codec refuses raises
+        the codec's own error and touches no connection."""
+        try:
+            return target.codec.encode(message)
+        except BaseException:
+            self._report(attempt, None)
+            raise
+
+    def _connect_failed(
+        self,
+        exc: BaseException,
+        pool: KeepAlivePool,
+        attempt: UpstreamAttempt[Target[Any, Any]] | None,
+        dest: _Dest,
+        tried: list[Target[Any, Any]],
+    ) -> bool:
+        """Count a failed borrow; True if the session may try another connect."""
+        pool.record_failure()
+        connect_failed = isinstance(exc, ConnectError) or (
+            isinstance(exc, CommTimeout) and exc.phase == "connect"
+        )
+        self._report(attempt, False if connect_failed else None)
+        return connect_failed and self._may_retry_connect(dest, tried)
+
+    def _may_retry_stale(
+        self, exc: BaseException, dest: _Dest, tried: list[Target[Any, Any]]
+    ) -> bool:
+        # A reused connection that failed before any reply byte: the peer
+        # closed it while it sat in the pool (the keep-alive race).
+        return _peer_went_away(exc) and self._can_resolve(dest, tried)
 
     def _finish(self, entry: PooledConnection, pool: KeepAlivePool, timeouts: Timeouts) -> None:
         """A session ended well: pool its connection unless something is left unread."""
@@ -618,14 +658,14 @@ class Client:
     async def _borrow(
         self, dest: _Dest, key: object, call_timeouts: Timeouts | None
     ) -> AsyncIterator[Connection[Any, Any]]:
-        target = self._resolve(dest, key, [])
+        target, attempt = self._resolve(dest, key, [])
         timeouts = self._effective_timeouts(target, call_timeouts)
-        pool = self._pool(target)
+        pool = self._pool(target, attempt)
         try:
             entry, _ = await self._checkout(target, pool, timeouts, False)
         except BaseException as exc:
             pool.record_failure()
-            self._report(dest, target, _address_failed(exc))
+            self._report(attempt, _address_failed(exc))
             raise
         conn = entry.conn
         conn._begin_session(timeouts._limits)
@@ -635,10 +675,10 @@ class Client:
             pool.release(entry, reusable=False)
             pool.record_failure()
             await conn._break()
-            self._report(dest, target, _address_failed(exc))
+            self._report(attempt, _address_failed(exc))
             raise
         self._finish(entry, pool, timeouts)
-        self._report(dest, target, True)
+        self._report(attempt, True)
 
     def _shutdown(self) -> None:
         self._closed = True

@@ -1,11 +1,17 @@
 """Upstream: several targets behind one name, with a selection policy and fuses.
 
 An :class:`Upstream` can be passed wherever a :class:`Target` is. For each
-session attempt the client asks it for a target (``_select``), and reports
-how the attempt ended (``_finished``). The upstream decides; the client only
+session attempt the client asks it for an address (:meth:`Upstream.choose`,
+which returns an :class:`UpstreamAttempt`) and settles that attempt when it
+ends (:meth:`UpstreamAttempt.settle`). The upstream decides; the client only
 follows. This module does no I/O: it is a small state machine per address
 (closed → fused → half-open trial → closed or fused again), driven by the
 Trio clock so that tests can use :class:`trio.testing.MockClock`.
+
+An attempt settles with the address *entry* it started on: after
+``remove(a)`` and ``add(a)`` the new entry starts from zero, and an attempt
+begun before the removal touches only the old one, so ``in_flight`` is never
+negative and an old failure never fuses the new entry.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import trio
 
 from ._errors import UpstreamUnavailable
 
-__all__ = ["AddressStats", "Upstream"]
+__all__ = ["AddressStats", "Upstream", "UpstreamAttempt"]
 
 T = TypeVar("T", bound=Hashable)
 
@@ -41,7 +47,8 @@ class AddressStats:
         sessions: session attempts sent to it.
         failures: attempts that failed.
         consecutive_failures: failures since the last success.
-        in_flight: attempts running now.
+        in_flight: attempts running now that started on this entry (not on
+            an earlier entry of the same address, removed and added again).
         fused_until: Trio-clock time until which it is fused, or ``None``.
         trial: True while a half-open trial session is running.
     """
@@ -53,6 +60,47 @@ class AddressStats:
     in_flight: int = 0
     fused_until: float | None = None
     trial: bool = False
+
+
+class UpstreamAttempt(Generic[T]):
+    """One session attempt on the address an :class:`Upstream` chose.
+
+    Made by :meth:`Upstream.choose`; the client settles it exactly once when
+    the attempt ends. It holds the address's statistics entry it was counted
+    on, so it settles there even if the address was removed (and perhaps
+    added again) meanwhile.
+
+    Attributes:
+        target: the address to use for this attempt.
+    """
+
+    __slots__ = ("_entry", "_open", "_trial", "_upstream", "target")
+
+    def __init__(self, upstream: Upstream[T], target: T, entry: AddressStats, trial: bool) -> None:
+        self.target = target
+        self._upstream = upstream
+        self._entry = entry
+        self._trial = trial  # the half-open trial of a fused address
+        self._open = True
+
+    def settle(self, ok: bool | None) -> None:
+        """Record how the attempt ended; call it once.
+
+        ``ok`` is True for success, False for a failure of the address, and
+        None for an outcome that says nothing about it (cancelled, the
+        caller's own error, a message the codec refused).
+
+        Raises:
+            RuntimeError: the attempt was already settled.
+        """
+        if not self._open:
+            raise RuntimeError(f"the attempt on {self.target!r} is already settled")
+        self._open = False
+        self._upstream._settle(self._entry, self._trial, ok)
+
+    def __repr__(self) -> str:
+        state = "open" if self._open else "settled"
+        return f"<UpstreamAttempt {self.target!r} {state}>"
 
 
 def _ring_hash(text: str) -> int:
@@ -141,7 +189,11 @@ class Upstream(Generic[T]):
         self._rebuild_ring()
 
     def remove(self, target: T) -> None:
-        """Remove an address at run time; sessions already on it finish normally."""
+        """Remove an address at run time; sessions already on it finish normally.
+
+        Their outcomes settle on the removed entry: adding the address again
+        starts it afresh (no sessions in flight, no failures, not fused).
+        """
         if target not in self._stats:
             raise KeyError(target)
         if len(self._order) == 1:
@@ -175,11 +227,17 @@ class Upstream(Generic[T]):
         # Fused: only one half-open trial once the fuse time has passed.
         return now >= st.fused_until and not st.trial
 
-    def _select(self, key: object = None, exclude: Iterable[T] = ()) -> T:
+    def choose(self, key: object = None, exclude: Iterable[T] = ()) -> UpstreamAttempt[T]:
         """Pick the address for one session attempt and count it as in flight.
+
+        The client calls this for each attempt, with the call's ``key=`` and
+        the addresses already tried in the session; you need it only to drive
+        an upstream without a :class:`Client`. Settle the attempt it returns
+        (:meth:`UpstreamAttempt.settle`) when the attempt ends.
 
         Raises:
             UpstreamUnavailable: every address is fused (or already tried).
+            ValueError: a ``consistent_hash`` upstream was given no ``key``.
         """
         excluded = set(exclude)
         eligible = self._eligible(excluded)
@@ -191,18 +249,23 @@ class Upstream(Generic[T]):
             )
         target = self._pick(eligible, key)
         st = self._stats[target]
-        if st.fused_until is not None:
+        trial = st.fused_until is not None
+        if trial:
             st.trial = True
         st.sessions += 1
         st.in_flight += 1
-        return target
+        return UpstreamAttempt(self, target, st, trial)
 
     def _eligible(self, excluded: set[T]) -> list[T]:
         now = trio.current_time()
         return [t for t in self._order if t not in excluded and self._available(t, now)]
 
-    def _can_select(self, exclude: Iterable[T]) -> bool:
-        """Whether :meth:`_select` would find an address (it changes nothing)."""
+    def can_choose(self, exclude: Iterable[T] = ()) -> bool:
+        """Whether :meth:`choose` would find an address now (it changes nothing).
+
+        The client asks before a retry, so that a retry with nowhere to go
+        never replaces the real error with :class:`UpstreamUnavailable`.
+        """
         return bool(self._eligible(set(exclude)))
 
     def _pick(self, eligible: list[T], key: object) -> T:
@@ -250,19 +313,17 @@ class Upstream(Generic[T]):
                 return owner
         return eligible[0]  # pragma: no cover
 
-    def _finished(self, target: T, ok: bool | None) -> None:
-        """Record how an attempt on ``target`` ended.
+    def _settle(self, st: AddressStats, trial: bool, ok: bool | None) -> None:
+        """An attempt counted on the entry ``st`` ended (see :meth:`UpstreamAttempt.settle`).
 
-        ``ok`` is True for success, False for a failure of the address, and
-        None for an outcome that says nothing about it (cancelled, or the
-        user's own code raised).
+        ``st`` may be an entry removed meanwhile: it is settled all the same,
+        and no longer consulted by any selection.
         """
-        st = self._stats.get(target)
-        if st is None:  # removed while the attempt ran
-            return
         st.in_flight -= 1
-        was_trial = st.trial
-        st.trial = False
+        if trial:
+            # Only the trial itself ends the half-open state: an attempt
+            # that started before the fuse blew is not the trial.
+            st.trial = False
         if ok is None:
             return
         if ok:
@@ -271,7 +332,7 @@ class Upstream(Generic[T]):
             return
         st.failures += 1
         st.consecutive_failures += 1
-        if was_trial or st.consecutive_failures >= self.max_fails:
+        if trial or st.consecutive_failures >= self.max_fails:
             st.fused_until = trio.current_time() + self.fuse_time
 
     def __repr__(self) -> str:
