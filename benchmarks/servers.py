@@ -142,7 +142,7 @@ async def run_trio_connection(port: int) -> None:
         conn: Any = triocomm.Connection(stream, codec)
         try:
             async for request in conn:
-                batch = conn._take_burst(request)
+                batch = conn._take_burst(request)[::-1]  # in pop() order
                 await conn.send_many(batch)
         except trio.BrokenResourceError:
             pass

@@ -678,7 +678,7 @@ async def test_connections_log_open_and_close_at_debug(
     await left.send(b"x")
     assert await right.receive() == b"x"
     await left.aclose()
-    await right._break()
+    await right.abort()
     await left.aclose()
     lines = [record.getMessage() for record in caplog.records]
     assert lines[0] == f"connection #{left.id} with memory stream opened"

@@ -36,7 +36,7 @@ from triocomm import (
     Raw,
 )
 from triocomm._connection import format_address
-from triocomm._timeouts import _Limits
+from triocomm._timeouts import Limits
 from triocomm.testing import connection_pair
 
 # The kinds the conftest's stream_pair fixture makes.
@@ -173,7 +173,7 @@ async def test_a_burst_is_served_in_order_whatever_sequence_the_decoder_returns(
         assert await client.receive() == b"1"
         assert client.pending == 3
         assert await client.receive() == b"2"
-        assert client._take_burst(b"2") == [b"2", b"3", b"4"]
+        assert client._take_burst(b"2")[::-1] == [b"2", b"3", b"4"]
         assert client.pending == 0
         await server.send_many([b"5", b"6"])
         assert [await client.receive(), await client.receive()] == [b"5", b"6"]
@@ -214,7 +214,7 @@ async def test_take_pending_pops_decoded_messages_without_io() -> None:
     client, server = memory_pair()
     await server.send_many([b"1", b"2", b"3"])
     assert await client.receive() == b"1"
-    assert client._take_burst(b"1") == [b"1", b"2", b"3"]
+    assert client._take_burst(b"1")[::-1] == [b"1", b"2", b"3"]
     assert client.pending == 0
 
 
@@ -674,7 +674,7 @@ async def test_cancelled_send_breaks_the_connection(
 
 async def test_first_byte_limit_names_its_phase(autojump_clock: trio.testing.MockClock) -> None:
     client, _server = memory_pair()
-    client._limits = _Limits(first_timeout=5)
+    client._limits = Limits(first_timeout=5)
     start = trio.current_time()
     with pytest.raises(CommTimeout) as info:
         await client.receive()
@@ -692,7 +692,7 @@ async def test_first_byte_phase_is_chosen_by_the_caller(
     autojump_clock: trio.testing.MockClock, phase: str
 ) -> None:
     client, _server = memory_pair()
-    client._limits = _Limits(first_phase=phase, first_timeout=2)
+    client._limits = Limits(first_phase=phase, first_timeout=2)
     with pytest.raises(CommTimeout) as info:
         await client.receive()
     assert info.value.phase == phase
@@ -702,7 +702,7 @@ async def test_receive_limit_covers_the_rest_of_a_message(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     client, server = memory_pair()
-    client._limits = _Limits(first_timeout=100, receive=3)
+    client._limits = Limits(first_timeout=100, receive=3)
     frame = CODEC.encode(b"slowly")
 
     async def dribble() -> None:
@@ -723,7 +723,7 @@ async def test_inactivity_limit_catches_a_stalled_peer(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     client, server = memory_pair()
-    client._limits = _Limits(receive=100, inactivity=2)
+    client._limits = Limits(receive=100, inactivity=2)
     await server.stream.send_all(CODEC.encode(b"stalled")[:5])
     start = trio.current_time()
     with pytest.raises(CommTimeout) as info:
@@ -734,7 +734,7 @@ async def test_inactivity_limit_catches_a_stalled_peer(
 
 async def test_steady_progress_is_not_inactivity(autojump_clock: trio.testing.MockClock) -> None:
     client, server = memory_pair()
-    client._limits = _Limits(inactivity=2)
+    client._limits = Limits(inactivity=2)
     frame = CODEC.encode(b"x" * 20)
 
     async def dribble() -> None:
@@ -750,7 +750,7 @@ async def test_steady_progress_is_not_inactivity(autojump_clock: trio.testing.Mo
 
 async def test_send_limit(autojump_clock: trio.testing.MockClock) -> None:
     client, _server = memory_pair(lockstep=True)
-    client._limits = _Limits(send=3)
+    client._limits = Limits(send=3)
     with pytest.raises(CommTimeout) as info:
         await client.send(b"nobody reads this")
     assert (info.value.phase, info.value.limit) == ("send", 3)
@@ -759,7 +759,7 @@ async def test_send_limit(autojump_clock: trio.testing.MockClock) -> None:
 
 async def test_send_inactivity_limit(autojump_clock: trio.testing.MockClock) -> None:
     client, _server = memory_pair(lockstep=True)
-    client._limits = _Limits(send=60, inactivity=4)
+    client._limits = Limits(send=60, inactivity=4)
     with pytest.raises(CommTimeout) as info:
         await client.send(b"nobody reads this")
     assert (info.value.phase, info.value.limit) == ("inactivity", 4)
@@ -767,8 +767,8 @@ async def test_send_inactivity_limit(autojump_clock: trio.testing.MockClock) -> 
 
 async def test_limits_can_be_lifted(autojump_clock: trio.testing.MockClock) -> None:
     client, server = memory_pair()
-    client._limits = _Limits(first_timeout=1)
-    client._limits = _Limits()
+    client._limits = Limits(first_timeout=1)
+    client._limits = Limits()
     async with trio.open_nursery() as nursery:
 
         async def late() -> None:
@@ -805,7 +805,7 @@ async def test_state_hook_and_error_is_final() -> None:
     assert client.state is ConnState.RECEIVING
     client._set_state(ConnState.KEEPALIVE)
     assert client.state is ConnState.KEEPALIVE
-    await client._break()
+    await client.abort()
     assert client.state is ConnState.ERROR
     client._set_state(ConnState.IDLE)
     assert client.state is ConnState.ERROR
@@ -877,7 +877,7 @@ async def test_receive_limit_does_not_count_time_spent_elsewhere(
     await server.stream.send_all(CODEC.encode(b"first") + second[:5])
     assert await client.receive() == b"first"
     await trio.sleep(100)
-    client._limits = _Limits(receive=5)
+    client._limits = Limits(receive=5)
 
     async def rest_soon() -> None:
         await trio.sleep(1)

@@ -22,7 +22,7 @@ import trio.testing
 from trio.testing import wait_all_tasks_blocked
 
 from triocomm import CommError, CommTimeout, Connection, ConnectionLost, ConnState, LengthPrefixed
-from triocomm._timeouts import _Limits
+from triocomm._timeouts import Limits
 
 MakeStreamPair = Callable[[str], Awaitable[tuple[trio.abc.Stream, trio.abc.Stream]]]
 CODEC = LengthPrefixed()
@@ -307,7 +307,7 @@ async def test_send_limit_applies_to_zero_copy(stream_pair: MakeStreamPair, tmp_
     raw_client, raw_server = await stream_pair("tcp")
     shrink_buffers(raw_client, raw_server)
     conn = Connection(raw_client, CODEC)
-    conn._limits = _Limits(send=0.2)
+    conn._limits = Limits(send=0.2)
     path, _ = make_file(tmp_path, 8 * MiB)
     with pytest.raises(CommTimeout) as info:
         await conn.send_file(path)  # nobody reads

@@ -17,7 +17,7 @@ import trio
 
 import triocomm
 from triocomm import CommTimeout, Connection, ConnectionLost, FrameTooLarge, LengthPrefixed, Lines
-from triocomm._timeouts import _Limits
+from triocomm._timeouts import Limits
 from triocomm.testing import (
     Fault,
     FaultyPeer,
@@ -190,7 +190,7 @@ async def test_half_close_mid_frame_is_a_lost_connection() -> None:
 async def test_stall_never_answers() -> None:
     async with fault_server(Fault.stall(after=4)) as peer:
         conn = await dial(peer)
-        conn._limits = _Limits(first_timeout=0.2, receive=0.2)
+        conn._limits = Limits(first_timeout=0.2, receive=0.2)
         await conn.send(b"hello")
         with pytest.raises(CommTimeout) as info:
             await conn.receive()
@@ -204,7 +204,7 @@ async def test_stalled_server_stops_reading_so_big_writes_block() -> None:
     big = LengthPrefixed(max_frame=64 << 20)
     async with fault_server(Fault.stall(), codec=big) as peer:
         conn = await dial(peer, big)
-        conn._limits = _Limits(send=0.3)
+        conn._limits = Limits(send=0.3)
         with pytest.raises(CommTimeout) as info:
             await conn.send(b"x" * (64 << 20))
         assert info.value.phase == "send"

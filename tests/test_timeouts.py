@@ -100,7 +100,7 @@ def test_client_and_server_values_are_distinct_types() -> None:
 
 
 def test_connection_limits_are_built_once_per_value_and_follow_its_fields() -> None:
-    # The client and server set a session's limits by assigning the _Limits a
+    # The client and server set a session's limits by assigning the Limits a
     # value built once; it must match the fields, survive copies and
     # pickling, and change nothing about equality, hashing or repr.
     import copy

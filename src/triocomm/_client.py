@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import trio
 
-from ._connection import Connection, ConnState
+from ._connection import Connection
 from ._errors import CommError, CommTimeout, ConnectError, ConnectionLost, UpstreamUnavailable
 from ._pool import KeepAlivePool, PooledConnection, PoolStats
-from ._timeouts import Timeouts
+from ._timeouts import Timeouts, session_limits
 from ._timers import Timers
 from ._upstream import Upstream, UpstreamAttempt
 
@@ -196,6 +196,11 @@ def _tls_hostname(target: Target[Any, Any]) -> str | None:
     if target.server_hostname is not None:
         return target.server_hostname
     return target.host
+
+
+def _start_session(conn: Connection[Any, Any], timeouts: Timeouts) -> None:
+    """A client session starts on ``conn``: its seq moves on, ``timeouts`` bound it."""
+    conn._begin_session(session_limits(timeouts))
 
 
 def _is_ip(host: str) -> bool:
@@ -507,16 +512,16 @@ class Client:
         entry = result
         if target.on_connect is not None:
             conn = entry.conn
-            conn._begin_session(timeouts._limits)  # on_connect is the session with seq == 0
+            _start_session(conn, timeouts)  # on_connect is the session with seq == 0
             try:
                 await target.on_connect(conn)
             except BaseException:
                 pool.abandon_new(entry)
-                await conn._break()
+                await conn.abort()
                 raise
             if not conn.between_messages:
                 pool.abandon_new(entry)
-                await conn._break()
+                await conn.abort()
                 raise ConnectionLost(
                     f"on_connect left unread data on the connection to {target}; "
                     "it cannot be reused safely"
@@ -582,7 +587,7 @@ class Client:
                     raise
             conn = entry.conn
             received_before = conn.stats.bytes_received
-            conn._begin_session(timeouts._limits)
+            _start_session(conn, timeouts)
             result: R
             try:
                 result = await (conn._exchange(data) if body is None else body(conn))
@@ -590,7 +595,7 @@ class Client:
                 # Bookkeeping first: the close below may be cancelled.
                 pool.release(entry, reusable=False)
                 pool.record_failure()
-                await conn._break()
+                await conn.abort()
                 self._report(attempt, _address_failed(exc))
                 stale = reused and conn.stats.bytes_received == received_before
                 if stale and retries_left > 0 and self._may_retry_stale(exc, dest, tried):
@@ -648,9 +653,7 @@ class Client:
         """A session ended well: pool its connection unless something is left unread."""
         conn = entry.conn
         reusable = not entry.peer_spoke(poll=False)
-        if reusable:
-            conn._set_state(ConnState.SUCCESS)
-        else:
+        if not reusable:
             logger.debug("unrequested data from %s after a session; closing", conn.peer)
         pool.release(entry, reusable=reusable, keepalive=timeouts.keepalive)
 
@@ -668,13 +671,13 @@ class Client:
             self._report(attempt, _address_failed(exc))
             raise
         conn = entry.conn
-        conn._begin_session(timeouts._limits)
+        _start_session(conn, timeouts)
         try:
             yield conn
         except BaseException as exc:
             pool.release(entry, reusable=False)
             pool.record_failure()
-            await conn._break()
+            await conn.abort()
             self._report(attempt, _address_failed(exc))
             raise
         self._finish(entry, pool, timeouts)

@@ -42,7 +42,7 @@ from typing import IO, TYPE_CHECKING, Any, Generic, TypeVar, Union
 import trio
 
 from ._errors import CommError, CommTimeout, ConnectionLost, ProtocolError
-from ._timeouts import _Limits
+from ._timeouts import Limits
 
 if TYPE_CHECKING:
     from ._framing import Codec
@@ -179,7 +179,7 @@ def _nbytes(data: Any) -> int:
     return len(data) if type(data) is bytes else memoryview(data).nbytes
 
 
-_NO_LIMITS = _Limits()
+_NO_LIMITS = Limits()
 # Shared empty lists: the pending messages and the outbox of every connection
 # with none. Never mutated (a connection that needs one makes its own).
 _NO_PENDING: list[Any] = []
@@ -232,6 +232,9 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
     # Replies accepted by _queue and not yet written, and their size.
     _outbox: list[Any] = _NO_OUTBOX
     _outbox_size = 0
+    # The requests of the passive round in progress that the request loop has
+    # not taken yet (see _take_burst): seq counts those taken.
+    _round: list[Any] = _NO_PENDING
 
     def __init__(self, stream: trio.abc.Stream, codec: Codec[In, Out]) -> None:
         self._stream = stream
@@ -281,8 +284,11 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
 
     @property
     def seq(self) -> int:
-        """Sessions started on this connection before the current one (0 in the first)."""
-        return self._sessions - 1 if self._sessions else 0
+        """Sessions started on this connection before the current one (0 in the first).
+
+        On a service's connection, the requests received before the current one.
+        """
+        return self._sessions - len(self._round) - 1 if self._sessions else 0
 
     @property
     def state(self) -> ConnState:
@@ -474,12 +480,12 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             try:
                 await self._write_all(data, size, sent)
             except trio.BrokenResourceError as exc:
-                await self._break()
+                await self.abort()
                 raise ConnectionLost(f"connection to {self._peer} lost while sending") from exc
             except BaseException:
                 # Cancelled, timed out or closed part-way: the stream may
                 # hold half a message, so nothing valid can follow on it.
-                await self._break()
+                await self.abort()
                 raise
         finally:
             self._release_send()
@@ -637,13 +643,13 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
                     async for n in self._send_chunks(f, fd, offset, count, send_deadline):
                         sent += n
             except (trio.BrokenResourceError, BrokenPipeError, ConnectionError) as exc:
-                await self._break()
+                await self.abort()
                 raise ConnectionLost(
                     f"connection to {self._peer} lost while sending a file"
                 ) from exc
             except BaseException:
                 # Part of the file may be on the wire: nothing can follow it.
-                await self._break()
+                await self.abort()
                 raise
         finally:
             self._release_send()
@@ -710,8 +716,8 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
                 first (the connection is already in ``ERROR`` and will not be
                 reused); the receive after them raises.
             CommTimeout: a receive-side limit ran out; the connection is closed.
-            trio.ClosedResourceError: the connection was closed by us.
-            trio.BusyResourceError: another task is receiving.
+            trio.ClosedResourceError, trio.BusyResourceError: the connection
+                was closed by us; another task is receiving.
         """
         pending = self._pending
         if pending and not self._closed:
@@ -721,36 +727,25 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
                 self._pending = _NO_PENDING
             return message
         self._begin_receive()
-        # Every wait is written out in this one frame, and everything else is
-        # a plain call: a connection waiting for its next message holds this
-        # frame alone (a frame more would be ~300 bytes per idle connection).
+        # Every wait is written out in this frame, the rest are plain calls: a
+        # connection waiting for a message holds this one frame and no other.
         try:
             if self._eof or self._deferred_error is not None:
                 await trio.lowlevel.checkpoint()
                 self._raise_at_end()
-            limits = self._limits
+            unlimited = self._limits.unlimited
             sock = self._sock
-            # When this call began, read from the clock only if a deadline
-            # needs it; and the deadline of the message once its first byte is in.
+            # When this call began (read from the clock only if a deadline
+            # needs it), and the message's deadline once its first byte is in.
             started = _INF
             message_deadline = _INF
             data: bytes | bytearray | None
             while True:
-                if message_deadline is _INF and not limits.unlimited and self._decoder.buffered:
+                if message_deadline is _INF and not unlimited and self._decoder.buffered:
                     started = min(started, self._now())
                     message_deadline = self._message_deadline(started)
                 if sock is None:
-                    if self._on_wait is not None:
-                        self._on_wait()  # not a socket: every read counts as a wait
-                    if limits.unlimited:
-                        data = await self._stream.receive_some(RECEIVE_SIZE)
-                    else:
-                        started = min(started, self._now())
-                        deadline, phase, limit = self._read_deadline(started, message_deadline)
-                        with trio.CancelScope(deadline=deadline) as scope:
-                            data = await self._stream.receive_some(RECEIVE_SIZE)
-                        if scope.cancelled_caught:
-                            raise CommTimeout(phase, limit or 0.0, self._peer)
+                    data = await self._read_stream(started, message_deadline)
                 else:
                     await trio.lowlevel.checkpoint_if_cancelled()
                     waited = False
@@ -758,9 +753,6 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
                         waited = True
                         if self._on_wait is not None:
                             self._on_wait()
-                        if limits.unlimited:
-                            await trio.lowlevel.wait_readable(sock)
-                            continue
                         started = min(started, self._now())
                         deadline, phase, limit = self._read_deadline(started, message_deadline)
                         if self._arm_wait(deadline):
@@ -784,15 +776,26 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
                 if message is not _NOTHING:
                     return message
         except trio.BrokenResourceError as exc:
-            await self._break()
+            await self.abort()
             if isinstance(exc, ConnectionLost):
                 raise
             raise ConnectionLost(f"connection to {self._peer} lost: {exc or 'reset'}") from exc
         except (ProtocolError, CommTimeout):
-            await self._break()
+            await self.abort()
             raise
         finally:
             self._receiving = False
+
+    async def _read_stream(self, started: float, message_deadline: float) -> bytes | bytearray:
+        """One read from a stream that is not a plain socket (TLS, memory), under the limits."""
+        if self._on_wait is not None:
+            self._on_wait()  # whether it will wait is not known: it counts as a wait
+        if self._limits.unlimited:
+            return await self._stream.receive_some(RECEIVE_SIZE)
+        deadline, phase, limit = self._read_deadline(min(started, self._now()), message_deadline)
+        with trio.CancelScope(deadline=deadline):
+            return await self._stream.receive_some(RECEIVE_SIZE)
+        raise CommTimeout(phase, limit or 0.0, self._peer)  # the deadline cancelled the read
 
     def _begin_receive(self) -> None:
         """Claim the receive side, or raise why a receive cannot run."""
@@ -801,6 +804,8 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         if self._closed:
             raise trio.ClosedResourceError(f"connection to {self._peer} is closed")
         self._receiving = True
+        if self._round is not _NO_PENDING:
+            self._round = _NO_PENDING  # a new read ends the passive round
 
     def _raise_at_end(self) -> None:
         """The stream has nothing more to give: raise the bad input found, or its end."""
@@ -905,11 +910,17 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         return deadline, phase, limit
 
     def _arm_wait(self, deadline: float) -> bool:
-        """Have the timers end the coming wait at ``deadline``; False if there are none."""
+        """Have the timers end the coming wait at ``deadline``.
+
+        True when the wait needs no cancel scope: there is no deadline, or the
+        timers keep it. False when there are no running timers to keep it.
+        """
+        self._expired = False
+        if deadline == _INF:
+            return True
         timers = self._timers
         if timers is None or not timers.running:
             return False
-        self._expired = False
         self._wait_deadline = deadline
         timers.arm(self, deadline)
         return True
@@ -963,8 +974,15 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             self._log_closed()
             await self._stream.aclose()
 
-    async def _break(self) -> None:
-        """Move to ERROR and close at once (shielded: this runs on failure paths)."""
+    async def abort(self) -> None:
+        """Close at once and mark the connection failed (``ERROR``).
+
+        For a peer that broke the protocol above the codec, or a session that
+        went wrong: nothing accepted is written any more, a pool never reuses
+        the connection, and a service counts it as failed. Idempotent. It is
+        not a cancellation point (it runs on failure paths, shielded), so the
+        connection is closed when it returns, whatever the surrounding scopes.
+        """
         self._state = ConnState.ERROR
         if self._outbox:
             self._outbox = _NO_OUTBOX  # never written: the stream is broken
@@ -1016,14 +1034,14 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         if request_loop:
             self._yield_on_data = False
 
-    def _set_state(self, state: ConnState, limits: _Limits | None = None) -> None:
+    def _set_state(self, state: ConnState, limits: Limits | None = None) -> None:
         """Enter ``state`` (never out of ERROR or a close), with the phase limits that apply."""
         if self._state is not ConnState.ERROR and not self._closed:
             self._state = state
         if limits is not None:
             self._limits = limits
 
-    def _begin_session(self, limits: _Limits | None = None) -> None:
+    def _begin_session(self, limits: Limits | None = None) -> None:
         """A session starts: ``seq`` moves on; ``limits``, if given, bound it."""
         self._sessions += 1
         if limits is not None:
@@ -1044,13 +1062,23 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             self._yield_on_data = True
 
     def _take_burst(self, first: In) -> list[In]:
-        """``first`` and every message already decoded after it, removed from the connection."""
+        """Start a passive round: ``first`` and every message already decoded after it.
+
+        They leave the connection as one session each, in the order
+        ``list.pop()`` takes them (``first`` last in the list); the connection
+        keeps the list so that :attr:`seq` counts those taken, with no call per
+        request. The state becomes ``RECEIVING`` until the replies are written.
+        """
         items = self._pending
-        if not items:
-            return [first]
-        self._pending = _NO_PENDING
-        items.append(first)
-        items.reverse()
+        if items:
+            self._pending = _NO_PENDING
+            items.append(first)
+        else:
+            items = [first]
+        self._sessions += len(items)
+        self._round = items
+        if self._state is not ConnState.ERROR and not self._closed:
+            self._state = ConnState.RECEIVING
         return items
 
     def _queue(self, reply: Any) -> bool:

@@ -187,6 +187,10 @@ class PooledConnection:
         # Set by the idle watcher when the peer sent bytes, closed or reset.
         self.spoke = False
 
+    def mark(self, state: ConnState) -> None:
+        """Move the connection to ``state`` as the pool lends, takes back or keeps it."""
+        self.conn._set_state(state)
+
     def wake(self) -> None:
         """Wake the connection task: it re-reads the state (retired, abandoned).
 
@@ -361,7 +365,7 @@ class KeepAlivePool:
                 continue
             entry.state = _State.IN_USE
             self._in_use += 1
-            entry.conn._set_state(ConnState.CONNECTED)
+            entry.mark(ConnState.CONNECTED)
             if entry.watching:
                 # Aborting wait_readable is synchronous: the socket is ours now.
                 entry.wake()
@@ -467,6 +471,8 @@ class KeepAlivePool:
         """
         if entry.state is not _State.IN_USE:
             return  # already retired (the client closed while it was lent)
+        if reusable:
+            entry.mark(ConnState.SUCCESS)
         if not reusable or keepalive == 0 or self._closing:
             entry.graceful = reusable
             self._retire(entry, "not reusable" if not reusable else "keep-alive is 0")
@@ -481,7 +487,7 @@ class KeepAlivePool:
         if self._waiters and self._grant(entry):
             return
         entry.state = _State.IDLE
-        entry.conn._set_state(ConnState.IDLE)
+        entry.mark(ConnState.IDLE)
         self._idle.append(entry)
         entry.went_idle(now)
 

@@ -30,7 +30,7 @@ import trio
 from ._connection import Connection, ConnState, Idle, format_address, socket_of
 from ._errors import CommError, CommTimeout, ConnectionLost, FrameTooLarge, ProtocolError
 from ._framing import Codec
-from ._timeouts import ServerTimeouts
+from ._timeouts import ServerTimeouts, passive_limits
 from ._timers import Timers
 
 __all__ = ["Server", "ServerStats", "serve", "serve_connections"]
@@ -551,7 +551,7 @@ class Server:
                 if entry.closing and isinstance(exc, trio.BrokenResourceError):
                     pass  # TLS reports the read side we shut as a ragged EOF
                 elif self._report(conn, exc):
-                    await conn._break()  # failed: ERROR, like a connection error
+                    await conn.abort()  # failed: ERROR, like a connection error
             finally:
                 if entry.idle_callback is not None:
                     entry.idle_callback.cancel()
@@ -690,7 +690,7 @@ class Server:
                 exc,
                 exc_info=exc,
             )
-            await conn._break()
+            await conn.abort()
         finally:
             entry.idle_callback = None
             waiting.clear()
@@ -729,8 +729,7 @@ class RequestLoop:
         # Locals, not attributes: a connection waiting for its next request
         # holds this frame, and what it refers to is memory per idle connection.
         handler = self.handler
-        limits = server._options.timeouts._first_request_limits
-        keepalive = server._options.timeouts._keepalive_limits
+        limits, keepalive = passive_limits(server._options.timeouts)
         stats = server._stats
         state = ConnState.CONNECTED
         while True:
@@ -753,14 +752,14 @@ class RequestLoop:
             finally:
                 entry.end_wait()
             state, limits = ConnState.KEEPALIVE, keepalive
-            conn._set_state(ConnState.RECEIVING)
-            for request in conn._take_burst(request):  # noqa: B020 - the burst starts with it
-                conn._begin_session()
+            burst = conn._take_burst(request)  # pop() takes them in order
+            while burst:
+                request = burst.pop()
                 stats.sessions += 1
                 try:
                     reply = await handler(request, conn)
                 except Exception as exc:
-                    await _flush_quietly(conn)
+                    await _write_replies(conn, quietly=True)
                     raise _HandlerFailed(exc, "the handler raised") from exc
                 if conn.is_closed:
                     return  # the handler closed it, after the replies before it
@@ -768,35 +767,34 @@ class RequestLoop:
                     try:
                         full = conn._queue(reply)
                     except Exception as exc:
-                        await _flush_quietly(conn)  # the replies before it go out
+                        await _write_replies(conn, quietly=True)  # the replies before it go out
                         raise _HandlerFailed(exc, _UNENCODABLE) from exc
                     if full:
-                        await _flush(conn)
+                        await _write_replies(conn)
             # The round's schedule point: the replies' write, or a bare one
             # when there is none (a client streaming requests that get no
             # reply cannot keep this task running while others wait). The
             # read skipped its own when it found data there.
-            await _flush(conn)
+            await _write_replies(conn)
             # Let go of the burst before waiting: a keep-alive connection may
             # wait for minutes, and what its frame holds is held per idle one.
-            del request, reply
+            del burst, request, reply
 
 
-async def _flush(conn: Connection[Any, Any]) -> None:
+async def _write_replies(conn: Connection[Any, Any], *, quietly: bool = False) -> None:
+    """Write the replies the connection accepted (the round's schedule point if none).
+
+    ``quietly``: the connection is failing anyway (a handler raised); deliver
+    what can be delivered of the replies before it and raise nothing.
+    """
     try:
         await conn._flush()
     except Exception as exc:
+        if quietly:
+            return
         if isinstance(exc, (CommError, trio.BrokenResourceError, trio.ClosedResourceError)):
             raise
         raise _HandlerFailed(exc, _UNENCODABLE) from exc
-
-
-async def _flush_quietly(conn: Connection[Any, Any]) -> None:
-    # Requests before the failing one were answered: deliver those replies.
-    try:
-        await conn._flush()
-    except Exception:
-        pass  # the connection is closed as failed all the same
 
 
 def _end_wait(entry: _Entry) -> None:
@@ -829,9 +827,9 @@ class ConnectionBody:
     async def __call__(self, server: Server, conn: Connection[Any, Any], entry: _Entry) -> None:
         # The handler decides when to read, so every wait for a message is a
         # wait between messages: keepalive bounds it.
-        conn._begin_session(server._options.timeouts._keepalive_limits)
+        _, keepalive = passive_limits(server._options.timeouts)
+        conn._set_state(ConnState.RECEIVING, keepalive)
         server._stats.sessions += 1
-        conn._set_state(ConnState.RECEIVING)
         await self.handler(conn)
         # Closed straight after, before any other task runs: SUCCESS, which
         # no one could see, is not written (see ConnState).

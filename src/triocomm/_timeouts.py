@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-__all__ = ["ServerTimeouts", "Timeouts"]
+__all__ = ["Limits", "ServerTimeouts", "Timeouts", "passive_limits", "session_limits"]
 
 
 def _check(value: object, name: str) -> None:
@@ -24,7 +24,7 @@ def _check(value: object, name: str) -> None:
         raise ValueError(f"timeout {name!r} must be >= 0, got {value!r}")
 
 
-class _Limits:
+class Limits:
     """The limits a connection applies to its reads and writes in one session.
 
     Built from a :class:`Timeouts` or :class:`ServerTimeouts` once per value
@@ -63,9 +63,9 @@ class _TimeoutsBase:
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             _check(getattr(self, f.name), f.name)
 
-    def _limits_for(self, first_phase: str, first_timeout: float | None) -> _Limits:
+    def _limits_for(self, first_phase: str, first_timeout: float | None) -> Limits:
         """The limits of a session whose first wait is ``first_phase``."""
-        return _Limits(
+        return Limits(
             send=self.send,
             first_phase=first_phase,
             first_timeout=first_timeout,
@@ -112,7 +112,7 @@ class Timeouts(_TimeoutsBase):
         return dataclasses.replace(self, **changes)
 
     @cached_property
-    def _limits(self) -> _Limits:
+    def _limits(self) -> Limits:
         # A client session's limits, built on first use and kept in the
         # instance (cached_property writes past the frozen __setattr__).
         return self._limits_for("first_response", self.first_response)
@@ -149,9 +149,19 @@ class ServerTimeouts(_TimeoutsBase):
     # connections: before its first request, and from then on.
 
     @cached_property
-    def _first_request_limits(self) -> _Limits:
+    def _first_request_limits(self) -> Limits:
         return self._limits_for("first_request", self.first_request)
 
     @cached_property
-    def _keepalive_limits(self) -> _Limits:
+    def _keepalive_limits(self) -> Limits:
         return self._limits_for("keepalive", self.keepalive)
+
+
+def session_limits(timeouts: Timeouts) -> Limits:
+    """The limits of a client session under ``timeouts`` (built once per value)."""
+    return timeouts._limits
+
+
+def passive_limits(timeouts: ServerTimeouts) -> tuple[Limits, Limits]:
+    """The limits of a passive connection: before its first request, and from then on."""
+    return timeouts._first_request_limits, timeouts._keepalive_limits
