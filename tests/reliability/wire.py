@@ -148,11 +148,11 @@ class SendLog:
         """``conn.send_many(payloads)``, recorded."""
         await self._attempt(conn, self.expect(payloads, "send_many"), conn.send_many(payloads))
 
-    async def send_file(self, conn: Any, path: str, offset: int, payloads: list[bytes]) -> None:
-        """``conn.send_file`` of the frames of ``payloads``, found at ``offset`` in ``path``."""
+    async def send_file(self, conn: Any, file: Any, offset: int, payloads: list[bytes]) -> None:
+        """``conn.send_file`` of the frames of ``payloads``, found at ``offset`` in ``file``."""
         count = sum(HEADER.size + len(p) for p in payloads)
         attempt = self.expect(payloads, "send_file")
-        sent = await self._attempt(conn, attempt, conn.send_file(path, offset, count))
+        sent = await self._attempt(conn, attempt, conn.send_file(file, offset, count))
         assert sent == count, f"send_file returned {sent}, expected {count}"
 
 
