@@ -13,7 +13,10 @@
   scenarios (a) and (b);
 * **memory** — resident memory per idle keep-alive connection of a triocomm
   server and of the raw-Trio server holding 10,000 connections (``memory.py``);
-* **codecs** — decoder throughput, from ``bench_codecs.run``.
+* **codecs** — decoder throughput, from ``bench_codecs.run``;
+* **backpressure** — the server's RSS growth per connection while clients
+  pipeline tiny requests with large replies and never read
+  (``backpressure.py``).
 
 Each measurement is repeated (``--reps``, at least 3 for the full run); the
 table shows medians with min-max and the ratio triocomm / raw Trio, which is
@@ -48,12 +51,13 @@ CLIENT_SCENARIOS = ("a", "b")
 SERVER_KINDS = ("triocomm", "raw-trio", "asyncio-streams", "asyncio-protocol", "uvloop-protocol")
 CLIENT_KINDS = ("triocomm", "raw-trio")
 MEMORY_KINDS = ("triocomm", "raw-trio")
-PARTS = ("server", "client", "memory", "codecs")
+PARTS = ("server", "client", "memory", "codecs", "backpressure")
 DEFAULT_JSON = harness.HERE / "results" / "latest.json"
 # Targets from the performance issue, reported beside the ratios (never asserted).
 SERVER_TARGET = 1.0
 CLIENT_TARGET = 0.95
 MEMORY_TARGET_BYTES = 8 * 1024
+MIB = 1024 * 1024
 
 
 def have(module: str) -> bool:
@@ -254,6 +258,21 @@ def bench_codecs(s: Settings, log: Any) -> dict[str, Any]:
     return result
 
 
+def bench_backpressure(s: Settings, log: Any) -> dict[str, Any]:
+    import backpressure
+
+    runs = []
+    for rep in range(s.reps):
+        m = backpressure.measure(requests=2000 if s.quick else 5000)
+        runs.append(m)
+        log(
+            f"  backpressure rep {rep + 1}/{s.reps}: "
+            f"{m['bytes_per_connection'] / MIB:7.1f} MiB/conn "
+            f"(baseline {m['baseline_kib']} KiB, {m['connections']} conns)"
+        )
+    return {"runs": runs}
+
+
 # -- report ----------------------------------------------------------------------
 
 
@@ -286,6 +305,11 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         if "triocomm" in mem and "raw-trio" in mem:
             mem["ratio triocomm/raw-trio"] = mem["triocomm"]["median"] / mem["raw-trio"]["median"]
         out["memory"] = mem
+    if "backpressure" in results:
+        runs = results["backpressure"]["runs"]
+        out["backpressure"] = harness.Summary.of(
+            [r["bytes_per_connection"] for r in runs]
+        ).as_dict()
     return out
 
 
@@ -355,6 +379,13 @@ def format_table(summary: dict[str, Any], results: dict[str, Any]) -> str:
         if ratio is not None:
             lines.append(f"  triocomm / raw-trio: {ratio:.2f}x")
         lines.append("")
+    if "backpressure" in summary:
+        lines.append(_backpressure_title(results) + ":")
+        b = summary["backpressure"]
+        lines.append(
+            f"  triocomm   {b['median'] / MIB:8.1f} MiB ({b['min'] / MIB:.1f}-{b['max'] / MIB:.1f})"
+        )
+        lines.append("")
     codecs = results.get("codecs")
     if codecs and "skipped" not in codecs:
         import bench_codecs
@@ -363,6 +394,15 @@ def format_table(summary: dict[str, Any], results: dict[str, Any]) -> str:
     elif codecs:
         lines.append(f"Codecs: {codecs['skipped']}")
     return "\n".join(lines)
+
+
+def _backpressure_title(results: dict[str, Any]) -> str:
+    first = results["backpressure"]["runs"][0]
+    return (
+        f"Never-reading clients: server RSS growth per connection, {first['connections']} "
+        f"conns x {first['requests_per_connection']} pipelined requests, "
+        f"{first['reply_bytes'] // 1024} KiB replies"
+    )
 
 
 # Typographic dash and times sign for the Markdown tables.
@@ -422,6 +462,12 @@ def format_markdown(summary: dict[str, Any], results: dict[str, Any]) -> str:
         out.append(f"**Idle keep-alive connections**, {conns:,} held, bytes of RSS each:")
         for kind, m in _memory_rows(summary):
             out.append(f"{kind} {m['median']:,.0f} ({m['min']:,.0f}{DASH}{m['max']:,.0f});")
+        out.append("")
+    if "backpressure" in summary:
+        b = summary["backpressure"]
+        out.append(f"**{_backpressure_title(results)}**:")
+        low, high = b["min"] / MIB, b["max"] / MIB
+        out.append(f"triocomm {b['median'] / MIB:.1f} MiB ({low:.1f}{DASH}{high:.1f}).")
         out.append("")
     return "\n".join(out)
 
@@ -489,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         "client": bench_clients,
         "memory": bench_memory,
         "codecs": bench_codecs,
+        "backpressure": bench_backpressure,
     }
     for part in s.parts:
         results[part] = steps[part](s, log)

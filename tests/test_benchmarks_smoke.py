@@ -32,7 +32,7 @@ def bench() -> Iterator[dict[str, ModuleType]]:
     """The benchmark modules, imported the way ``benchmarks/run.py`` imports them."""
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        names = ("harness", "servers", "loadgen", "clients", "memory", "run")
+        names = ("harness", "servers", "loadgen", "clients", "memory", "backpressure", "run")
         yield {name: importlib.import_module(name) for name in names}
     finally:
         sys.path.remove(str(BENCHMARKS))
@@ -188,6 +188,18 @@ def test_memory_holder_opens_and_checks_connections(bench: dict[str, ModuleType]
     assert asyncio.run(scenario()) == 40
 
 
+def test_backpressure_measures_a_never_reading_client(bench: dict[str, ModuleType]) -> None:
+    # A few pipelined requests with small replies: the pieces work; the
+    # figure itself is the benchmark's business.
+    result = bench["backpressure"].measure(
+        conns=1, requests=20, reply_size=16 * 1024, settle=2.0, core=None
+    )
+    assert result["connections"] == 1
+    assert result["baseline_kib"] > 0
+    assert result["loaded_kib"] > 0
+    assert result["settle_s"] <= 2.0 + 1.0
+
+
 def test_report_summarizes_and_formats(bench: dict[str, ModuleType]) -> None:
     run = bench["run"]
     results = {
@@ -201,6 +213,16 @@ def test_report_summarizes_and_formats(bench: dict[str, ModuleType]) -> None:
             "connections": 10,
             "runs": {"triocomm": [{"bytes_per_connection": 6000.0}]},
         },
+        "backpressure": {
+            "runs": [
+                {
+                    "connections": 2,
+                    "requests_per_connection": 5000,
+                    "reply_bytes": 262144,
+                    "bytes_per_connection": 3 * 1024 * 1024,
+                }
+            ]
+        },
     }
     summary = run.summarize(results)
     assert summary["server"]["a"]["ratios"]["triocomm/raw-trio"] == pytest.approx(0.5)
@@ -208,6 +230,8 @@ def test_report_summarizes_and_formats(bench: dict[str, ModuleType]) -> None:
     table = run.format_table(summary, results)
     assert "0.50x*" in table
     assert "6000 B" in table
+    assert "3.0 MiB" in table
     markdown = run.format_markdown(summary, results)
     assert "| (a) 1 conn ping-pong 64 B |" in markdown
     assert "**0.50\u00d7**" in markdown
+    assert "triocomm 3.0 MiB" in markdown
