@@ -34,7 +34,8 @@ OLDEST_TRIO = "trio==0.25.0"
 
 RUFF = "ruff==0.17.5"
 MYPY = "mypy==2.4.1"
-SPHINX = ("sphinx==9.1.1", "myst-parser==5.2.0", "furo==2025.12.19")
+# Sphinx, MyST and Furo: pinned in docs/requirements.txt, which Read the Docs reads too.
+DOCS_REQUIREMENTS = "docs/requirements.txt"
 PACKAGING = ("build==1.6.1", "twine==7.0.0")
 # trio-typing's mypy plugin builds TypeVarType with a plain int id, which
 # mypy 1.11 and later reject (they crash inside the plugin), so the
@@ -277,7 +278,7 @@ def docs(session: nox.Session) -> None:
     """
     if shutil.which("dot") is None:
         session.error("the diagrams need Graphviz's dot: apt-get install graphviz")
-    session.install(".", *SPHINX)
+    session.install(".", "-r", DOCS_REQUIREMENTS)
     session.run(
         "sphinx-build", "-W", "--keep-going", "-b", "html", *session.posargs,
         "docs", "docs/_build/html",
@@ -292,7 +293,7 @@ def package(session: nox.Session) -> None:
     start run from a folder outside the checkout, so nothing is imported from
     the source tree.
     """
-    dist = Path(session.create_tmp()) / "dist"
+    dist = Path(session.create_tmp()).resolve() / "dist"
     shutil.rmtree(dist, ignore_errors=True)
     session.install(*PACKAGING)
     session.run("python", "-m", "build", "--outdir", str(dist), ".")
@@ -302,7 +303,7 @@ def package(session: nox.Session) -> None:
     session.run("twine", "check", "--strict", str(sdists[0]), str(wheels[0]))
     session.run("python", "-c", SDIST_HAS_EXTRAS, str(sdists[0]))
 
-    user = Path(session.create_tmp()) / "user"
+    user = Path(session.create_tmp()).resolve() / "user"
     shutil.rmtree(user, ignore_errors=True)
     user.mkdir(parents=True)
     session.run("python", "-m", "venv", str(user / "venv"))
@@ -312,6 +313,12 @@ def package(session: nox.Session) -> None:
     quick_start = user / "quick_start.py"
     quick_start.write_text(_readme_quick_start(), encoding="utf-8")
     with session.chdir(user):
+        where = session.run(
+            str(bin_dir / "python"), "-c", "import triocomm; print(triocomm.__file__)",
+            external=True, silent=True,
+        )  # fmt: skip
+        if where is None or not where.startswith(str(user / "venv")):
+            session.error(f"triocomm was imported from {where!r}, not from the wheel")
         session.run(str(bin_dir / "triocomm"), "bench", "--requests", "200", external=True)
         out = session.run(str(bin_dir / "python"), quick_start.name, external=True, silent=True)
         if out is None or "b'hello'" not in out:
