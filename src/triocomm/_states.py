@@ -126,7 +126,7 @@ CLIENT_TIMELINE: tuple[tuple[Moment, ...], tuple[Span, ...]] = (
 SERVER_TIMELINE: tuple[tuple[Moment, ...], tuple[Span, ...]] = (
     (
         Moment("accepted", "connection accepted"),
-        Moment("handshake", "TLS handshake done"),
+        Moment("handshake", "ready (TLS handshake done)"),
         Moment("first", "first byte of a request"),
         Moment("request", "whole request received"),
         Moment("replied", "reply written"),
@@ -134,7 +134,7 @@ SERVER_TIMELINE: tuple[tuple[Moment, ...], tuple[Span, ...]] = (
     ),
     (
         Span("handshake", "accepted", "handshake", "TLS only"),
-        Span("first_request", "accepted", "first", "the first request only"),
+        Span("first_request", "handshake", "first", "the first request only"),
         Span("receive", "first", "request"),
         Span("send", "request", "replied", "the handler's time is not limited"),
         Span("keepalive", "replied", "next", "between requests"),
