@@ -18,6 +18,7 @@ Both draw top to bottom, which keeps them narrow enough for a phone.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, ClassVar
 
 from docutils import nodes
@@ -63,9 +64,7 @@ def state_dot(name: str, table: tuple[Transition, ...], entry: str) -> str:
             if state not in states:
                 states.append(state)
     lines = [f"digraph {name} {{", HEADER]
-    lines.append(
-        f'  node [shape=box, style="rounded,filled", fillcolor="#eef2f9", color="{INK}"];'
-    )
+    lines.append(f'  node [shape=box, style="rounded,filled", fillcolor="#eef2f9", color="{INK}"];')
     lines.append('  start [shape=circle, width=0.14, label="", style=filled, fillcolor="black"];')
     for state in states:
         extra = ""
@@ -110,7 +109,7 @@ def timeline_dot(name: str, timeline: tuple[tuple[Moment, ...], tuple[Span, ...]
     )
     for moment in moments:
         lines.append(f"  {moment.name} [label={_quote(moment.label)}];")
-    for before, after in zip(moments, moments[1:]):
+    for before, after in itertools.pairwise(moments):
         labels = one_step.get(before.name)
         if labels:
             text = _quote("\n".join(labels))
@@ -131,7 +130,8 @@ def timeline_dot(name: str, timeline: tuple[tuple[Moment, ...], tuple[Span, ...]
             )
         lines.append(f"  {{ rank=same; {top} -> {span.start} [style=invis, minlen=2]; }}")
         lines.append(f"  {{ rank=same; {bottom} -> {span.end} [style=invis, minlen=2]; }}")
-        lines.append(f"  {top} -> {bottom} [label={_quote(label)}, {STYLE['main']}, arrowhead=none];")
+        style = STYLE["main"]
+        lines.append(f"  {top} -> {bottom} [label={_quote(label)}, {style}, arrowhead=none];")
     lines.append("}")
     return "\n".join(lines)
 
