@@ -73,4 +73,4 @@ html_title = f"triocomm {release}"
 html_static_path = ["_static"]
 html_css_files = ["triocomm.css"]
 # triocomm.css: a content column wide enough for 100-character code lines
-# at 1280 px, and diagrams scaled to the column on a phone.
+# at 1280 px; on a phone, diagrams scaled to the column and tables that fit.
