@@ -27,16 +27,18 @@ version = release
 extensions = [
     "myst_parser",
     "sphinx.ext.autodoc",
+    "sphinx.ext.graphviz",
     "sphinx.ext.intersphinx",
     "sphinx.ext.napoleon",
     "sphinx.ext.viewcode",
     "page_toctree",
     "public_api",
+    "state_diagrams",
 ]
 
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 root_doc = "index"
-exclude_patterns = ["_build", "_ext", "Thumbs.db", ".DS_Store"]
+exclude_patterns = ["_build", "_ext", "_static", "requirements.txt", "Thumbs.db", ".DS_Store"]
 
 # `single backticks` in docstrings link to Python objects, as in trio's docs.
 default_role = "py:obj"
@@ -61,5 +63,14 @@ if os.environ.get("TRIOCOMM_DOCS_INTERSPHINX") == "1":
         "trio": ("https://trio.readthedocs.io/en/stable", None),
     }
 
-html_theme = "alabaster"
+# Diagrams are drawn by Graphviz's dot at build time, as SVG (sharp at any
+# width; static CSS scales them to the column).
+graphviz_output_format = "svg"
+graphviz_dot_args = ["-Gfontnames=svg"]
+
+html_theme = "furo"
 html_title = f"triocomm {release}"
+html_static_path = ["_static"]
+html_css_files = ["triocomm.css"]
+# triocomm.css: a content column wide enough for 100-character code lines
+# at 1280 px; on a phone, diagrams scaled to the column and tables that fit.

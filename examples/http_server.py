@@ -19,10 +19,13 @@ What it shows:
 * bounded memory: request heads are limited by h11's
   ``max_incomplete_event_size`` and request bodies by ``max_body``.
 
-Run it (h11 is an example dependency: ``pip install h11``)::
+Run it (h11 comes with the examples' extra: ``pip install '.[examples]'``)::
 
     python examples/http_server.py --port 8080 --root /some/folder
     curl -v http://127.0.0.1:8080/ http://127.0.0.1:8080/files/name.txt
+
+It prints one line saying where it listens (``--port 0`` picks a free port)
+and serves until SIGINT (Ctrl-C) or SIGTERM, then shuts down gracefully.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import logging
 import math
 import mimetypes
 import os
+import signal
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
@@ -44,6 +48,9 @@ import trio
 import triocomm
 
 __all__ = ["FileBody", "Site", "main", "serve_http", "serve_site"]
+
+#: How long requests in flight may run on after SIGINT or SIGTERM, in seconds.
+GRACE = 5.0
 
 log = logging.getLogger("triocomm.examples.http")
 
@@ -331,18 +338,28 @@ async def serve_site(
 
 
 async def main(argv: list[str] | None = None) -> None:
-    """Run the server until interrupted (Ctrl-C)."""
+    """Serve until SIGINT (Ctrl-C) or SIGTERM, then shut down gracefully."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--root", type=Path, default=Path(os.curdir), help="served under /files/")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    await serve_site(Site(root=args.root), args.port, host=args.host)
+    # SIGINT (Ctrl-C) and SIGTERM arrive as messages, not as exceptions. The
+    # receiver opens before the port is printed, so no signal is missed.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            serving = functools.partial(serve_site, Site(root=args.root), args.port, host=args.host)
+            server: triocomm.Server = await nursery.start(serving)
+            host = f"[{args.host}]" if ":" in args.host else args.host
+            print(f"http_server: listening on {host}:{server.port}", flush=True)
+            async for signum in signals:
+                signame = signal.Signals(signum).name
+                print(f"http_server: {signame} received, shutting down", flush=True)
+                break
+            # Stop accepting, let requests in flight finish (GRACE s at most).
+            await server.shutdown(grace=GRACE)
 
 
 if __name__ == "__main__":
-    try:
-        trio.run(main)
-    except KeyboardInterrupt:
-        pass
+    trio.run(main)

@@ -17,12 +17,17 @@ Run it::
     python examples/redis_server.py --port 7379
     redis-cli -p 7379 SET greeting hello
     redis-benchmark -p 7379 -t ping,set,get,incr -P 16 -c 50 -q
+
+It prints one line saying where it listens (``--port 0`` picks a free port)
+and serves until SIGINT (Ctrl-C) or SIGTERM, then shuts down gracefully.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import signal
 from collections import Counter
 from collections.abc import Callable
 
@@ -32,6 +37,9 @@ from resp import NULL, ErrorReply, Null, Resp, RespValue
 import triocomm
 
 __all__ = ["RedisStore", "main", "serve_redis"]
+
+#: How long requests in flight may run on after SIGINT or SIGTERM, in seconds.
+GRACE = 5.0
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
@@ -198,17 +206,27 @@ async def serve_redis(
 
 
 async def main(argv: list[str] | None = None) -> None:
-    """Parse the command line and serve until interrupted (Ctrl-C)."""
+    """Serve until SIGINT (Ctrl-C) or SIGTERM, then shut down gracefully."""
     parser = argparse.ArgumentParser(description="A Redis-compatible server on triocomm.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7379)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    await serve_redis(RedisStore(), args.port, host=args.host)
+    # SIGINT (Ctrl-C) and SIGTERM arrive as messages, not as exceptions. The
+    # receiver opens before the port is printed, so no signal is missed.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            serving = functools.partial(serve_redis, RedisStore(), args.port, host=args.host)
+            server: triocomm.Server = await nursery.start(serving)
+            host = f"[{args.host}]" if ":" in args.host else args.host
+            print(f"redis_server: listening on {host}:{server.port}", flush=True)
+            async for signum in signals:
+                signame = signal.Signals(signum).name
+                print(f"redis_server: {signame} received, shutting down", flush=True)
+                break
+            # Stop accepting, let requests in flight finish (GRACE s at most).
+            await server.shutdown(grace=GRACE)
 
 
 if __name__ == "__main__":
-    try:
-        trio.run(main)
-    except KeyboardInterrupt:
-        pass
+    trio.run(main)

@@ -783,7 +783,7 @@ async def test_connections_stay_within_cpython_shared_instance_keys() -> None:
     # CPython lets instances of a class share one key table while each holds
     # at most 30 attributes; one more gives every connection a dict of its
     # own. Measured with one attribute too many: 8,007 instead of 6,716
-    # bytes per idle keep-alive connection (docs/performance.md, item 11).
+    # bytes per idle keep-alive connection (docs/benchmark-log.md, item 11).
     seen: list[Connection[bytes, bytes]] = []
 
     async def handler(request: bytes, conn: Connection[bytes, bytes]) -> bytes:

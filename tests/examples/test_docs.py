@@ -3,6 +3,7 @@
 * examples/echo.py is the README's quick start, line for line (apart from
   the ``if __name__ == "__main__":`` guard that lets tests import it), and
   the tutorial's last step shows it too;
+* examples/echo_server.py is the tutorial's ``echo_server.py`` (step 3);
 * every Python block of docs/tutorial.md compiles;
 * echo.py runs and prints the echoed reply.
 """
@@ -22,12 +23,16 @@ def python_blocks(markdown: str) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```$", markdown, flags=re.MULTILINE | re.DOTALL)
 
 
-def echo_program() -> str:
-    """echo.py without its module docstring."""
-    source = (EXAMPLES / "echo.py").read_text()
+def example_program(name: str = "echo.py") -> str:
+    """An example file without its module docstring."""
+    source = (EXAMPLES / name).read_text()
     match = re.match(r'"""(.*?)"""\n\n', source, flags=re.DOTALL)
-    assert match, "echo.py starts with a module docstring"
+    assert match, f"{name} starts with a module docstring"
     return source[match.end() :]
+
+
+def echo_program() -> str:
+    return example_program("echo.py")
 
 
 def test_echo_example_is_the_readme_quick_start() -> None:
@@ -41,6 +46,11 @@ def test_echo_example_is_the_readme_quick_start() -> None:
 def test_the_tutorial_ends_with_the_echo_example() -> None:
     blocks = python_blocks((REPO / "docs" / "tutorial.md").read_text())
     assert echo_program() in blocks
+
+
+def test_the_tutorial_serves_with_the_echo_server_example() -> None:
+    blocks = python_blocks((REPO / "docs" / "tutorial.md").read_text())
+    assert example_program("echo_server.py") in blocks
 
 
 @pytest.mark.parametrize(
