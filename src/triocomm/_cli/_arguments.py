@@ -294,7 +294,7 @@ def _add_bench(commands: _Commands, codec_help: str) -> None:
         "exact echo, and report requests/s, latency percentiles, a latency histogram and "
         "errors by kind. With no ADDRESS an embedded echo service is started in this process "
         "(it then shares the CPU with the load generator). Progress goes to stderr, the "
-        "report to stdout. The exit status is 1 if any request failed.",
+        "report to stdout. The exit status is 1 if any request or connect failed.",
     )
     bench.add_argument(
         "address",
