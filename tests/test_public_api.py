@@ -177,6 +177,21 @@ def test_framing_imports_no_trio_and_nothing_above_errors() -> None:
     assert {own_module(name) for name in imported} - {None} <= {"_errors"}
 
 
+def subpackage_imports(folder: Path) -> set[str]:
+    """What a subpackage (``_cli/``) imports from outside itself, written as a
+    top-level module's imports would be: ``from .. import X`` (the package's
+    public names) becomes ``"."``, ``from .._m import X`` becomes ``"._m"``;
+    imports between its own modules (one dot) are left out."""
+    found = set()
+    for path in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level != 1:
+                found.add("." * min(node.level, 1) + (node.module or ""))
+    return found
+
+
 def module_layers() -> tuple[dict[str, int], dict[str, set[str]]]:
     """Layer of every module in the package, and the package modules each imports.
 
@@ -188,6 +203,10 @@ def module_layers() -> tuple[dict[str, int], dict[str, set[str]]]:
         path.stem: {own_module(name) for name in imports_of(path)} - {None, path.stem}
         for path in SRC.glob("*.py")
     }
+    for folder in SRC.glob("*/__init__.py"):
+        package = folder.parent
+        outside = {own_module(name) for name in subpackage_imports(package)}
+        imports[package.name] = outside - {None, package.name}
     layers = {name: LAYERS[name] for name in imports if name in LAYERS}
     unknown = [name for name in imports if name not in LAYERS]
     for _ in range(len(unknown) + 1):  # enough rounds for any chain of new modules
