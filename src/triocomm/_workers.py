@@ -238,23 +238,29 @@ async def serve_workers(
             ssl_context_factory=ssl_context_factory,
             grace=grace,
         )
-        group = WorkerGroup(port, count)
-        try:
-            with group._cancel_scope:
-                async with trio.open_nursery() as nursery:
-                    started = [
-                        await nursery.start(_supervise, group, config, index, restart)
-                        for index in range(count)
-                    ]
-                    del started
-                    logger.info("%d workers serving on port %d", count, port)
-                    task_status.started(group)
-        finally:
-            with trio.CancelScope(shield=True):
-                await _stop_all(group, grace)
-            group._stopped.set()
+        await _run_group(WorkerGroup(port, count), config, restart, task_status)
     finally:
         holder.close()
+
+
+async def _run_group(
+    group: WorkerGroup,
+    config: _WorkerConfig,
+    restart: bool,
+    task_status: trio.TaskStatus[WorkerGroup],
+) -> None:
+    """Start and supervise the workers until cancelled, then stop them all."""
+    try:
+        with group._cancel_scope:
+            async with trio.open_nursery() as nursery:
+                for index in range(group.workers):
+                    await nursery.start(_supervise, group, config, index, restart)
+                logger.info("%d workers serving on port %d", group.workers, group.port)
+                task_status.started(group)
+    finally:
+        with trio.CancelScope(shield=True):
+            await _stop_all(group, config.grace)
+        group._stopped.set()
 
 
 async def _spawn(
