@@ -424,6 +424,7 @@ class KeepAlivePool:
         else:
             entry.state = _State.IN_USE
             self._in_use += 1
+            entry.mark(ConnState.CONNECTED)  # lent again, as from the idle stack
         waiter.granted = True
         waiter.entry = entry
         waiter.event.set()

@@ -58,7 +58,7 @@ CLIENT: tuple[Transition, ...] = (
     Transition(C.CONNECTED, C.SUCCESS, "borrowed session ended"),
     Transition(C.SUCCESS, C.IDLE, "back in the pool"),
     Transition(C.IDLE, C.CONNECTED, "lent again"),
-    Transition(C.SUCCESS, C.RECEIVING, "lent to a waiting request"),
+    Transition(C.SUCCESS, C.CONNECTED, "lent to a waiting session"),
     Transition(C.SUCCESS, C.CLOSING, "not kept", "close"),
     Transition(C.IDLE, C.CLOSING, "keep-alive over", "close"),
     Transition(C.CONNECTED, C.CLOSING, "closed by the user", "close"),
@@ -66,7 +66,6 @@ CLIENT: tuple[Transition, ...] = (
     Transition(C.CLOSING, C.CLOSED, "stream closed", "close"),
     Transition(C.CONNECTED, C.ERROR, "failed", "failure"),
     Transition(C.RECEIVING, C.ERROR, "failed", "failure"),
-    Transition(C.SUCCESS, C.ERROR, "failed", "failure"),
 )
 
 #: A server connection, as ``serve`` and ``serve_connections`` move it.
