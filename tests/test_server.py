@@ -345,7 +345,9 @@ async def test_a_client_that_never_reads_is_back_pressured() -> None:
 async def test_unix_socket_serves_and_removes_its_file(sock_dir: str) -> None:
     path = os.path.join(sock_dir, "svc.sock")
     async with running(echo, path=path) as server:
-        assert server.port is None
+        assert getattr(server, "port", None) is None  # a Unix socket has no port
+        with pytest.raises(AttributeError, match="no port"):
+            server.port  # noqa: B018
         assert server.addresses == [path]
         assert os.path.exists(path)
         client = RawClient(await trio.open_unix_socket(path))
@@ -371,7 +373,7 @@ async def test_unix_socket_replaces_a_stale_file_and_refuses_live_or_foreign_one
         again = await reconnect(stale)
         assert await again.request(b"alive") == b"alive"
         await again.aclose()
-        assert server.port is None
+        assert getattr(server, "port", None) is None
     plain = os.path.join(sock_dir, "plain.txt")
     with open(plain, "w") as f:
         f.write("keep me")
@@ -398,7 +400,6 @@ async def test_ipv6_loopback() -> None:
     except OSError:
         pytest.skip("no IPv6 loopback")
     async with running(echo, host="::1") as server:
-        assert server.port is not None
         client = RawClient(await trio.open_tcp_stream("::1", server.port))
         assert await client.request(b"six") == b"six"
         await client.aclose()
@@ -427,7 +428,6 @@ async def test_bad_options_fail_before_binding(options: dict[str, Any], error: t
 
 
 async def tls_connect(server: Server, client_context: ssl.SSLContext) -> RawClient:
-    assert server.port is not None
     raw = await trio.open_tcp_stream(LOOPBACK, server.port)
     stream = trio.SSLStream(raw, client_context, server_hostname="localhost")
     await stream.do_handshake()
@@ -1382,3 +1382,28 @@ async def test_serve_connections_at_the_limit_pauses_accepting() -> None:
         with trio.fail_after(5):
             assert await second.receive() == [b"queued"]
         await second.aclose()
+
+
+async def test_a_keyboard_interrupt_leaves_serve_as_itself() -> None:
+    # A Ctrl-C that lands in a connection's task: the caller of serve gets a
+    # KeyboardInterrupt, not an exception group holding one.
+    async def handler(request: bytes, conn: Connection[bytes, bytes]) -> bytes:
+        raise KeyboardInterrupt
+
+    caught: list[BaseException] = []
+
+    async def run_service(task_status: trio.TaskStatus[triocomm.Server]) -> None:
+        try:
+            await triocomm.serve(handler, 0, host="127.0.0.1", codec=CODEC, task_status=task_status)
+        except BaseException as exc:
+            caught.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(run_service)
+        client = RawClient(await trio.open_tcp_stream("127.0.0.1", server.port))
+        with trio.fail_after(5):
+            await client.send(b"ctrl-c")
+            while not caught:
+                await trio.sleep(0.01)
+        await client.aclose()
+    assert type(caught[0]) is KeyboardInterrupt

@@ -140,7 +140,6 @@ async def running(
 
 
 async def open_client(server: Server) -> trio.SocketStream:
-    assert server.port is not None
     return await trio.open_tcp_stream(LOOPBACK, server.port)
 
 

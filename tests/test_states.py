@@ -294,7 +294,6 @@ async def _server_sessions() -> None:
         async with _service(
             nursery, triocomm.serve_connections, _stream_handler, timeouts
         ) as server:
-            assert server.port is not None
             stream = await trio.open_tcp_stream("127.0.0.1", server.port)
             await stream.send_all(frame(b"f") + frame(b"bye"))
             assert await _read(stream, 6) == frame(b"f") + b""

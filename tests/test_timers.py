@@ -171,9 +171,7 @@ async def test_without_a_running_timers_a_cancel_scope_keeps_the_limit(
 @asynccontextmanager
 async def watched_pair(
     inactivity: float,
-) -> AsyncIterator[
-    tuple[Timers, Connection[bytes, bytes], Connection[bytes, bytes], trio.Nursery]
-]:
+) -> AsyncIterator[tuple[Timers, Connection[bytes, bytes], Connection[bytes, bytes], trio.Nursery]]:
     """A running timers, a connection it times (``inactivity``) and its peer, in a nursery."""
     a, b = socket.socketpair()
     with a, b:

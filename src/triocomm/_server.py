@@ -13,6 +13,7 @@ and per-phase limits and never touches bytes itself.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import math
@@ -21,11 +22,14 @@ import socket
 import stat
 import sys
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import trio
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found, unused-ignore]
 
 from ._connection import Connection, ConnState, Idle, format_address, socket_of
 from ._errors import CommError, CommTimeout, ConnectionLost, FrameTooLarge, ProtocolError
@@ -224,6 +228,27 @@ class _Entry:
         return self.server._check_idle(self, conn, now)
 
 
+@contextlib.contextmanager
+def _interrupt_as_itself() -> Iterator[None]:
+    """Let a KeyboardInterrupt out of the service nursery as itself, not in a group.
+
+    A Ctrl-C that lands in a connection's task comes out of the service
+    nursery wrapped in an exception group (with the cancellations it caused);
+    the caller of :func:`serve` expects the KeyboardInterrupt it would get
+    from any other Trio code.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        interrupts, rest = group.split(KeyboardInterrupt)
+        if interrupts is None or (rest is not None and rest.split(trio.Cancelled)[1]):
+            raise
+        interrupt = interrupts.exceptions[0]
+        while isinstance(interrupt, BaseExceptionGroup):
+            interrupt = interrupt.exceptions[0]
+        raise interrupt from None
+
+
 def _peer_of(stream: trio.abc.Stream) -> str:
     if not isinstance(stream, trio.SocketStream):
         return "unknown peer"
@@ -339,12 +364,17 @@ class Server:
     # -- public surface ------------------------------------------------------
 
     @property
-    def port(self) -> int | None:
-        """The bound TCP port (the one the OS chose for port 0); ``None`` on a Unix socket."""
+    def port(self) -> int:
+        """The bound TCP port (the one the OS chose for port 0).
+
+        A Unix-socket service has none: reading it raises :class:`AttributeError`
+        (so ``getattr(server, "port", None)`` is ``None`` there); see
+        :attr:`addresses`.
+        """
         for address in self._addresses:
             if isinstance(address, tuple):
                 return int(address[1])
-        return None
+        raise AttributeError("a Unix-socket service has no port; see Server.addresses")
 
     @property
     def addresses(self) -> list[Any]:
@@ -404,22 +434,26 @@ class Server:
 
     async def _run(self, task_status: trio.TaskStatus[Server]) -> None:
         try:
-            async with trio.open_nursery() as service:
-                self._service = service
-                # Before the first connection: they time every waiting read.
-                await service.start(self._timers.run)
-                service.start_soon(self._accept_all)
-                task_status.started(self)
-                await self._stop.wait()
-                await self._drained.wait()
-                # Only the timers and idle callbacks can be left now.
-                service.cancel_scope.cancel()
+            with _interrupt_as_itself():
+                await self._serve(task_status)
         finally:
             with trio.CancelScope(shield=True):
                 for listener in self._listeners:
                     await trio.aclose_forcefully(listener)
             self._remove_unix_socket()
             self._done.set()
+
+    async def _serve(self, task_status: trio.TaskStatus[Server]) -> None:
+        async with trio.open_nursery() as service:
+            self._service = service
+            # Before the first connection: they time every waiting read.
+            await service.start(self._timers.run)
+            service.start_soon(self._accept_all)
+            task_status.started(self)
+            await self._stop.wait()
+            await self._drained.wait()
+            # Only the timers and idle callbacks can be left now.
+            service.cancel_scope.cancel()
 
     def _remove_unix_socket(self) -> None:
         path = self._unix_path

@@ -136,7 +136,6 @@ async def test_garbage_over_tcp_gets_400_then_eof(
     site_server: tuple[Site, triocomm.Server],
 ) -> None:
     _site, server = site_server
-    assert server.port is not None
     with trio.fail_after(10):
         stream = await trio.open_tcp_stream("127.0.0.1", server.port)
         async with stream:
@@ -158,7 +157,6 @@ async def test_the_server_closes_idle_keep_alive_connections_at_shutdown(
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             server = await nursery.start(serve_site, site, 0)
-            assert server.port is not None
             stream = await trio.open_tcp_stream("127.0.0.1", server.port)
             async with stream:
                 await stream.send_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")

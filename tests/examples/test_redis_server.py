@@ -201,7 +201,6 @@ async def test_bad_input_closes_only_that_connection(
     redis_example: tuple[RedisStore, triocomm.Server],
 ) -> None:
     _store, server = redis_example
-    assert server.port is not None
     with trio.fail_after(10):
         good = triocomm.Connection(await trio.open_tcp_stream("127.0.0.1", server.port), Resp())
         bad = await trio.open_tcp_stream("127.0.0.1", server.port)
@@ -221,7 +220,6 @@ async def test_a_command_split_into_single_bytes_is_answered(
     redis_example: tuple[RedisStore, triocomm.Server],
 ) -> None:
     _store, server = redis_example
-    assert server.port is not None
     with trio.fail_after(10):
         stream = await trio.open_tcp_stream("127.0.0.1", server.port)
         async with stream:
@@ -255,7 +253,6 @@ async def test_a_command_trickled_too_slowly_is_cut_off() -> None:
             server = await nursery.start(
                 functools.partial(serve_redis, RedisStore(), 0, timeouts=timeouts)
             )
-            assert server.port is not None
             stream = await trio.open_tcp_stream("127.0.0.1", server.port)
             async with stream:
                 started = trio.current_time()

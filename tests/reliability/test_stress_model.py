@@ -335,7 +335,6 @@ async def scenario(run: Run, ssl_context: ssl.SSLContext | None, client_context:
                 on_idle=heartbeat if idle else None,
             )
         )
-        assert server.port is not None
         # Mock time: a hang becomes a jump to this deadline, and a failure.
         with trio.fail_after(EXAMPLE_BOUND):
             peer = await RawPeer.connect(server.port, client_context)

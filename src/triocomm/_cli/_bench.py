@@ -250,7 +250,6 @@ async def bench_command(args: argparse.Namespace) -> int:
 
 async def _start_embedded(nursery: trio.Nursery, codec: Codec[bytes, bytes], name: str) -> Address:
     server = await start_echo_service(nursery, codec=codec, port=0, host=DEFAULT_HOST)
-    assert server.port is not None  # a TCP service has a port
     address = TcpAddress(DEFAULT_HOST, server.port)
     say(f"{PROG} bench: embedded echo service ({name}) on {address}", sys.stderr)
     return address
