@@ -112,6 +112,26 @@ class ServiceOptions:
     idle: Mapping[Idle, float] = field(default_factory=dict)
     on_idle: IdleCallback | None = None
 
+    @classmethod
+    def build(
+        cls,
+        codec: Codec[Any, Any],
+        ssl_context: Any = None,
+        timeouts: ServerTimeouts | None = None,
+        max_connections: int = 2000,
+        idle: Mapping[Idle, float] | None = None,
+        on_idle: IdleCallback | None = None,
+    ) -> ServiceOptions:
+        """The options as the service functions take them (``None``: the defaults)."""
+        return cls(
+            codec,
+            ssl_context,
+            ServerTimeouts() if timeouts is None else timeouts,
+            max_connections,
+            idle or {},
+            on_idle,
+        )
+
     def __post_init__(self) -> None:
         timeouts = self.timeouts
         if not isinstance(timeouts, ServerTimeouts):
@@ -959,14 +979,7 @@ async def serve(
         ValueError, TypeError: bad options (before anything is bound).
         OSError: the address cannot be bound.
     """
-    options = ServiceOptions(
-        codec,
-        ssl_context,
-        ServerTimeouts() if timeouts is None else timeouts,
-        max_connections,
-        idle or {},
-        on_idle,
-    )
+    options = ServiceOptions.build(codec, ssl_context, timeouts, max_connections, idle, on_idle)
     await run_service(RequestLoop(handler), options, task_status, port=port, host=host, path=path)
 
 
@@ -1002,14 +1015,7 @@ async def serve_connections(
     ``"handler"``). If the peer closes cleanly, ``receive`` raises
     :class:`trio.EndOfChannel`; letting it escape the handler is fine.
     """
-    options = ServiceOptions(
-        codec,
-        ssl_context,
-        ServerTimeouts() if timeouts is None else timeouts,
-        max_connections,
-        idle or {},
-        on_idle,
-    )
+    options = ServiceOptions.build(codec, ssl_context, timeouts, max_connections, idle, on_idle)
     await run_service(
         ConnectionBody(handler), options, task_status, port=port, host=host, path=path
     )

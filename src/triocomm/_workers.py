@@ -209,14 +209,7 @@ async def serve_workers(
     """
     if not hasattr(socket, "SO_REUSEPORT"):
         raise RuntimeError("serve_workers needs SO_REUSEPORT (Linux)")
-    options = ServiceOptions(
-        codec,
-        None,
-        ServerTimeouts() if timeouts is None else timeouts,
-        max_connections,
-        idle or {},
-        on_idle,
-    )
+    options = ServiceOptions.build(codec, None, timeouts, max_connections, idle, on_idle)
     count = workers if workers is not None else (os.cpu_count() or 1)
     if count < 1:
         raise ValueError(f"workers must be >= 1, got {count}")
