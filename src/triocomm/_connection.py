@@ -966,13 +966,14 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
                 await self._acquire_send()
                 self._release_send()
         except (CommError, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the write broke the connection; it is closed below all the same
+            pass  # the write failed and broke (closed) the connection
         finally:
-            self._closed = True
-            if self._state is ConnState.CLOSING:
-                self._state = ConnState.CLOSED
-            self._log_closed()
-            await self._stream.aclose()
+            if not self._closed:
+                self._closed = True
+                if self._state is ConnState.CLOSING:
+                    self._state = ConnState.CLOSED
+                self._log_closed()
+                await self._stream.aclose()
 
     async def abort(self) -> None:
         """Close at once and mark the connection failed (``ERROR``).
