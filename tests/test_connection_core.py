@@ -211,3 +211,33 @@ async def test_a_reply_over_max_frame_in_a_batch_lets_the_earlier_replies_out() 
             while server.stats.connections_open:
                 await trio.sleep(0.005)
         assert server.stats.errors == {"handler": 1}
+
+
+async def test_flush_in_a_handler_sends_the_earlier_replies_before_it_goes_on() -> None:
+    release = trio.Event()
+
+    async def handler(request: bytes, conn: Connection[bytes, bytes]) -> bytes:
+        if request == b"slow":
+            await conn.flush()  # "a" goes out now, not with the batch
+            await release.wait()
+        return b"re " + request
+
+    async with running(handler) as server:
+        client = await raw_client(server)
+        async with client:
+            await client.send_all(frame(b"a") + frame(b"slow") + frame(b"b"))
+            assert await read_frames(client, 1) == ([b"re a"], False)
+            release.set()
+            assert await read_frames(client, 2) == ([b"re slow", b"re b"], False)
+
+
+async def test_flush_outside_a_batch_is_a_checkpoint() -> None:
+    conn, peer = await tcp_pair()
+    async with conn, peer:
+        with trio.testing.assert_checkpoints():
+            await conn.flush()
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            with pytest.raises(trio.Cancelled):
+                await conn.flush()
+        assert conn.state is ConnState.CONNECTED

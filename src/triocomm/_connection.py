@@ -187,6 +187,28 @@ _NO_OUTBOX: list[Any] = []
 # What _absorb returns when the bytes it was given completed no message.
 _NOTHING: Any = object()
 
+
+class ReplyRefused(Exception):
+    """The codec refused a reply a service accepted (the ones before it were written).
+
+    Raised by the connection's flush; the service counts it as a handler
+    failure. ``error`` is the codec's own exception.
+    """
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(f"the codec refused a reply: {error!r}")
+        self.error = error
+
+
+class _Refusal:
+    """A refused reply's place in the outbox: where the flush stops and raises."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
 FileArg = Union[str, "os.PathLike[str]", IO[bytes]]
 
 
@@ -390,7 +412,7 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             ConnectionLost: the peer reset the connection.
             CommTimeout: the ``send`` or ``inactivity`` limit ran out.
         """
-        await self._send_bytes(self._encode(value), 1)
+        await self._flush(self._encode(value), 1)
 
     async def send_many(self, values: Iterable[Out]) -> None:
         """Encode several messages and send them in one write.
@@ -406,7 +428,7 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
                 raise trio.ClosedResourceError(f"connection to {self._peer} is closed")
             await trio.lowlevel.checkpoint()
             return
-        await self._send_bytes(self._encode_many(values), len(values))
+        await self._flush(self._encode_many(values), len(values))
 
     def _encode_many(self, values: list[Any]) -> Any:
         """The bytes of one or more messages, through the codec's batch encoder if it has one."""
@@ -420,26 +442,53 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         encode = self._encode
         return b"".join([encode(v) for v in values])
 
-    async def _send_bytes(self, data: Any, count: int, cancel_checked: bool = False) -> None:
-        """The one write path: ``count`` encoded messages, after any accepted replies.
+    async def flush(self) -> None:
+        """Write now what was accepted for a later write.
 
-        The usual case (a plain socket whose kernel buffer takes it all) is a
-        cancellation check, one system call and a schedule point; otherwise
-        :meth:`_write` waits for room under the send limits. ``cancel_checked``:
-        the caller checked for cancellation in this round already.
+        In a :func:`~triocomm.serve` handler, the replies to the earlier
+        requests of a pipelined batch are accepted and written together when
+        the batch is done (or 256 replies or 64 KiB are waiting); a handler
+        about to take long can ``await conn.flush()`` to send them first.
+        Elsewhere there is nothing to write and it is only a checkpoint.
+
+        Raises what :meth:`send` raises; if the codec refuses an accepted
+        reply, the replies before it are written and ``ReplyRefused`` is raised.
         """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        await self._flush(cancel_checked=True)
+
+    async def _flush(self, data: Any = None, count: int = 0, cancel_checked: bool = False) -> None:
+        """The one write path: the accepted replies, then ``data`` (``count`` messages).
+
+        Everything goes out in one write. The usual case (a plain socket whose
+        kernel buffer takes it all) is a cancellation check, one system call
+        and a schedule point; otherwise :meth:`_write` waits for room under
+        the send limits. With nothing to write it is a schedule point, which
+        a server's round needs. ``cancel_checked``: the caller checked for
+        cancellation in this round already.
+
+        Raises:
+            ReplyRefused: the codec refused an accepted reply; the replies
+                before it were written, nothing after it.
+        """
+        refused = None
         if self._outbox:
             # A handler's push during a passive session goes out after the
             # replies accepted before it, never ahead of them.
-            data, count = self._take_outbox(data, count)
-        if not cancel_checked:
-            await trio.lowlevel.checkpoint_if_cancelled()
-        sent = self._write_nowait(data)
-        if sent < 0:
-            self._count_sent(_nbytes(data), count)
+            data, count, refused = self._take_outbox(data, count)
+        if data is None:
             await trio.lowlevel.cancel_shielded_checkpoint()
         else:
-            await self._write(data, count, sent)
+            if not cancel_checked:
+                await trio.lowlevel.checkpoint_if_cancelled()
+            sent = self._write_nowait(data)
+            if sent < 0:
+                self._count_sent(_nbytes(data), count)
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            else:
+                await self._write(data, count, sent)
+        if refused is not None:
+            raise ReplyRefused(refused)
 
     def _write_nowait(self, data: Any) -> int:
         """Hand ``data`` to a plain socket at once, with no checkpoint.
@@ -965,8 +1014,8 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             elif self._sending:
                 await self._acquire_send()
                 self._release_send()
-        except (CommError, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the write failed and broke (closed) the connection
+        except (CommError, trio.BrokenResourceError, trio.ClosedResourceError, ReplyRefused):
+            pass  # what could be written was; the connection closes all the same
         finally:
             if not self._closed:
                 self._closed = True
@@ -1054,7 +1103,7 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         The write is this session's schedule point, so a reply already there
         is read without a second one.
         """
-        await self._send_bytes(data, 1)
+        await self._flush(data, 1)
         self._set_state(ConnState.RECEIVING)
         self._yield_on_data = False
         try:
@@ -1086,15 +1135,16 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         """Accept a passive session's reply for the next :meth:`_flush`; True when that is due.
 
         A codec with a batch encoder encodes the batch at the flush (its
-        messages are buffers, whose size is known); any other encodes now.
-        Raises what the codec raises for a reply it cannot encode, accepting
-        nothing.
+        messages are buffers, whose size is known); any other encodes now. A
+        reply the codec refuses is accepted as a refusal, which the flush
+        raises after writing the replies before it.
         """
-        if getattr(self._codec, "encode_batch", None) is not None:
+        try:
+            if getattr(self._codec, "encode_batch", None) is None:
+                reply = self._encode(reply)
             size = _nbytes(reply)  # TypeError for a non-buffer, as encoding would
-        else:
-            reply = self._encode(reply)
-            size = _nbytes(reply)
+        except Exception as exc:
+            reply, size = _Refusal(exc), MAX_REPLY_BYTES
         outbox = self._outbox
         if outbox is _NO_OUTBOX:
             outbox = self._outbox = []
@@ -1102,46 +1152,34 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         self._outbox_size += size
         return len(outbox) >= MAX_REPLY_BATCH or self._outbox_size >= MAX_REPLY_BYTES
 
-    async def _flush(self) -> None:
-        """Write the accepted replies in one write (through the one write path).
-
-        If the codec refuses one of them, the replies before it are written
-        and the codec's error is raised.
-        """
-        if not self._outbox:
-            # Nothing to write: still the schedule point the caller's round needs.
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            return
-        data, count, error = self._encode_outbox()
-        if count:
-            await self._send_bytes(data, count, cancel_checked=True)
-        if error is not None:
-            raise error
-
-    def _take_outbox(self, data: Any, count: int) -> tuple[Any, int]:
-        """The accepted replies followed by ``data`` (``count`` messages), as one write."""
-        replies, outbox_count, error = self._encode_outbox()
-        if error is not None:
-            raise error
-        return b"".join([replies, data]), outbox_count + count
-
-    def _encode_outbox(self) -> tuple[Any, int, Exception | None]:
-        """Empty the outbox: its bytes, its message count, and the codec's error if any."""
+    def _take_outbox(self, data: Any, count: int) -> tuple[Any, int, Exception | None]:
+        """Empty the outbox: the bytes to write (the replies, then ``data``), their
+        message count, and the codec's error for a refused reply (nothing after it)."""
         outbox = self._outbox
         self._outbox = _NO_OUTBOX
         self._outbox_size = 0
-        if getattr(self._codec, "encode_batch", None) is None:
-            return b"".join(outbox), len(outbox), None  # encoded by _queue
+        replies, encoded, refused = self._encode_replies(outbox)
+        if refused is not None or data is None:
+            return (replies if encoded else None), encoded, refused
+        return b"".join([replies, data]), encoded + count, None
+
+    def _encode_replies(self, outbox: list[Any]) -> tuple[Any, int, Exception | None]:
+        """The bytes of the accepted replies up to a refused one, how many, and the refusal."""
+        refused = None
+        if type(outbox[-1]) is _Refusal:  # _queue asks for a flush right after one
+            refused = outbox.pop().error
+        if getattr(self._codec, "encode_batch", None) is None or not outbox:
+            return b"".join(outbox), len(outbox), refused  # encoded by _queue
         try:
-            return self._encode_many(outbox), len(outbox), None
+            return self._encode_many(outbox), len(outbox), refused
         except Exception as exc:
-            error = exc
-        # Find the reply the codec refused; those before it are still sent.
+            refused = exc
+        # Find the reply the batch encoder refused; those before it still go.
         parts = []
         for reply in outbox:
             try:
                 parts.append(self._encode(reply))
             except Exception as exc:
-                error = exc
+                refused = exc
                 break
-        return b"".join(parts), len(parts), error
+        return b"".join(parts), len(parts), refused

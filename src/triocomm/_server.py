@@ -31,7 +31,7 @@ import trio
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found, unused-ignore]
 
-from ._connection import Connection, ConnState, Idle, format_address, socket_of
+from ._connection import Connection, ConnState, Idle, ReplyRefused, format_address, socket_of
 from ._errors import CommError, CommTimeout, ConnectionLost, FrameTooLarge, ProtocolError
 from ._framing import Codec
 from ._timeouts import ServerTimeouts, passive_limits
@@ -648,6 +648,8 @@ class Server:
         """Log why a connection ended (one line) and count it; say if it failed."""
         errors = self._stats.errors
         peer = conn.peer
+        if isinstance(exc, ReplyRefused):
+            exc = _HandlerFailed(exc.error, _UNENCODABLE)
         if isinstance(exc, _HandlerFailed):
             errors["handler"] += 1
             logger.error(
@@ -813,42 +815,31 @@ class RequestLoop:
                 try:
                     reply = await handler(request, conn)
                 except Exception as exc:
-                    await _write_replies(conn, quietly=True)
+                    await _deliver_accepted(conn)  # the replies before it go out
                     raise _HandlerFailed(exc, "the handler raised") from exc
                 if conn.is_closed:
                     return  # the handler closed it, after the replies before it
-                if reply is not None:
-                    try:
-                        full = conn._queue(reply)
-                    except Exception as exc:
-                        await _write_replies(conn, quietly=True)  # the replies before it go out
-                        raise _HandlerFailed(exc, _UNENCODABLE) from exc
-                    if full:
-                        await _write_replies(conn)
-            # The round's schedule point: the replies' write, or a bare one
-            # when there is none (a client streaming requests that get no
-            # reply cannot keep this task running while others wait). The
-            # read skipped its own when it found data there.
-            await _write_replies(conn)
+                # Write when the outbox is full, and at the end of the burst:
+                # that write (or, with no reply, a bare schedule point, so a
+                # client streaming requests that get no reply cannot keep
+                # this task running) is the round's schedule point; the read
+                # skipped its own when it found data there. Its cancellation
+                # check too: a cancellation the handlers did not see is
+                # raised by the next read, after the replies are out.
+                if (reply is not None and conn._queue(reply)) or not burst:
+                    await conn._flush(cancel_checked=True)
             # Let go of the burst before waiting: a keep-alive connection may
             # wait for minutes, and what its frame holds is held per idle one.
             del burst, request, reply
 
 
-async def _write_replies(conn: Connection[Any, Any], *, quietly: bool = False) -> None:
-    """Write the replies the connection accepted (the round's schedule point if none).
-
-    ``quietly``: the connection is failing anyway (a handler raised); deliver
-    what can be delivered of the replies before it and raise nothing.
-    """
-    try:
-        await conn._flush()
-    except Exception as exc:
-        if quietly:
-            return
-        if isinstance(exc, (CommError, trio.BrokenResourceError, trio.ClosedResourceError)):
-            raise
-        raise _HandlerFailed(exc, _UNENCODABLE) from exc
+async def _deliver_accepted(conn: Connection[Any, Any]) -> None:
+    """Write the replies accepted before a failure, as far as the peer takes them."""
+    with trio.move_on_after(_CLOSE_LIMIT):
+        try:
+            await conn.flush()
+        except Exception:
+            pass  # the connection fails all the same
 
 
 def _end_wait(entry: _Entry) -> None:
