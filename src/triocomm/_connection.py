@@ -184,6 +184,8 @@ _NO_LIMITS = Limits()
 # with none. Never mutated (a connection that needs one makes its own).
 _NO_PENDING: list[Any] = []
 _NO_OUTBOX: list[Any] = []
+# A waiting read's deadline once the timers found it passed.
+_EXPIRED = -math.inf
 # What _absorb returns when the bytes it was given completed no message.
 _NOTHING: Any = object()
 
@@ -242,8 +244,8 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
     # The client's or service's Timers, which time this connection's waiting
     # reads; None (or not running): a cancel scope per wait.
     _timers: Timers | None = None
-    _wait_deadline: float = _INF  # the deadline of the read waiting now
-    _expired = False  # set by _on_alarm: the waiting read's deadline passed
+    # The deadline of the read waiting now; _EXPIRED once _on_alarm found it passed.
+    _wait_deadline: float = _INF
     # False for a connection read by a loop with a schedule point of its own
     # in every round (the server's request loop): a read that finds data
     # then returns without one.
@@ -262,6 +264,8 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         self._stream = stream
         self._codec = codec
         self._encode = codec.encode
+        # The codec's optional batch encoder (one call for many messages).
+        self._encode_batch = getattr(codec, "encode_batch", None)
         self._decoder = codec.decoder()
         # Messages decoded but not yet received, last first (so that taking
         # one is list.pop()): the decoder's own list, reversed in place, or
@@ -434,9 +438,7 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         """The bytes of one or more messages, through the codec's batch encoder if it has one."""
         if len(values) == 1:
             return self._encode(values[0])
-        # Looked up here, not stored: a connection attribute costs every idle
-        # connection memory.
-        encode_batch = getattr(self._codec, "encode_batch", None)
+        encode_batch = self._encode_batch
         if encode_batch is not None:
             return encode_batch(values)
         encode = self._encode
@@ -481,19 +483,19 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         else:
             if not cancel_checked:
                 await trio.lowlevel.checkpoint_if_cancelled()
-            sent = self._write_nowait(data)
+            sent = self._write_nowait(data, count)
             if sent < 0:
-                self._count_sent(_nbytes(data), count)
                 await trio.lowlevel.cancel_shielded_checkpoint()
             else:
                 await self._write(data, count, sent)
         if refused is not None:
             raise ReplyRefused(refused)
 
-    def _write_nowait(self, data: Any) -> int:
-        """Hand ``data`` to a plain socket at once, with no checkpoint.
+    def _write_nowait(self, data: Any, count: int) -> int:
+        """Hand ``data`` (``count`` messages) to a plain socket at once, with no checkpoint.
 
-        Returns -1 when the kernel took all of it; otherwise the bytes it
+        Returns -1 when the kernel took all of it (the write is counted);
+        otherwise the bytes it
         took, possibly 0 (also when the connection is not a plain socket, is
         closed, or another send is in progress, or on an error, which
         :meth:`_write` then meets again and handles).
@@ -505,7 +507,10 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             sent = os.write(sock.fileno(), data)
         except OSError:
             return 0
-        return -1 if sent == _nbytes(data) else sent
+        if sent < _nbytes(data):
+            return sent
+        self._count_sent(sent, count)
+        return -1
 
     def _count_sent(self, nbytes: int, count: int) -> None:
         """A write of ``count`` messages, ``nbytes`` bytes in all, is done."""
@@ -964,7 +969,6 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         True when the wait needs no cancel scope: there is no deadline, or the
         timers keep it. False when there are no running timers to keep it.
         """
-        self._expired = False
         if deadline == _INF:
             return True
         timers = self._timers
@@ -976,7 +980,7 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
 
     def _raise_if_expired(self, phase: str, limit: float | None) -> None:
         """A timed wait was woken by a close: raise its timeout if the timers did it."""
-        if self._expired:
+        if self._wait_deadline == _EXPIRED:
             raise CommTimeout(phase, limit or 0.0, self._peer) from None
 
     def _on_alarm(self, now: float) -> float:
@@ -984,7 +988,9 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         wait = self._wait_deadline
         if wait > now:
             return wait  # a later deadline, or nothing waiting (inf)
-        self._expired = True
+        if wait == _EXPIRED:
+            return _INF
+        self._wait_deadline = _EXPIRED
         if self._sock is not None and not self._closed:
             # Wakes every task blocked on this socket; writers wait again
             # (_wait_writable), the reader raises its timeout (_end_wait).
@@ -1008,6 +1014,8 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             return
         if self._state is not ConnState.ERROR:
             self._state = ConnState.CLOSING
+        if self._round:
+            self._round.clear()  # a passive round takes no request after this
         try:
             if self._outbox:
                 await self._flush()
@@ -1034,6 +1042,8 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         connection is closed when it returns, whatever the surrounding scopes.
         """
         self._state = ConnState.ERROR
+        if self._round:
+            self._round.clear()  # a passive round takes no request after this
         if self._outbox:
             self._outbox = _NO_OUTBOX  # never written: the stream is broken
         if not self._closed:
@@ -1139,18 +1149,19 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         reply the codec refuses is accepted as a refusal, which the flush
         raises after writing the replies before it.
         """
-        try:
-            if getattr(self._codec, "encode_batch", None) is None:
-                reply = self._encode(reply)
-            size = _nbytes(reply)  # TypeError for a non-buffer, as encoding would
-        except Exception as exc:
-            reply, size = _Refusal(exc), MAX_REPLY_BYTES
         outbox = self._outbox
         if outbox is _NO_OUTBOX:
             outbox = self._outbox = []
+        try:
+            if self._encode_batch is None:
+                reply = self._encode(reply)
+            size = len(reply) if type(reply) is bytes else _nbytes(reply)
+        except Exception as exc:  # a non-buffer for a batch codec, or encode's error
+            reply, size = _Refusal(exc), MAX_REPLY_BYTES
         outbox.append(reply)
-        self._outbox_size += size
-        return len(outbox) >= MAX_REPLY_BATCH or self._outbox_size >= MAX_REPLY_BYTES
+        size += self._outbox_size
+        self._outbox_size = size
+        return size >= MAX_REPLY_BYTES or len(outbox) >= MAX_REPLY_BATCH
 
     def _take_outbox(self, data: Any, count: int) -> tuple[Any, int, Exception | None]:
         """Empty the outbox: the bytes to write (the replies, then ``data``), their
@@ -1168,7 +1179,7 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         refused = None
         if type(outbox[-1]) is _Refusal:  # _queue asks for a flush right after one
             refused = outbox.pop().error
-        if getattr(self._codec, "encode_batch", None) is None or not outbox:
+        if self._encode_batch is None or not outbox:
             return b"".join(outbox), len(outbox), refused  # encoded by _queue
         try:
             return self._encode_many(outbox), len(outbox), refused

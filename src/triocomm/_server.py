@@ -808,7 +808,8 @@ class RequestLoop:
             finally:
                 entry.end_wait()
             state, limits = ConnState.KEEPALIVE, keepalive
-            burst = conn._take_burst(request)  # pop() takes them in order
+            # pop() takes them in order; closing the connection empties it.
+            burst = conn._take_burst(request)
             while burst:
                 request = burst.pop()
                 stats.sessions += 1
@@ -817,8 +818,6 @@ class RequestLoop:
                 except Exception as exc:
                     await _deliver_accepted(conn)  # the replies before it go out
                     raise _HandlerFailed(exc, "the handler raised") from exc
-                if conn.is_closed:
-                    return  # the handler closed it, after the replies before it
                 # Write when the outbox is full, and at the end of the burst:
                 # that write (or, with no reply, a bare schedule point, so a
                 # client streaming requests that get no reply cannot keep
