@@ -882,3 +882,13 @@ async def test_run_passes_extra_arguments_through() -> None:
         async with triocomm.open_client() as client:
             assert await client.run(target, session, 4, "x") == "4x0"
         nursery.cancel_scope.cancel()
+
+
+def test_a_unix_target_has_port_0_and_refuses_one() -> None:
+    # Target.port is an int for every target (typed code needs no None check);
+    # a Unix-socket target, which has no port, holds 0.
+    target = Target.unix("/run/app.sock", CODEC)
+    assert target.port == 0
+    assert Target("127.0.0.1", 7000, CODEC).port == 7000
+    with pytest.raises(TypeError, match="takes a path"):
+        Target(None, 7000, CODEC, path="/run/app.sock")

@@ -75,7 +75,7 @@ class Target(Generic[In, Out]):
 
     Args:
         host: host name or address literal.
-        port: TCP port.
+        port: TCP port (0 on a Unix-socket target, which has none).
         codec: how messages are framed, e.g. ``LengthPrefixed()``. It must be
             hashable (the built-in codecs are).
         ssl_context: speak TLS with this context. ``True`` means the
@@ -103,7 +103,7 @@ class Target(Generic[In, Out]):
     """
 
     host: str | None
-    port: int | None
+    port: int
     codec: Codec[In, Out]
     ssl_context: ssl.SSLContext | bool | None = field(default=None, kw_only=True)
     server_hostname: str | None = field(default=None, kw_only=True)
@@ -123,7 +123,7 @@ class Target(Generic[In, Out]):
             port = self.port
             if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
                 raise ValueError(f"Target port must be an int in 1..65535, got {port!r}")
-        elif self.host is not None or self.port is not None:
+        elif self.host is not None or self.port != 0:
             raise TypeError("a Unix socket target takes a path, not a host and port")
         if self.timeouts is not None and not isinstance(self.timeouts, Timeouts):
             raise TypeError(f"timeouts must be a Timeouts, got {self.timeouts!r}")
@@ -169,7 +169,7 @@ class Target(Generic[In, Out]):
         """
         return cls(
             None,
-            None,
+            0,  # a Unix socket has no port
             codec,
             ssl_context=ssl_context,
             server_hostname=server_hostname,
@@ -232,7 +232,6 @@ async def _open_stream(target: Target[Any, Any]) -> trio.abc.Stream:
             stream: trio.SocketStream = await trio.open_unix_socket(target.path)
         else:
             assert target.host is not None
-            assert target.port is not None
             stream = await trio.open_tcp_stream(target.host, target.port)
     except OSError as exc:
         # Refused, unreachable, unresolvable (socket.gaierror), no such path.
