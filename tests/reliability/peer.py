@@ -10,12 +10,54 @@ spoken with :class:`ssl.SSLObject` over memory BIOs and the same socket.
 
 from __future__ import annotations
 
+import fcntl
 import socket
 import ssl
+import struct
+import termios
+from typing import Any
 
 import trio
 
 READ_SIZE = 256 * 1024
+# struct tcp_info starts with the connection's state.
+TCP_ESTABLISHED = 1
+TCP_CLOSE = 7  # what a reset leaves
+
+
+def queued(sock: Any) -> tuple[int, int]:
+    """Bytes in ``sock``'s receive queue, and in its send queue (sent but unacknowledged too)."""
+    fd = sock.fileno()
+    (received,) = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, bytes(4)))
+    (unacknowledged,) = struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, bytes(4)))
+    return received, unacknowledged
+
+
+def in_flight(one: Any, other: Any) -> bool:
+    """Whether the kernel still owes a transfer between two ends of one loopback connection.
+
+    Owed: bytes one end holds unacknowledged while the other has nothing
+    left to read (they are on their way, or a window update or an
+    acknowledgement is); once an end is closed (``fileno()`` -1) or reset,
+    the FIN or RST an established end has not seen yet, or what a live end
+    still holds unacknowledged (the closed end acknowledges or resets it).
+    Bytes waiting in a receive queue are not owed: they wait for the
+    application.
+    """
+    live = []
+    for end in (one, other):
+        if end.fileno() >= 0:
+            state = end.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+            if state != TCP_CLOSE:
+                live.append((end, state))
+    if len(live) == 2:
+        (in_one, out_one), (in_other, out_other) = queued(one), queued(other)
+        return (out_one > 0 and in_other == 0) or (out_other > 0 and in_one == 0)
+    for end, state in live:
+        received, unacknowledged = queued(end)
+        if unacknowledged > 0 or (received == 0 and state == TCP_ESTABLISHED):
+            return True
+    return False
 
 
 class RawPeer:
