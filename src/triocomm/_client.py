@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import trio
 
-from ._connection import Connection
+from ._connection import Connection, PhaseLimit
 from ._errors import CommError, CommTimeout, ConnectError, ConnectionLost, UpstreamUnavailable
 from ._pool import KeepAlivePool, PooledConnection, PoolStats
 from ._timeouts import Timeouts, session_limits
@@ -531,7 +531,7 @@ class Client:
     async def _open(self, target: Target[Any, Any], timeouts: Timeouts) -> Connection[Any, Any]:
         limit = timeouts.connect
         deadline = _INF if limit is None else trio.current_time() + limit
-        with trio.CancelScope(deadline=deadline):
+        with PhaseLimit(deadline, "connect", limit, target.address):
             stream = await _open_stream(target)
             conn: Connection[Any, Any] = Connection(stream, target.codec)
             label = None
@@ -541,7 +541,7 @@ class Client:
             conn._attach(self._timers, label=label)
             logger.debug("connected to %s", conn.peer)
             return conn
-        raise CommTimeout("connect", limit or 0.0, target.address)
+        raise AssertionError("unreachable: the scope raised its timeout")  # pragma: no cover
 
     async def _session(
         self,

@@ -37,6 +37,7 @@ import os
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Generic, TypeVar, Union
 
 import trio
@@ -55,6 +56,7 @@ __all__ = [
     "Connection",
     "ConnectionStats",
     "Idle",
+    "PhaseLimit",
     "format_address",
 ]
 
@@ -188,6 +190,37 @@ _NO_OUTBOX: list[Any] = []
 _EXPIRED = -math.inf
 # What _absorb returns when the bytes it was given completed no message.
 _NOTHING: Any = object()
+
+
+class PhaseLimit:
+    """``with PhaseLimit(deadline, phase, limit, peer):`` a cancel scope whose
+    deadline ending the block raises that phase's :class:`CommTimeout`.
+
+    The one way a wait without the timers (a TLS read, a write waiting for
+    room, a connect) is bounded by a limit.
+    """
+
+    __slots__ = ("_limit", "_peer", "_phase", "_scope")
+
+    def __init__(self, deadline: float, phase: str, limit: float | None, peer: object) -> None:
+        self._scope = trio.CancelScope(deadline=deadline)
+        self._phase = phase
+        self._limit = limit
+        self._peer = peer
+
+    def __enter__(self) -> trio.CancelScope:
+        return self._scope.__enter__()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        swallowed = self._scope.__exit__(exc_type, exc, tb)
+        if self._scope.cancelled_caught:
+            raise CommTimeout(self._phase, self._limit or 0.0, self._peer) from None
+        return swallowed
 
 
 class ReplyRefused(Exception):
@@ -590,8 +623,7 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         open waits again, under the same deadline: a timer that ends a read
         never cuts a write short.
         """
-        deadline, phase, limit = self._write_deadline(send_deadline)
-        with trio.CancelScope(deadline=deadline) as scope:
+        with PhaseLimit(*self._write_deadline(send_deadline), self._peer):
             while True:
                 try:
                     await trio.lowlevel.wait_writable(sock)
@@ -599,8 +631,6 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
                 except trio.ClosedResourceError:
                     if self._closed:
                         raise
-        if scope.cancelled_caught:
-            raise CommTimeout(phase, limit or 0.0, self._peer)
 
     def _write_deadline(self, send_deadline: float) -> tuple[float, str, float | None]:
         limits = self._limits
@@ -620,11 +650,8 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             total = view.nbytes
             step = _WRITE_STEP if self._limits.inactivity is not None else max(total, 1)
             for offset in range(0, max(total, 1), step):
-                deadline, phase, limit = self._write_deadline(send_deadline)
-                with trio.CancelScope(deadline=deadline) as scope:
+                with PhaseLimit(*self._write_deadline(send_deadline), self._peer):
                     await self._stream.send_all(view[offset : offset + step])
-                if scope.cancelled_caught:
-                    raise CommTimeout(phase, limit or 0.0, self._peer)
 
     async def _acquire_send(self) -> None:
         if self._sending:
@@ -749,11 +776,8 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
                 raise CommError(
                     f"file ended {end - offset} bytes early while sending to {self._peer}"
                 )
-            deadline, phase, limit = self._write_deadline(send_deadline)
-            with trio.CancelScope(deadline=deadline) as scope:
+            with PhaseLimit(*self._write_deadline(send_deadline), self._peer):
                 await self._stream.send_all(chunk)
-            if scope.cancelled_caught:
-                raise CommTimeout(phase, limit or 0.0, self._peer)
             offset += len(chunk)
             yield len(chunk)
 
@@ -818,10 +842,8 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
                             finally:
                                 self._wait_deadline = _INF
                             continue
-                        with trio.CancelScope(deadline=deadline) as scope:
+                        with PhaseLimit(deadline, phase, limit, self._peer):
                             await trio.lowlevel.wait_readable(sock)
-                        if scope.cancelled_caught:
-                            raise CommTimeout(phase, limit or 0.0, self._peer)
                     if not waited:
                         self._check_message_deadline(message_deadline)
                         if self._yield_on_data:
@@ -846,10 +868,10 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             self._on_wait()  # whether it will wait is not known: it counts as a wait
         if self._limits.unlimited:
             return await self._stream.receive_some(RECEIVE_SIZE)
-        deadline, phase, limit = self._read_deadline(min(started, self._now()), message_deadline)
-        with trio.CancelScope(deadline=deadline):
+        deadline = self._read_deadline(min(started, self._now()), message_deadline)
+        with PhaseLimit(*deadline, self._peer):
             return await self._stream.receive_some(RECEIVE_SIZE)
-        raise CommTimeout(phase, limit or 0.0, self._peer)  # the deadline cancelled the read
+        raise AssertionError("unreachable: the scope raised its timeout")  # pragma: no cover
 
     def _begin_receive(self) -> None:
         """Claim the receive side, or raise why a receive cannot run."""
