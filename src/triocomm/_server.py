@@ -227,7 +227,7 @@ class _Entry:
         self.scope = None
         if self.evictable:
             self.evictable = False
-            self.server._keepalive.pop(self, None)
+            self.server._left_quiet(self)
 
     def went_quiet(self) -> None:
         """Called by the connection when a read of it must wait (``Connection._on_wait``).
@@ -550,6 +550,10 @@ class Server:
         # The entry's connection waits for its next request: evictable, in this order.
         self._keepalive[entry] = None
         self._wake_acceptors()
+
+    def _left_quiet(self, entry: _Entry) -> None:
+        # Its wait is over (a request came, or it closes): no longer evictable.
+        self._keepalive.pop(entry, None)
 
     def _evict(self, entry: _Entry) -> None:
         self._keepalive.pop(entry, None)
