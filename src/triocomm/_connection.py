@@ -9,10 +9,12 @@ call the named operations in the last section of the class (documented in
 
 Rules this module keeps (each one tested):
 
-1. **Whole messages or a closed connection.** A write that did not complete,
-   for any reason (cancelled, timed out, woken by a close, a reset), breaks
-   the connection: ``ERROR``, closed at once. So bytes are never written
-   after part of a message.
+1. **Whole messages or a closed connection.** A write that began and did
+   not complete, for any reason (cancelled, timed out, closed by another
+   task, a reset), breaks the connection: ``ERROR``, closed at once. So bytes
+   are never written after part of a message. (A send cancelled before it
+   wrote anything leaves the connection as it was.) Every message leaves
+   through one write path, :meth:`Connection._flush`.
 2. **A timer that ends a read never touches a write.** A read deadline wakes
    the reader with :func:`trio.lowlevel.notify_closing`, which wakes every
    task blocked on the socket; a writer woken that way while the connection
