@@ -509,10 +509,21 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
                 before it were written, nothing after it.
         """
         refused = None
-        if self._outbox:
-            # A handler's push during a passive session goes out after the
-            # replies accepted before it, never ahead of them.
-            data, count, refused = self._take_outbox(data, count)
+        outbox = self._outbox
+        if outbox:
+            self._outbox = _NO_OUTBOX
+            self._outbox_size = 0
+            encode_batch = self._encode_batch
+            if data is None and encode_batch is not None and type(outbox[-1]) is not _Refusal:
+                # The usual round: one batch of replies, nothing refused so far.
+                try:
+                    data, count = encode_batch(outbox), len(outbox)
+                except Exception:  # the slow path finds the refused reply
+                    data, count, refused = self._encode_replies(outbox, None, 0)
+            else:
+                # A handler's push during a passive session goes out after
+                # the replies accepted before it, never ahead of them.
+                data, count, refused = self._encode_replies(outbox, data, count)
         if data is None:
             await trio.lowlevel.cancel_shielded_checkpoint()
         else:
@@ -1187,24 +1198,26 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         self._outbox_size = size
         return size >= MAX_REPLY_BYTES or len(outbox) >= MAX_REPLY_BATCH
 
-    def _take_outbox(self, data: Any, count: int) -> tuple[Any, int, Exception | None]:
-        """Empty the outbox: the bytes to write (the replies, then ``data``), their
+    def _encode_replies(
+        self, outbox: list[Any], data: Any, count: int
+    ) -> tuple[Any, int, Exception | None]:
+        """The bytes to write for a taken outbox (the replies, then ``data``), their
         message count, and the codec's error for a refused reply (nothing after it)."""
-        outbox = self._outbox
-        self._outbox = _NO_OUTBOX
-        self._outbox_size = 0
-        replies, encoded, refused = self._encode_replies(outbox)
-        if refused is not None or data is None:
-            return (replies if encoded else None), encoded, refused
-        return b"".join([replies, data]), encoded + count, None
-
-    def _encode_replies(self, outbox: list[Any]) -> tuple[Any, int, Exception | None]:
-        """The bytes of the accepted replies up to a refused one, how many, and the refusal."""
         refused = None
         if type(outbox[-1]) is _Refusal:  # _queue asks for a flush right after one
             refused = outbox.pop().error
         if self._encode_batch is None or not outbox:
-            return b"".join(outbox), len(outbox), refused  # encoded by _queue
+            replies, encoded = b"".join(outbox), len(outbox)  # encoded by _queue
+        else:
+            replies, encoded, refused = self._encode_each(outbox, refused)
+        if refused is not None or data is None:
+            return (replies if encoded else None), encoded, refused
+        return b"".join([replies, data]), encoded + count, None
+
+    def _encode_each(
+        self, outbox: list[Any], refused: Exception | None
+    ) -> tuple[bytes, int, Exception | None]:
+        """Batch-encode accepted replies; if the encoder refuses one, those before it."""
         try:
             return self._encode_many(outbox), len(outbox), refused
         except Exception as exc:
