@@ -305,3 +305,27 @@ async def test_a_disarmed_target_is_never_called_and_swept() -> None:
     assert len(timers) <= _SWEEP_MIN + 1
     timers._fire(1000.0)
     assert all(not target.seen for target in targets)
+
+
+async def test_a_target_asking_for_a_past_time_does_not_starve_other_tasks() -> None:
+    ticks = 0
+    seen_at_tick: list[int] = []
+
+    class Insistent:
+        """Always asks to be looked at again at once (a misbehaving target)."""
+
+        def _on_alarm(self, now: float) -> float:
+            seen_at_tick.append(ticks)
+            return now if len(seen_at_tick) < 20 else math.inf
+
+    async with trio.open_nursery() as nursery:
+        timers = Timers()
+        await nursery.start(timers.run)
+        timers.arm(Insistent(), trio.current_time())
+        for _ in range(200):  # bounded: another task that wants to run
+            await trio.lowlevel.checkpoint()
+            ticks += 1
+        nursery.cancel_scope.cancel()
+    assert len(seen_at_tick) == 20
+    # Other tasks ran between two looks: the looks are spread over the ticks.
+    assert len(set(seen_at_tick)) > 1

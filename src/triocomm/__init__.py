@@ -32,6 +32,7 @@ from ._timeouts import ServerTimeouts as ServerTimeouts
 from ._timeouts import Timeouts as Timeouts
 from ._upstream import AddressStats as AddressStats
 from ._upstream import Upstream as Upstream
+from ._upstream import UpstreamAttempt as UpstreamAttempt
 from ._version import __version__ as __version__
 from ._workers import WorkerGroup as WorkerGroup
 from ._workers import serve_workers as serve_workers
@@ -61,6 +62,7 @@ __all__ = [
     "Target",
     "Timeouts",
     "Upstream",
+    "UpstreamAttempt",
     "UpstreamUnavailable",
     "WorkerGroup",
     "open_client",

@@ -541,10 +541,9 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         """Hand ``data`` (``count`` messages) to a plain socket at once, with no checkpoint.
 
         Returns -1 when the kernel took all of it (the write is counted);
-        otherwise the bytes it
-        took, possibly 0 (also when the connection is not a plain socket, is
-        closed, or another send is in progress, or on an error, which
-        :meth:`_write` then meets again and handles).
+        otherwise the bytes it took, possibly 0 (also when the connection is
+        not a plain socket, is closed, or another send is in progress, or on
+        an error, which :meth:`_write` then meets again and handles).
         """
         sock = self._sock
         if sock is None or self._sending or self._closed:

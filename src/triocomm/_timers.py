@@ -112,6 +112,7 @@ class Timers:
 
     def _fire(self, now: float) -> None:
         heap, due = self._heap, self._due
+        again: list[tuple[Any, float]] = []
         while heap and heap[0][0] <= now:
             when, _, target = heapq.heappop(heap)
             if due.get(target) != when:
@@ -119,4 +120,9 @@ class Timers:
             del due[target]
             following = target._on_alarm(now)
             if following != _INF:
-                self.arm(target, max(following, now))
+                again.append((target, following))
+        # Re-armed after the loop: a target asking for a time already past is
+        # looked at on the next pass of run(), after other tasks ran, never in
+        # a loop here that would starve them.
+        for target, following in again:
+            self.arm(target, following)
