@@ -34,7 +34,7 @@ if sys.version_info < (3, 11):
 from ._connection import Connection, ConnState, Idle, ReplyRefused, format_address, socket_of
 from ._errors import CommError, CommTimeout, ConnectionLost, FrameTooLarge, ProtocolError
 from ._framing import Codec
-from ._timeouts import ServerTimeouts, passive_limits
+from ._timeouts import Limits, ServerTimeouts, passive_limits
 from ._timers import Timers
 
 __all__ = ["Server", "ServerStats", "serve", "serve_connections"]
@@ -57,6 +57,8 @@ _SHUT_RD_WAKES_READERS = sys.platform != "win32"
 RequestHandler = Callable[[In, Connection[In, Out]], Awaitable[Out | None]]
 ConnectionHandler = Callable[[Connection[In, Out]], Awaitable[object]]
 IdleCallback = Callable[[Connection[Any, Any], Idle], Awaitable[object]]
+ConnectHook = Callable[[Connection[Any, Any]], Awaitable[object]]
+CloseHook = Callable[[Connection[Any, Any], "BaseException | None"], object]
 
 
 @dataclass(slots=True)
@@ -74,6 +76,7 @@ class ServerStats:
             returned a reply the codec cannot encode), ``"protocol"`` (bytes
             the codec rejected), ``"frame_too_large"``, ``"timeout"`` (any
             phase except ``keepalive``, whose expiry is routine),
+            ``"on_connect"`` (the ``on_connect`` hook raised),
             ``"handshake"`` (TLS failed or timed out), ``"connection_lost"``
             (reset or closed mid-message), ``"on_idle"`` (the idle callback
             raised) and ``"accept"`` (accept failed for lack of resources).
@@ -97,6 +100,21 @@ class _HandlerFailed(Exception):
         self.what = what
 
 
+class _HookFailed(Exception):
+    """The service's ``on_connect`` hook raised."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__("on_connect raised")
+        self.error = error
+
+
+def _cause(exc: Exception) -> BaseException:
+    """The exception a user sees for a failure: their own, not the service's wrapper."""
+    if isinstance(exc, (_HandlerFailed, _HookFailed, ReplyRefused)):
+        return exc.error
+    return exc
+
+
 @dataclass(frozen=True)
 class ServiceOptions:
     """Every option of a service, checked once: what :func:`serve`,
@@ -111,6 +129,8 @@ class ServiceOptions:
     max_connections: int = 2000
     idle: Mapping[Idle, float] = field(default_factory=dict)
     on_idle: IdleCallback | None = None
+    on_connect: ConnectHook | None = None
+    on_close: CloseHook | None = None
 
     @classmethod
     def build(
@@ -121,6 +141,8 @@ class ServiceOptions:
         max_connections: int = 2000,
         idle: Mapping[Idle, float] | None = None,
         on_idle: IdleCallback | None = None,
+        on_connect: ConnectHook | None = None,
+        on_close: CloseHook | None = None,
     ) -> ServiceOptions:
         """The options as the service functions take them (``None``: the defaults)."""
         return cls(
@@ -130,6 +152,8 @@ class ServiceOptions:
             max_connections,
             idle or {},
             on_idle,
+            on_connect,
+            on_close,
         )
 
     def __post_init__(self) -> None:
@@ -148,6 +172,10 @@ class ServiceOptions:
             raise ValueError("idle= needs on_idle=, the callback to call when a connection is idle")
         if not idle and self.on_idle is not None:
             raise ValueError("on_idle= needs idle=, e.g. idle={Idle.READ: 30.0}")
+        for name in ("on_connect", "on_close"):
+            hook = getattr(self, name)
+            if hook is not None and not callable(hook):
+                raise TypeError(f"{name} must be a function or None, got {hook!r}")
         object.__setattr__(self, "idle", idle)
 
 
@@ -362,6 +390,8 @@ class Server:
         self._options = options
         self._max = options.max_connections
         self._idle_periods = options.idle
+        # Tested once per connection: a service without hooks pays nothing more.
+        self._hooked = options.on_connect is not None or options.on_close is not None
         self._unix_path = unix_path
         self._unix_identity = _socket_identity(unix_path) if unix_path else None
         self._stats = ServerStats()
@@ -603,20 +633,65 @@ class Server:
             if _SHUT_RD_WAKES_READERS:
                 entry.sock = socket_of(transport)
             self._start_idle_detection(entry)
+            # The on_connect point: from here on, on_close follows the close
+            # exactly once, whatever ends the connection. Inline, not a
+            # function: a waiting connection's frames are memory per connection.
+            hooked = self._hooked
+            error: BaseException | None = None
             try:
-                await self._body(self, conn, entry)
+                if hooked:
+                    await self._opened(conn)
+                if not conn.is_closed:  # on_connect may reject the peer by closing it
+                    await self._body(self, conn, entry)
             except Exception as exc:
                 if entry.closing and isinstance(exc, trio.BrokenResourceError):
                     pass  # TLS reports the read side we shut as a ragged EOF
                 elif self._report(conn, exc):
+                    error = _cause(exc)
                     await conn.abort()  # failed: ERROR, like a connection error
+            except BaseException as exc:
+                # Cancelled (or interrupted): routine while it waited for a request.
+                if not (conn.between_messages and _waiting(conn, self._body)):
+                    error = exc
+                raise
             finally:
                 if entry.idle_callback is not None:
                     entry.idle_callback.cancel()
-                with trio.move_on_after(_CLOSE_LIMIT):
-                    await conn.aclose()
+                try:
+                    with trio.move_on_after(_CLOSE_LIMIT):
+                        await conn.aclose()
+                finally:
+                    if hooked:
+                        self._closed(conn, error)
         finally:
             self._forget(entry)
+
+    async def _opened(self, conn: Connection[Any, Any]) -> None:
+        """The ``on_connect`` point: the connection exists and may be greeted."""
+        on_connect = self._options.on_connect
+        if on_connect is None:
+            return
+        first, _ = passive_limits(self._options.timeouts)
+        _enter(conn, ConnState.CONNECTED, first)
+        try:
+            await on_connect(conn)
+        except Exception as exc:
+            if _from_connection(conn, exc) or (
+                isinstance(exc, (trio.ClosedResourceError, trio.EndOfChannel))
+            ):
+                raise  # the connection's own end: reported as such
+            raise _HookFailed(exc) from exc
+
+    def _closed(self, conn: Connection[Any, Any], error: BaseException | None) -> None:
+        """After the close: ``on_close``, whose exceptions are logged and swallowed."""
+        on_close = self._options.on_close
+        if on_close is not None:
+            try:
+                on_close(conn, error)
+            except Exception as exc:
+                logger.error(
+                    "on_close for the connection from %s raised %r", conn.peer, exc, exc_info=exc
+                )
 
     def _forget(self, entry: _Entry) -> None:
         stats = self._stats
@@ -654,7 +729,15 @@ class Server:
         peer = conn.peer
         if isinstance(exc, ReplyRefused):
             exc = _HandlerFailed(exc.error, _UNENCODABLE)
-        if isinstance(exc, _HandlerFailed):
+        if isinstance(exc, _HookFailed):
+            errors["on_connect"] += 1
+            logger.error(
+                "closing connection from %s: on_connect raised %r",
+                peer,
+                exc.error,
+                exc_info=exc.error,
+            )
+        elif isinstance(exc, _HandlerFailed):
             errors["handler"] += 1
             logger.error(
                 "closing connection from %s: %s: %r", peer, exc.what, exc.error, exc_info=exc.error
@@ -836,6 +919,16 @@ class RequestLoop:
             del burst, request, reply
 
 
+def _waiting(conn: Connection[Any, Any], body: Body) -> bool:
+    """Is the connection's task waiting for a request, as far as the service can tell?"""
+    return not body.request_loop or conn.state in (ConnState.CONNECTED, ConnState.KEEPALIVE)
+
+
+def _enter(conn: Connection[Any, Any], state: ConnState, limits: Limits) -> None:
+    """Set a connection's state and limits outside the request loop's hot path."""
+    conn._set_state(state, limits)
+
+
 async def _deliver_accepted(conn: Connection[Any, Any]) -> None:
     """Write the replies accepted before a failure, as far as the peer takes them."""
     with trio.move_on_after(_CLOSE_LIMIT):
@@ -876,7 +969,7 @@ class ConnectionBody:
         # The handler decides when to read, so every wait for a message is a
         # wait between messages: keepalive bounds it.
         _, keepalive = passive_limits(server._options.timeouts)
-        conn._set_state(ConnState.RECEIVING, keepalive)
+        _enter(conn, ConnState.RECEIVING, keepalive)
         server._stats.sessions += 1
         await self.handler(conn)
         # Closed straight after, before any other task runs: SUCCESS, which
@@ -923,6 +1016,8 @@ async def serve(
     max_connections: int = 2000,
     idle: Mapping[Idle, float] | None = None,
     on_idle: IdleCallback | None = None,
+    on_connect: ConnectHook | None = None,
+    on_close: CloseHook | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a request/reply service until it is shut down or cancelled.
@@ -961,6 +1056,14 @@ async def serve(
         on_idle: ``async def on_idle(conn, status)``, e.g. to send a heartbeat
             or close the connection. A slow callback does not delay others; a
             connection has at most one callback running.
+        on_connect: ``async def on_connect(conn)``, run after accept and TLS,
+            before the first request (limits as for it): greet, handshake,
+            or reject the peer by raising (counted ``"on_connect"``) or by
+            closing ``conn``.
+        on_close: ``def on_close(conn, error)``, called once after the close
+            of every connection that reached ``on_connect``, whatever ended
+            it; ``error`` is ``None`` for a routine end, else the exception
+            (see ``docs/observing.md``). Its exceptions are logged.
 
     Failures are isolated: a handler exception, bad input, an oversized frame,
     a timeout or a failed TLS handshake closes that one connection, logs one
@@ -973,7 +1076,9 @@ async def serve(
         ValueError, TypeError: bad options (before anything is bound).
         OSError: the address cannot be bound.
     """
-    options = ServiceOptions.build(codec, ssl_context, timeouts, max_connections, idle, on_idle)
+    options = ServiceOptions.build(
+        codec, ssl_context, timeouts, max_connections, idle, on_idle, on_connect, on_close
+    )
     await run_service(RequestLoop(handler), options, task_status, port=port, host=host, path=path)
 
 
@@ -989,6 +1094,8 @@ async def serve_connections(
     max_connections: int = 2000,
     idle: Mapping[Idle, float] | None = None,
     on_idle: IdleCallback | None = None,
+    on_connect: ConnectHook | None = None,
+    on_close: CloseHook | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a service that hands each connection to ``await handler(conn)``.
@@ -1005,11 +1112,16 @@ async def serve_connections(
     not apply); and ``max_connections`` can only pause accepting, since no
     connection is ever "idle between requests" for the service to evict.
 
+    ``on_connect`` runs before the handler, ``on_close`` after the
+    connection is closed, as with :func:`serve`.
+
     A handler exception closes only its connection (logged, counted as
     ``"handler"``). If the peer closes cleanly, ``receive`` raises
     :class:`trio.EndOfChannel`; letting it escape the handler is fine.
     """
-    options = ServiceOptions.build(codec, ssl_context, timeouts, max_connections, idle, on_idle)
+    options = ServiceOptions.build(
+        codec, ssl_context, timeouts, max_connections, idle, on_idle, on_connect, on_close
+    )
     await run_service(
         ConnectionBody(handler), options, task_status, port=port, host=host, path=path
     )

@@ -32,6 +32,8 @@ import trio
 from ._connection import Idle
 from ._framing import Codec
 from ._server import (
+    CloseHook,
+    ConnectHook,
     ConnectionBody,
     IdleCallback,
     RequestLoop,
@@ -184,6 +186,8 @@ async def serve_workers(
     max_connections: int = 2000,
     idle: Mapping[Idle, float] | None = None,
     on_idle: IdleCallback | None = None,
+    on_connect: ConnectHook | None = None,
+    on_close: CloseHook | None = None,
     grace: float = 5.0,
     restart: bool = True,
     task_status: trio.TaskStatus[WorkerGroup] = trio.TASK_STATUS_IGNORED,
@@ -192,7 +196,8 @@ async def serve_workers(
 
     Each worker is a fresh interpreter running :func:`serve` (or
     :func:`serve_connections` with ``connections=True``) in its own
-    :func:`trio.run`, so ``handler``, ``codec``, ``on_idle`` and
+    :func:`trio.run`, so ``handler``, ``codec``, ``on_idle``, ``on_connect``,
+    ``on_close`` and
     ``ssl_context_factory`` must be picklable: module-level functions and the
     built-in codecs are (an :class:`ssl.SSLContext` is not, hence a factory
     that each worker calls). A program that calls this from its own
@@ -209,7 +214,9 @@ async def serve_workers(
     """
     if not hasattr(socket, "SO_REUSEPORT"):
         raise RuntimeError("serve_workers needs SO_REUSEPORT (Linux)")
-    options = ServiceOptions.build(codec, None, timeouts, max_connections, idle, on_idle)
+    options = ServiceOptions.build(
+        codec, None, timeouts, max_connections, idle, on_idle, on_connect, on_close
+    )
     count = workers if workers is not None else (os.cpu_count() or 1)
     if count < 1:
         raise ValueError(f"workers must be >= 1, got {count}")
