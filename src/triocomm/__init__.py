@@ -23,6 +23,7 @@ from ._framing import Decoder as Decoder
 from ._framing import LengthPrefixed as LengthPrefixed
 from ._framing import Lines as Lines
 from ._framing import Raw as Raw
+from ._observe import Observer as Observer
 from ._pool import PoolStats as PoolStats
 from ._server import Server as Server
 from ._server import ServerStats as ServerStats
@@ -53,6 +54,7 @@ __all__ = [
     "Idle",
     "LengthPrefixed",
     "Lines",
+    "Observer",
     "PoolStats",
     "ProtocolError",
     "Raw",

@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -30,6 +30,7 @@ import trio
 
 from ._connection import Connection, PhaseLimit
 from ._errors import CommError, CommTimeout, ConnectError, ConnectionLost, UpstreamUnavailable
+from ._observe import Observer, ObserverSet
 from ._pool import KeepAlivePool, PooledConnection, PoolStats
 from ._timeouts import Timeouts, session_limits
 from ._timers import Timers
@@ -300,8 +301,18 @@ class Client:
     never wrapped in an ``ExceptionGroup``.
     """
 
-    def __init__(self, nursery: trio.Nursery, timeouts: Timeouts | None, retries: int) -> None:
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        timeouts: Timeouts | None,
+        retries: int,
+        observers: ObserverSet | None = None,
+    ) -> None:
         self._nursery = nursery
+        # None without observers: one test per connection event, per session.
+        self._observers = observers
+        # With observers: why a session closed a connection, for connection_closed.
+        self._failures: dict[int, BaseException] = {}
         self._timeouts = timeouts
         self._retries = retries
         self._pools: dict[Target[Any, Any], KeepAlivePool] = {}
@@ -490,14 +501,22 @@ class Client:
         fresh: bool,
     ) -> tuple[PooledConnection, bool]:
         """Borrow a connection: ``(entry, reused)``. Opens one if the pool has none."""
-        entry = await pool.acquire(timeouts.pool, fresh=fresh)
+        observers = self._observers
+        if observers is None:
+            entry = await pool.acquire(timeouts.pool, fresh=fresh)
+        else:
+            entry = await self._observed_acquire(observers, target, pool, timeouts, fresh)
         if entry is not None:
             return entry, True
         # We hold a CONNECTING slot: the connection's own task opens it.
         started: list[PooledConnection] = []
         try:
             result = await self._nursery.start(
-                pool.connection_task, lambda: self._open(target, timeouts), started
+                pool.connection_task
+                if observers is None
+                else functools.partial(self._observed_connection_task, pool),
+                lambda: self._open(target, timeouts),
+                started,
             )
         except BaseException:
             if started:
@@ -528,7 +547,53 @@ class Client:
         pool.connected(entry)
         return entry, False
 
+    async def _observed_acquire(
+        self,
+        observers: ObserverSet,
+        target: Target[Any, Any],
+        pool: KeepAlivePool,
+        timeouts: Timeouts,
+        fresh: bool,
+    ) -> PooledConnection | None:
+        """``pool.acquire``, telling ``observers`` how long a session queued for a slot."""
+        stats = pool.stats()
+        queued = stats.waiting > 0 or stats.open + stats.connecting >= pool.max_connections
+        started = trio.current_time()
+        try:
+            return await pool.acquire(timeouts.pool, fresh=fresh)
+        finally:
+            if queued:
+                observers.pool_wait(target, trio.current_time() - started)
+
+    async def _observed_connection_task(
+        self,
+        pool: KeepAlivePool,
+        open_connection: Callable[[], Awaitable[Connection[Any, Any]]],
+        started: list[PooledConnection],
+        *,
+        task_status: trio.TaskStatus[PooledConnection | Exception] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """The pool's connection task, telling the observers when its connection closed."""
+        try:
+            await pool.connection_task(open_connection, started, task_status=task_status)
+        finally:
+            if started and self._observers is not None:
+                conn = started[0].conn
+                self._observers.connection_closed(conn, self._failures.pop(conn.id, None))
+
     async def _open(self, target: Target[Any, Any], timeouts: Timeouts) -> Connection[Any, Any]:
+        if self._observers is None:
+            return await self._connect(target, timeouts)
+        try:
+            conn = await self._connect(target, timeouts)
+        except Exception as exc:
+            address = target.path if target.path is not None else (target.host, target.port)
+            self._observers.connect_failed(address, exc)  # type: ignore[arg-type]
+            raise
+        self._observers.connection_opened(conn)
+        return conn
+
+    async def _connect(self, target: Target[Any, Any], timeouts: Timeouts) -> Connection[Any, Any]:
         limit = timeouts.connect
         deadline = _INF if limit is None else trio.current_time() + limit
         with PhaseLimit(deadline, "connect", limit, target.address):
@@ -587,6 +652,8 @@ class Client:
             conn = entry.conn
             received_before = conn.stats.bytes_received
             _start_session(conn, timeouts)
+            observers = self._observers
+            began = 0.0 if observers is None else observers.session_started(conn)
             result: R
             try:
                 result = await (conn._exchange(data) if body is None else body(conn))
@@ -594,11 +661,15 @@ class Client:
                 # Bookkeeping first: the close below may be cancelled.
                 pool.release(entry, reusable=False)
                 pool.record_failure()
+                if observers is not None:
+                    self._session_failed(observers, conn, exc, began)
                 await conn.abort()
                 self._report(attempt, _address_failed(exc))
                 stale = reused and conn.stats.bytes_received == received_before
                 if stale and retries_left > 0 and self._may_retry_stale(exc, dest, tried):
                     logger.debug("pooled connection to %s was stale; retrying", conn.peer)
+                    if observers is not None:
+                        observers.retry(target, len(tried) + 1, exc)
                     retries_left -= 1
                     fresh = True
                     continue
@@ -609,7 +680,16 @@ class Client:
                 raise
             self._finish(entry, pool, timeouts)
             self._report(attempt, True)
+            if observers is not None:
+                observers.session_ended(conn, None, began)
             return result
+
+    def _session_failed(
+        self, observers: ObserverSet, conn: Connection[Any, Any], exc: BaseException, began: float
+    ) -> None:
+        """A session failed and closes its connection: tell the observers, keep why."""
+        self._failures[conn.id] = exc
+        observers.session_ended(conn, exc, began)
 
     def _encode(
         self,
@@ -671,16 +751,22 @@ class Client:
             raise
         conn = entry.conn
         _start_session(conn, timeouts)
+        observers = self._observers
+        began = 0.0 if observers is None else observers.session_started(conn)
         try:
             yield conn
         except BaseException as exc:
             pool.release(entry, reusable=False)
             pool.record_failure()
+            if observers is not None:
+                self._session_failed(observers, conn, exc, began)
             await conn.abort()
             self._report(attempt, _address_failed(exc))
             raise
         self._finish(entry, pool, timeouts)
         self._report(attempt, True)
+        if observers is not None:
+            observers.session_ended(conn, None, began)
 
     def _shutdown(self) -> None:
         self._closed = True
@@ -693,9 +779,12 @@ class Client:
 class _ClientContext(AbstractAsyncContextManager[Client]):
     """What :func:`open_client` returns: enters a nursery, yields a :class:`Client`."""
 
-    def __init__(self, timeouts: Timeouts | None, retries: int) -> None:
+    def __init__(
+        self, timeouts: Timeouts | None, retries: int, observers: ObserverSet | None
+    ) -> None:
         self._timeouts = timeouts
         self._retries = retries
+        self._observers = observers
         self._nursery_manager: Any = None
         self._client: Client | None = None
 
@@ -704,7 +793,9 @@ class _ClientContext(AbstractAsyncContextManager[Client]):
             raise RuntimeError("an open_client() context can be entered only once")
         self._nursery_manager = trio.open_nursery()
         nursery = await self._nursery_manager.__aenter__()
-        self._client = Client(nursery, self._timeouts, self._retries)
+        self._client = Client(nursery, self._timeouts, self._retries, self._observers)
+        if self._observers is not None:
+            self._observers.attached(self._client)
         # start_soon, not start: no checkpoint between entering the nursery
         # and returning (a cancel there would leave the nursery entered).
         # Reads that wait before it runs use a cancel scope instead.
@@ -722,12 +813,19 @@ class _ClientContext(AbstractAsyncContextManager[Client]):
         # The body's exception is not handed to the nursery: it would come out
         # wrapped in an ExceptionGroup. The connection tasks never raise, so
         # the nursery ends cleanly and the exception propagates as itself.
-        await self._nursery_manager.__aexit__(None, None, None)
+        try:
+            await self._nursery_manager.__aexit__(None, None, None)
+        finally:
+            if self._observers is not None:
+                self._observers.detached(self._client)
         return False
 
 
 def open_client(
-    *, timeouts: Timeouts | None = None, retries: int = 1
+    *,
+    timeouts: Timeouts | None = None,
+    retries: int = 1,
+    observers: Iterable[Observer] | None = None,
 ) -> AbstractAsyncContextManager[Client]:
     """Open a :class:`Client`: ``async with triocomm.open_client() as client: ...``.
 
@@ -738,6 +836,8 @@ def open_client(
             connection when a *reused* connection was found closed or reset
             before any reply byte arrived (0 disables). A failed connect is
             never retried to the same target.
+        observers: :class:`Observer` objects told of this client's
+            connections, sessions, pool waits and retries.
 
     Every connection is a task in the client's nursery. Leaving the block
     closes every connection and waits for every task: no task, socket or file
@@ -747,4 +847,4 @@ def open_client(
         raise TypeError(f"timeouts must be a Timeouts, got {timeouts!r}")
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise ValueError(f"retries must be an int >= 0, got {retries!r}")
-    return _ClientContext(timeouts, retries)
+    return _ClientContext(timeouts, retries, ObserverSet.of(observers))

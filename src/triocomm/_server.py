@@ -22,7 +22,7 @@ import socket
 import stat
 import sys
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -34,6 +34,7 @@ if sys.version_info < (3, 11):
 from ._connection import Connection, ConnState, Idle, ReplyRefused, format_address, socket_of
 from ._errors import CommError, CommTimeout, ConnectionLost, FrameTooLarge, ProtocolError
 from ._framing import Codec
+from ._observe import Observer, ObserverSet, check_observers
 from ._timeouts import Limits, ServerTimeouts, passive_limits
 from ._timers import Timers
 
@@ -131,6 +132,7 @@ class ServiceOptions:
     on_idle: IdleCallback | None = None
     on_connect: ConnectHook | None = None
     on_close: CloseHook | None = None
+    observers: tuple[Observer, ...] = ()
 
     @classmethod
     def build(
@@ -143,6 +145,7 @@ class ServiceOptions:
         on_idle: IdleCallback | None = None,
         on_connect: ConnectHook | None = None,
         on_close: CloseHook | None = None,
+        observers: Iterable[Observer] | None = None,
     ) -> ServiceOptions:
         """The options as the service functions take them (``None``: the defaults)."""
         return cls(
@@ -154,6 +157,7 @@ class ServiceOptions:
             on_idle,
             on_connect,
             on_close,
+            check_observers(observers),
         )
 
     def __post_init__(self) -> None:
@@ -177,6 +181,7 @@ class ServiceOptions:
             if hook is not None and not callable(hook):
                 raise TypeError(f"{name} must be a function or None, got {hook!r}")
         object.__setattr__(self, "idle", idle)
+        object.__setattr__(self, "observers", check_observers(self.observers))
 
 
 def _check_idle_period(status: object, period: object) -> None:
@@ -386,12 +391,19 @@ class Server:
         unix_path: str | None,
     ) -> None:
         self._listeners = listeners
+        self._observers = ObserverSet.of(options.observers)
+        if self._observers is not None and self._observers.watches_sessions:
+            body = body.observed(self._observers)
         self._body = body
         self._options = options
         self._max = options.max_connections
         self._idle_periods = options.idle
         # Tested once per connection: a service without hooks pays nothing more.
-        self._hooked = options.on_connect is not None or options.on_close is not None
+        self._hooked = (
+            options.on_connect is not None
+            or options.on_close is not None
+            or self._observers is not None
+        )
         self._unix_path = unix_path
         self._unix_identity = _socket_identity(unix_path) if unix_path else None
         self._stats = ServerStats()
@@ -483,10 +495,15 @@ class Server:
     # -- running -------------------------------------------------------------
 
     async def _run(self, task_status: trio.TaskStatus[Server]) -> None:
+        observers = self._observers
+        if observers is not None:
+            observers.attached(self)
         try:
             with _interrupt_as_itself():
                 await self._serve(task_status)
         finally:
+            if observers is not None:
+                observers.detached(self)
             with trio.CancelScope(shield=True):
                 for listener in self._listeners:
                     await trio.aclose_forcefully(listener)
@@ -668,6 +685,8 @@ class Server:
 
     async def _opened(self, conn: Connection[Any, Any]) -> None:
         """The ``on_connect`` point: the connection exists and may be greeted."""
+        if self._observers is not None:
+            self._observers.connection_opened(conn)
         on_connect = self._options.on_connect
         if on_connect is None:
             return
@@ -692,6 +711,8 @@ class Server:
                 logger.error(
                     "on_close for the connection from %s raised %r", conn.peer, exc, exc_info=exc
                 )
+        if self._observers is not None:
+            self._observers.connection_closed(conn, error)
 
     def _forget(self, entry: _Entry) -> None:
         stats = self._stats
@@ -868,6 +889,10 @@ class RequestLoop:
     def __init__(self, handler: RequestHandler[Any, Any]) -> None:
         self.handler = handler
 
+    def observed(self, observers: ObserverSet) -> RequestLoop:
+        """This loop with each request reported to ``observers`` as a session."""
+        return RequestLoop(_observed(self.handler, observers))
+
     async def __call__(self, server: Server, conn: Connection[Any, Any], entry: _Entry) -> None:
         # Locals, not attributes: a connection waiting for its next request
         # holds this frame, and what it refers to is memory per idle connection.
@@ -965,6 +990,10 @@ class ConnectionBody:
     def __init__(self, handler: ConnectionHandler[Any, Any]) -> None:
         self.handler = handler
 
+    def observed(self, observers: ObserverSet) -> ConnectionBody:
+        """This body with the connection reported to ``observers`` as a session."""
+        return ConnectionBody(_observed(self.handler, observers))
+
     async def __call__(self, server: Server, conn: Connection[Any, Any], entry: _Entry) -> None:
         # The handler decides when to read, so every wait for a message is a
         # wait between messages: keepalive bounds it.
@@ -977,6 +1006,27 @@ class ConnectionBody:
 
 
 Body = RequestLoop | ConnectionBody
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def _observed(handler: F, observers: ObserverSet) -> F:
+    """``handler`` (of either body; the connection is its last argument), reporting
+    each call to ``observers`` as a session. Only made when an observer watches
+    sessions, so a service without one runs the user's handler as it is."""
+
+    async def observed(*args: Any) -> Any:
+        conn = args[-1]
+        started = observers.session_started(conn)
+        try:
+            result = await handler(*args)
+        except BaseException as exc:
+            observers.session_ended(conn, exc, started)
+            raise
+        observers.session_ended(conn, None, started)
+        return result
+
+    return observed  # type: ignore[return-value]
 
 
 # -- entry points ------------------------------------------------------------
@@ -1018,6 +1068,7 @@ async def serve(
     on_idle: IdleCallback | None = None,
     on_connect: ConnectHook | None = None,
     on_close: CloseHook | None = None,
+    observers: Iterable[Observer] | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a request/reply service until it is shut down or cancelled.
@@ -1030,18 +1081,16 @@ async def serve(
     ``conn.context`` is a dict for per-connection data.
 
     Start it with ``server = await nursery.start(functools.partial(serve,
-    handler, port, codec=...))``: the listeners are bound when ``start``
-    returns, and the :class:`Server` it returns gives the port, the stats and
-    :meth:`Server.shutdown`.
+    handler, port, codec=...))``: the listeners are then bound, and the
+    :class:`Server` gives the port, the stats and :meth:`Server.shutdown`.
 
     Args:
         handler: ``async def handler(request, conn) -> reply | None``.
         port: TCP port; 0 asks the OS for a free one (see ``Server.port``).
         host: address to bind; ``None`` binds every interface (IPv4 and IPv6),
             as :func:`trio.serve_tcp` does.
-        path: serve on this Unix socket path instead of a port. A leftover
-            socket file that nobody listens on is replaced; the file is removed
-            when the service ends.
+        path: serve on this Unix socket path instead of a port (a stale socket
+            file is replaced; the file is removed when the service ends).
         codec: the wire format of requests and replies.
         ssl_context: serve TLS; each handshake runs in its connection's own
             task under ``timeouts.handshake``.
@@ -1050,20 +1099,16 @@ async def serve(
             new client makes the service close the keep-alive connection that
             has been idle the longest; if none is idle, accepting pauses until
             a connection closes.
-        idle: idle periods, e.g. ``{Idle.READ: 30.0}``; ``on_idle`` is called
-            when a connection has been idle that long, and again every period
-            while it stays idle.
-        on_idle: ``async def on_idle(conn, status)``, e.g. to send a heartbeat
-            or close the connection. A slow callback does not delay others; a
-            connection has at most one callback running.
+        idle: idle periods, e.g. ``{Idle.READ: 30.0}``: ``on_idle`` is called
+            when a connection was idle that long, and every period after.
+        on_idle: ``async def on_idle(conn, status)``, e.g. a heartbeat; a
+            connection has at most one running, and a slow one delays no other.
         on_connect: ``async def on_connect(conn)``, run after accept and TLS,
-            before the first request (limits as for it): greet, handshake,
-            or reject the peer by raising (counted ``"on_connect"``) or by
-            closing ``conn``.
+            before the first request: greet, handshake, or reject the peer.
         on_close: ``def on_close(conn, error)``, called once after the close
             of every connection that reached ``on_connect``, whatever ended
-            it; ``error`` is ``None`` for a routine end, else the exception
-            (see ``docs/observing.md``). Its exceptions are logged.
+            it (``error`` is ``None`` for a routine end; see ``observing``).
+        observers: :class:`Observer` objects told of connections and sessions.
 
     Failures are isolated: a handler exception, bad input, an oversized frame,
     a timeout or a failed TLS handshake closes that one connection, logs one
@@ -1077,7 +1122,15 @@ async def serve(
         OSError: the address cannot be bound.
     """
     options = ServiceOptions.build(
-        codec, ssl_context, timeouts, max_connections, idle, on_idle, on_connect, on_close
+        codec,
+        ssl_context,
+        timeouts,
+        max_connections,
+        idle,
+        on_idle,
+        on_connect,
+        on_close,
+        observers,
     )
     await run_service(RequestLoop(handler), options, task_status, port=port, host=host, path=path)
 
@@ -1096,6 +1149,7 @@ async def serve_connections(
     on_idle: IdleCallback | None = None,
     on_connect: ConnectHook | None = None,
     on_close: CloseHook | None = None,
+    observers: Iterable[Observer] | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a service that hands each connection to ``await handler(conn)``.
@@ -1113,14 +1167,23 @@ async def serve_connections(
     connection is ever "idle between requests" for the service to evict.
 
     ``on_connect`` runs before the handler, ``on_close`` after the
-    connection is closed, as with :func:`serve`.
+    connection is closed, as with :func:`serve`; for ``observers`` the whole
+    connection is one session.
 
     A handler exception closes only its connection (logged, counted as
     ``"handler"``). If the peer closes cleanly, ``receive`` raises
     :class:`trio.EndOfChannel`; letting it escape the handler is fine.
     """
     options = ServiceOptions.build(
-        codec, ssl_context, timeouts, max_connections, idle, on_idle, on_connect, on_close
+        codec,
+        ssl_context,
+        timeouts,
+        max_connections,
+        idle,
+        on_idle,
+        on_connect,
+        on_close,
+        observers,
     )
     await run_service(
         ConnectionBody(handler), options, task_status, port=port, host=host, path=path

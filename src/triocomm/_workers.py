@@ -23,7 +23,7 @@ import multiprocessing.connection
 import os
 import signal
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ import trio
 
 from ._connection import Idle
 from ._framing import Codec
+from ._observe import Observer
 from ._server import (
     CloseHook,
     ConnectHook,
@@ -188,6 +189,7 @@ async def serve_workers(
     on_idle: IdleCallback | None = None,
     on_connect: ConnectHook | None = None,
     on_close: CloseHook | None = None,
+    observers: Iterable[Observer] | None = None,
     grace: float = 5.0,
     restart: bool = True,
     task_status: trio.TaskStatus[WorkerGroup] = trio.TASK_STATUS_IGNORED,
@@ -197,10 +199,11 @@ async def serve_workers(
     Each worker is a fresh interpreter running :func:`serve` (or
     :func:`serve_connections` with ``connections=True``) in its own
     :func:`trio.run`, so ``handler``, ``codec``, ``on_idle``, ``on_connect``,
-    ``on_close`` and
-    ``ssl_context_factory`` must be picklable: module-level functions and the
-    built-in codecs are (an :class:`ssl.SSLContext` is not, hence a factory
-    that each worker calls). A program that calls this from its own
+    ``on_close``, ``observers`` and ``ssl_context_factory`` must be
+    picklable: module-level functions and the built-in codecs are (an
+    :class:`ssl.SSLContext` is not, hence a factory that each worker calls).
+    Each worker has its own copy of the observers, which see that worker's
+    connections only. A program that calls this from its own
     ``__main__`` module needs the usual ``if __name__ == "__main__":`` guard,
     as with :mod:`multiprocessing`. ``max_connections`` applies per worker.
 
@@ -215,7 +218,7 @@ async def serve_workers(
     if not hasattr(socket, "SO_REUSEPORT"):
         raise RuntimeError("serve_workers needs SO_REUSEPORT (Linux)")
     options = ServiceOptions.build(
-        codec, None, timeouts, max_connections, idle, on_idle, on_connect, on_close
+        codec, None, timeouts, max_connections, idle, on_idle, on_connect, on_close, observers
     )
     count = workers if workers is not None else (os.cpu_count() or 1)
     if count < 1:
