@@ -78,6 +78,7 @@ class ServerStats:
             the codec rejected), ``"frame_too_large"``, ``"timeout"`` (any
             phase except ``keepalive``, whose expiry is routine),
             ``"on_connect"`` (the ``on_connect`` hook raised),
+            ``"slow_consumer"`` (closed by :meth:`Server.broadcast`),
             ``"handshake"`` (TLS failed or timed out), ``"connection_lost"``
             (reset or closed mid-message), ``"on_idle"`` (the idle callback
             raised) and ``"accept"`` (accept failed for lack of resources).
@@ -447,6 +448,66 @@ class Server:
     def stats(self) -> ServerStats:
         """Live :class:`ServerStats`."""
         return self._stats
+
+    @property
+    def connections(self) -> list[Connection[Any, Any]]:
+        """A snapshot of the service's open connections (accepted, TLS done), oldest first."""
+        found = [entry.conn for entry in self._entries if entry.conn is not None]
+        return sorted((conn for conn in found if not conn.is_closed), key=lambda conn: conn.id)
+
+    async def broadcast(self, message: Any) -> int:
+        """Send ``message`` to every open connection at once; return how many got it.
+
+        Only for :func:`serve_connections` services: on a :func:`serve`
+        service an unsolicited message would desynchronise the replies
+        (:class:`RuntimeError`). The message is sent to all connections
+        concurrently; each send is bounded by ``ServerTimeouts.send`` (or,
+        if that is ``None``, by ``inactivity``) as well as by the
+        connection's own limits. A connection that cannot take it in time is
+        closed as a slow consumer (logged, counted ``"slow_consumer"``)
+        without delaying the others; one that is closing or lost is skipped.
+        Nothing is queued: the call returns when every send is done or cut.
+
+        Raises:
+            RuntimeError: the service is a :func:`serve` service.
+            TypeError (or the codec's own error): the codec refused ``message``;
+                nothing was sent.
+        """
+        if self._body.request_loop:
+            raise RuntimeError(
+                "broadcast needs a serve_connections service: on a serve service, "
+                "an unsolicited message would desynchronise the replies"
+            )
+        self._options.codec.encode(message)  # refuse it before anything is sent
+        timeouts = self._options.timeouts
+        limit = timeouts.send if timeouts.send is not None else timeouts.inactivity
+        delivered = [0]
+        async with trio.open_nursery() as nursery:
+            for conn in self.connections:
+                nursery.start_soon(self._deliver, conn, message, limit, delivered)
+        return delivered[0]
+
+    async def _deliver(
+        self, conn: Connection[Any, Any], message: Any, limit: float | None, delivered: list[int]
+    ) -> None:
+        """One connection's part of :meth:`broadcast`."""
+        with trio.move_on_after(math.inf if limit is None else limit):
+            try:
+                await conn.send(message)
+            except CommTimeout:
+                pass  # the connection's own send or inactivity limit: a slow consumer
+            except (trio.ClosedResourceError, trio.BrokenResourceError, ConnectionLost):
+                return  # closing or gone: its own task reports why
+            else:
+                delivered[0] += 1
+                return
+        self._stats.errors["slow_consumer"] += 1
+        logger.warning(
+            "closing connection from %s: slow consumer (a broadcast not taken within %s)",
+            conn.peer,
+            "its limits" if limit is None else f"{limit:g}s",
+        )
+        await conn.abort()
 
     @property
     def shutting_down(self) -> bool:
