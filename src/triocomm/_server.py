@@ -82,12 +82,23 @@ class ServerStats:
             ``"handshake"`` (TLS failed or timed out), ``"connection_lost"``
             (reset or closed mid-message), ``"on_idle"`` (the idle callback
             raised) and ``"accept"`` (accept failed for lack of resources).
+        connections_peak: the most connections open at once.
+        bytes_received, bytes_sent, messages_received, messages_sent: the
+            sums of every connection's :class:`ConnectionStats` (closed ones
+            and open ones; bytes as the connections count them, so the
+            plaintext under TLS). Brought up to date each time
+            :attr:`Server.stats` is read, not per message.
     """
 
     connections_open: int = 0
     connections_total: int = 0
     sessions: int = 0
     errors: Counter[str] = field(default_factory=Counter)
+    connections_peak: int = 0
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    messages_received: int = 0
+    messages_sent: int = 0
 
 
 _UNENCODABLE = "the handler returned a reply the codec cannot encode"
@@ -408,6 +419,8 @@ class Server:
         self._unix_path = unix_path
         self._unix_identity = _socket_identity(unix_path) if unix_path else None
         self._stats = ServerStats()
+        # The I/O counters of the connections closed so far (see ``stats``).
+        self._closed_io = [0, 0, 0, 0]
         self._addresses = [listener.socket.getsockname() for listener in listeners]
         self._entries: set[_Entry] = set()
         # Keep-alive connections waiting for their next request, longest idle first.
@@ -446,8 +459,19 @@ class Server:
 
     @property
     def stats(self) -> ServerStats:
-        """Live :class:`ServerStats`."""
-        return self._stats
+        """Live :class:`ServerStats` (its I/O sums brought up to date now)."""
+        stats = self._stats
+        received, sent, messages_in, messages_out = self._closed_io
+        for entry in self._entries:
+            if entry.conn is not None:
+                io = entry.conn.stats
+                received += io.bytes_received
+                sent += io.bytes_sent
+                messages_in += io.messages_received
+                messages_out += io.messages_sent
+        stats.bytes_received, stats.bytes_sent = received, sent
+        stats.messages_received, stats.messages_sent = messages_in, messages_out
+        return stats
 
     @property
     def connections(self) -> list[Connection[Any, Any]]:
@@ -644,6 +668,8 @@ class Server:
                 raise
             stats.connections_open += 1
             stats.connections_total += 1
+            if stats.connections_open > stats.connections_peak:
+                stats.connections_peak = stats.connections_open
             assert self._service is not None
             self._service.start_soon(self._connection_task, stream)
 
@@ -777,6 +803,12 @@ class Server:
 
     def _forget(self, entry: _Entry) -> None:
         stats = self._stats
+        if entry.conn is not None:
+            io, closed = entry.conn.stats, self._closed_io
+            closed[0] += io.bytes_received
+            closed[1] += io.bytes_sent
+            closed[2] += io.messages_received
+            closed[3] += io.messages_sent
         stats.connections_open -= 1
         self._entries.discard(entry)
         self._keepalive.pop(entry, None)
