@@ -462,7 +462,8 @@ class Server:
         """Live :class:`ServerStats` (its I/O sums brought up to date now)."""
         stats = self._stats
         received, sent, messages_in, messages_out = self._closed_io
-        for entry in self._entries:
+        # A copy first: an exporter may read the stats from another thread.
+        for entry in tuple(self._entries):
             if entry.conn is not None:
                 io = entry.conn.stats
                 received += io.bytes_received
