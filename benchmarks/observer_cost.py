@@ -7,7 +7,7 @@ difference between modes is the service's. Each mode runs its clients twice,
 start-up cancels out as ``(I(2N) - I(N)) / requests`` (load-independent, so
 valid on a busy machine). Run it under cachegrind, e.g.::
 
-    for mode in none prometheus; do for n in 1000 2000; do
+    for mode in none sessions prometheus; do for n in 1000 2000; do
       valgrind --tool=cachegrind --cache-sim=no --cachegrind-out-file=/dev/null \\
         python benchmarks/observer_cost.py --observer $mode --per-conn $n
     done; done
@@ -48,11 +48,25 @@ async def client(port: int, depth: int, per_conn: int) -> None:
                 got += len(await stream.receive_some(65536))
 
 
+class SessionCounter(triocomm.Observer):
+    """The least an observer of sessions can do: the cost of watching sessions at all."""
+
+    def __init__(self) -> None:
+        self.sessions = 0
+
+    def session_ended(
+        self, conn: triocomm.Connection[Any, Any], error: BaseException | None, duration: float
+    ) -> None:
+        self.sessions += 1
+
+
 def observers(mode: str) -> list[triocomm.Observer]:
     if mode == "none":
         return []
     if mode == "empty":
         return [triocomm.Observer()]
+    if mode == "sessions":
+        return [SessionCounter()]
     from prometheus_client import CollectorRegistry
 
     from triocomm.contrib.prometheus import PrometheusObserver
@@ -84,7 +98,9 @@ async def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--observer", choices=["none", "empty", "prometheus"], default="none")
+    parser.add_argument(
+        "--observer", choices=["none", "empty", "sessions", "prometheus"], default="none"
+    )
     parser.add_argument("--conns", type=int, default=8)
     parser.add_argument("--depth", type=int, default=16)
     parser.add_argument("--per-conn", type=int, default=2000)

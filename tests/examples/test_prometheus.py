@@ -182,3 +182,29 @@ async def test_triocomm_serve_metrics_port_exposes_the_echo_service() -> None:
         process.terminate()
         with trio.fail_after(30):
             await process.wait()
+
+
+def test_histograms_count_into_cumulative_le_buckets(registry: CollectorRegistry) -> None:
+    observer = PrometheusObserver(registry)
+    for seconds in (0.003, 0.005, 2.0, 60.0):
+        observer.pool_wait("target", seconds)
+
+    def bucket(le: str) -> float | None:
+        return registry.get_sample_value("triocomm_pool_wait_seconds_bucket", {"le": le})
+
+    assert [bucket(le) for le in ("0.001", "0.005", "1.0", "5.0", "10.0", "+Inf")] == [
+        0,
+        2,
+        2,
+        3,
+        3,
+        4,
+    ]
+    assert registry.get_sample_value("triocomm_pool_wait_seconds_count") == 4
+    assert registry.get_sample_value("triocomm_pool_wait_seconds_sum") == pytest.approx(62.008)
+
+
+def test_a_registry_takes_one_observer(registry: CollectorRegistry) -> None:
+    PrometheusObserver(registry)
+    with pytest.raises(ValueError, match="Duplicated"):
+        PrometheusObserver(registry)

@@ -9,12 +9,13 @@ triocomm's public API only.
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
@@ -55,41 +56,25 @@ class PrometheusObserver(Observer):
 
     With ``serve_workers``, each worker process has its own copy, which
     counts that worker only.
+
+    The events only add to plain integers (no lock, no label lookup per
+    session); the metrics are built from them when Prometheus scrapes, in
+    the scraping thread. Attach one observer to the clients and services of
+    one Trio run.
     """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        registry = REGISTRY if registry is None else registry
         self._services: dict[int, Server] = {}
         self._lock = threading.Lock()  # scrapes run in another thread
-        opened = Counter(
-            "triocomm_connections_opened", "Connections established.", registry=registry
-        )
-        closed = Counter(
-            "triocomm_connections_closed", "Connections closed.", ["outcome"], registry=registry
-        )
-        sessions = Counter("triocomm_sessions", "Sessions ended.", ["outcome"], registry=registry)
-        self._opened = opened
-        self._closed_ok, self._closed_error = closed.labels("ok"), closed.labels("error")
-        self._sessions_ok, self._sessions_error = sessions.labels("ok"), sessions.labels("error")
-        self._duration = Histogram(
-            "triocomm_session_duration_seconds",
-            "How long sessions took, in seconds.",
-            buckets=_LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self._connect_failures = Counter(
-            "triocomm_connect_failures", "Client connect attempts that failed.", registry=registry
-        )
-        self._retries = Counter(
-            "triocomm_retries", "Client sessions tried again.", registry=registry
-        )
-        self._pool_wait = Histogram(
-            "triocomm_pool_wait_seconds",
-            "How long client sessions waited for a pool slot, in seconds.",
-            buckets=_LATENCY_BUCKETS,
-            registry=registry,
-        )
-        registry.register(_ServiceCollector(self))
+        self._opened = 0
+        # By outcome: [ok, error].
+        self._closed = [0, 0]
+        self._sessions = [0, 0]
+        self._connect_failures = 0
+        self._retries = 0
+        self._session_duration = _Histogram(_LATENCY_BUCKETS)
+        self._pool_wait_duration = _Histogram(_LATENCY_BUCKETS)
+        (REGISTRY if registry is None else registry).register(_Collector(self))
 
     # -- the observer ----------------------------------------------------------
 
@@ -106,35 +91,57 @@ class PrometheusObserver(Observer):
 
     def connection_opened(self, conn: Connection[Any, Any]) -> None:
         """Count an established connection."""
-        self._opened.inc()
+        self._opened += 1
 
     def connection_closed(self, conn: Connection[Any, Any], error: BaseException | None) -> None:
         """Count a closed connection by outcome."""
-        (self._closed_ok if error is None else self._closed_error).inc()
+        self._closed[error is not None] += 1
 
     def connect_failed(self, address: tuple[str, int] | str, error: BaseException) -> None:
         """Count a failed connect."""
-        self._connect_failures.inc()
+        self._connect_failures += 1
 
     def session_ended(
         self, conn: Connection[Any, Any], error: BaseException | None, duration: float
     ) -> None:
         """Count a session by outcome and record its duration."""
-        (self._sessions_ok if error is None else self._sessions_error).inc()
-        self._duration.observe(duration)
+        self._sessions[error is not None] += 1
+        self._session_duration.observe(duration)
 
     def pool_wait(self, target: Any, duration: float) -> None:
         """Record a wait for a pool slot."""
-        self._pool_wait.observe(duration)
+        self._pool_wait_duration.observe(duration)
 
     def retry(self, target: Any, attempt: int, error: BaseException) -> None:
         """Count a retry."""
-        self._retries.inc()
+        self._retries += 1
 
     def services(self) -> list[Server]:
         """The running services whose stats are exported."""
         with self._lock:
             return list(self._services.values())
+
+
+class _Histogram:
+    """Counts per bucket, Prometheus-style (``le``), kept as plain numbers."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one: +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        counts, running, buckets = list(self.counts), 0, []
+        for bound, count in zip((*map(str, self.bounds), "+Inf"), counts, strict=True):
+            running += count
+            buckets.append((bound, running))
+        return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=self.total)
 
 
 def _service_name(server: Server) -> str:
@@ -148,17 +155,44 @@ def _service_name(server: Server) -> str:
     return ",".join(names)
 
 
-class _ServiceCollector(Collector):
-    """Reads the stats of the observer's services when Prometheus scrapes."""
+class _Collector(Collector):
+    """Builds the metrics when Prometheus scrapes: the events' counts, the services' stats."""
 
     def __init__(self, observer: PrometheusObserver) -> None:
         self._observer = observer
 
     def describe(self) -> list[Metric]:
-        # Describing nothing keeps registration from calling collect() early.
-        return []
+        # The names, so that a registry refuses a second observer.
+        return list(self._events())
 
     def collect(self) -> Iterator[Metric]:
+        yield from self._events()
+        yield from self._service_stats()
+
+    def _events(self) -> Iterator[Metric]:
+        observer = self._observer
+        yield CounterMetricFamily(
+            "triocomm_connections_opened", "Connections established.", value=observer._opened
+        )
+        yield _by_outcome("triocomm_connections_closed", "Connections closed.", observer._closed)
+        yield _by_outcome("triocomm_sessions", "Sessions ended.", observer._sessions)
+        yield CounterMetricFamily(
+            "triocomm_connect_failures",
+            "Client connect attempts that failed.",
+            value=observer._connect_failures,
+        )
+        yield CounterMetricFamily(
+            "triocomm_retries", "Client sessions tried again.", value=observer._retries
+        )
+        yield observer._session_duration.family(
+            "triocomm_session_duration_seconds", "How long sessions took, in seconds."
+        )
+        yield observer._pool_wait_duration.family(
+            "triocomm_pool_wait_seconds",
+            "How long client sessions waited for a pool slot, in seconds.",
+        )
+
+    def _service_stats(self) -> Iterator[Metric]:
         labels = ["service"]
         gauges = {
             name: GaugeMetricFamily(f"triocomm_server_{name}", text, labels=labels)
@@ -197,3 +231,10 @@ class _ServiceCollector(Collector):
         yield from gauges.values()
         yield from counters.values()
         yield errors
+
+
+def _by_outcome(name: str, documentation: str, counts: list[int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=["outcome"])
+    family.add_metric(["ok"], counts[0])
+    family.add_metric(["error"], counts[1])
+    return family
