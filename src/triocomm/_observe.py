@@ -99,7 +99,7 @@ class ObserverSet:
     the order given, and logs and swallows their exceptions.
     """
 
-    __slots__ = ("_calls", "observers", "watches_sessions")
+    __slots__ = ("_calls", "_session_ended", "_session_started", "observers", "watches_sessions")
 
     def __init__(self, observers: tuple[Observer, ...]) -> None:
         self.observers = observers
@@ -111,8 +111,11 @@ class ObserverSet:
             ]
             for event in _EVENTS
         }
+        # The per-session events, looked up once: they run for every request.
+        self._session_started = self._calls["session_started"]
+        self._session_ended = self._calls["session_ended"]
         # Services wrap their handler only for observers that watch sessions.
-        self.watches_sessions = bool(self._calls["session_started"] or self._calls["session_ended"])
+        self.watches_sessions = bool(self._session_started or self._session_ended)
 
     @classmethod
     def of(cls, observers: Iterable[Observer] | None) -> ObserverSet | None:
@@ -120,8 +123,10 @@ class ObserverSet:
         found = check_observers(observers)
         return cls(found) if found else None
 
-    def _call(self, event: str, about: object, *args: object) -> None:
-        for call in self._calls[event]:
+    def _call(
+        self, calls: list[Callable[..., object]], event: str, subject: object, *args: object
+    ) -> None:
+        for call in calls:
             try:
                 call(*args)
             except Exception as exc:
@@ -129,49 +134,59 @@ class ObserverSet:
                     "observer %s.%s for %s raised %r",
                     type(getattr(call, "__self__", call)).__name__,
                     event,
-                    about,
+                    _name_of(subject),
                     exc,
                     exc_info=exc,
                 )
 
     def attached(self, source: object) -> None:
         """Tell every observer that ``source`` (a server or client) started."""
-        self._call("attached", source, source)
+        self._call(self._calls["attached"], "attached", source, source)
 
     def detached(self, source: object) -> None:
         """Tell every observer that ``source`` stopped."""
-        self._call("detached", source, source)
+        self._call(self._calls["detached"], "detached", source, source)
 
     def connection_opened(self, conn: Connection[Any, Any]) -> None:
         """See :meth:`Observer.connection_opened`."""
-        self._call("connection_opened", conn.peer, conn)
+        self._call(self._calls["connection_opened"], "connection_opened", conn, conn)
 
     def connection_closed(self, conn: Connection[Any, Any], error: BaseException | None) -> None:
         """See :meth:`Observer.connection_closed`."""
-        self._call("connection_closed", conn.peer, conn, error)
+        self._call(self._calls["connection_closed"], "connection_closed", conn, conn, error)
 
     def connect_failed(self, address: tuple[str, int] | str, error: BaseException) -> None:
         """See :meth:`Observer.connect_failed`."""
-        self._call("connect_failed", format_address(address), address, error)
+        calls = self._calls["connect_failed"]
+        self._call(calls, "connect_failed", format_address(address), address, error)
 
     def session_started(self, conn: Connection[Any, Any]) -> float:
         """See :meth:`Observer.session_started`; returns the start for :meth:`session_ended`."""
-        self._call("session_started", conn.peer, conn)
+        if self._session_started:
+            self._call(self._session_started, "session_started", conn, conn)
         return trio.current_time()
 
     def session_ended(
         self, conn: Connection[Any, Any], error: BaseException | None, started: float
     ) -> None:
         """See :meth:`Observer.session_ended`; ``started`` from :meth:`session_started`."""
-        self._call("session_ended", conn.peer, conn, error, trio.current_time() - started)
+        if self._session_ended:
+            duration = trio.current_time() - started
+            self._call(self._session_ended, "session_ended", conn, conn, error, duration)
 
     def pool_wait(self, target: Any, duration: float) -> None:
         """See :meth:`Observer.pool_wait`."""
-        self._call("pool_wait", target, target, duration)
+        self._call(self._calls["pool_wait"], "pool_wait", target, target, duration)
 
     def retry(self, target: Any, attempt: int, error: BaseException) -> None:
         """See :meth:`Observer.retry`."""
-        self._call("retry", target, target, attempt, error)
+        self._call(self._calls["retry"], "retry", target, target, attempt, error)
+
+
+def _name_of(subject: object) -> object:
+    """How a log line names what an event was about: a connection by its peer."""
+    peer = getattr(subject, "peer", None)
+    return subject if peer is None else peer
 
 
 def check_observers(observers: Iterable[Observer] | None) -> tuple[Observer, ...]:
