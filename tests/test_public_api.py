@@ -41,6 +41,7 @@ LAYERS = {
     "_client": 3,
     "_pool": 3,
     "_upstream": 3,
+    "_udp": 3,
     "_server": 4,
     "_datagram_service": 4,
     "_workers": 4,
