@@ -59,9 +59,15 @@ class Resolver:
     """Queries one DNS server over UDP, and over TCP when an answer is truncated."""
 
     def __init__(
-        self, client: triocomm.Client, host: str, port: int = 53, *, attempts: int = 3
+        self,
+        client: triocomm.Client,
+        host: str,
+        port: int = 53,
+        *,
+        attempts: int = 3,
+        timeout: float = ATTEMPT_TIMEOUT,
     ) -> None:
-        timeouts = triocomm.Timeouts(first_response=ATTEMPT_TIMEOUT, connect=5.0)
+        timeouts = triocomm.Timeouts(first_response=timeout, connect=5.0)
         self.client = client
         self.attempts = attempts
         # Raw: one datagram is one DNS message, parsed here (dnswire.py).
