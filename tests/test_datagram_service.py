@@ -9,9 +9,11 @@ polls of the service's counters, never a sleep standing in for an event.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import socket
+import types
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -21,6 +23,7 @@ import trio
 import trio.testing
 
 import triocomm
+import triocomm._datagram_service
 from triocomm.testing import open_fd_count, task_count
 
 
@@ -369,3 +372,25 @@ async def test_a_port_in_use_raises_oserror() -> None:
             await triocomm.serve_datagrams(
                 echo, server.port, host="127.0.0.1", codec=triocomm.Raw()
             )
+
+
+async def test_a_family_the_system_lacks_is_left_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = socket.socket
+
+    def no_ipv6(family: int = -1, *args: Any, **kwargs: Any) -> socket.socket:
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        return real(family, *args, **kwargs)
+
+    # Only the service's own module sees the system without IPv6.
+    lacking = types.ModuleType("socket")
+    lacking.__dict__.update(vars(socket))
+    lacking.socket = no_ipv6  # type: ignore[attr-defined]
+    monkeypatch.setattr(triocomm._datagram_service, "socket", lacking)
+    async with datagram_service(host=None) as server:  # type: ignore[arg-type]
+        assert [len(address) for address in server.addresses] == [2]
+        async with udp_client(server) as sock:
+            await sock.send(b"v4")
+            assert await receive(sock) == b"v4"
+    with pytest.raises(OSError, match="no address family"):
+        await triocomm.serve_datagrams(echo, 0, host="::1", codec=triocomm.Raw())

@@ -328,7 +328,12 @@ async def _bind(port: int, host: str | bytes | None) -> list[socket.socket]:
         for family, kind, proto, _, address in infos:
             if any(s.family == family and s.getsockname()[0] == address[0] for s in sockets):
                 continue  # getaddrinfo may repeat an address (once per protocol)
-            sock = socket.socket(family, kind, proto)
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError as exc:
+                if exc.errno == errno.EAFNOSUPPORT:
+                    continue  # a system without IPv6 (or IPv4), as trio's listeners skip it
+                raise
             sockets.append(sock)
             if family == socket.AF_INET6:
                 # One socket per family, as trio.open_tcp_listeners does.
@@ -341,6 +346,8 @@ async def _bind(port: int, host: str | bytes | None) -> list[socket.socket]:
         for sock in sockets:
             sock.close()
         raise
+    if not sockets:
+        raise OSError(errno.EAFNOSUPPORT, f"no address family of {host!r} is supported here")
     return sockets
 
 
