@@ -375,9 +375,10 @@ class ServiceFront(Protocol):
 class Server:
     """A running service, as returned by ``await nursery.start(partial(serve, ...))``.
 
-    Do not create one yourself: :func:`serve` and :func:`serve_connections`
-    make it and hand it over once the listeners are bound, so a client may
-    connect as soon as ``nursery.start`` returns.
+    Do not create one yourself: :func:`serve`, :func:`serve_connections`
+    and :func:`~triocomm.serve_datagrams` make it and hand it over once the
+    listeners (or datagram sockets) are bound, so a client may connect as
+    soon as ``nursery.start`` returns.
 
     Stop it with :meth:`shutdown` (graceful) or by cancelling the task that
     runs :func:`serve` (immediate).
@@ -471,7 +472,9 @@ class Server:
 
         A :func:`serve_connections` handler has no "between requests" that the
         service can see: it runs until it returns or the grace period ends
-        (check :attr:`shutting_down` to end early).
+        (check :attr:`shutting_down` to end early). A datagram service stops
+        receiving at once and lets running handlers finish and send their
+        replies.
 
         Calling it again only shortens the grace period. Call it from outside
         the service (not from a handler, which it would wait for).
