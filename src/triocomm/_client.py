@@ -33,6 +33,7 @@ from ._errors import CommError, CommTimeout, ConnectError, ConnectionLost, Upstr
 from ._pool import KeepAlivePool, PooledConnection, PoolStats
 from ._timeouts import Timeouts, session_limits
 from ._timers import Timers
+from ._udp import UdpExchanges, check_udp_target
 from ._upstream import Upstream, UpstreamAttempt
 
 if TYPE_CHECKING:
@@ -71,7 +72,7 @@ class Target(Generic[In, Out]):
     IPv4 address or an IPv6 address (``"::1"``; brackets are accepted and
     dropped). Names resolving to several addresses are tried with happy
     eyeballs (:func:`trio.open_tcp_stream`). ``Target.unix(path, codec)`` is a
-    Unix socket.
+    Unix socket; ``Target.udp(host, port, codec)`` a UDP address.
 
     Args:
         host: host name or address literal.
@@ -97,6 +98,8 @@ class Target(Generic[In, Out]):
             connection before its first session, as the session with
             ``conn.seq == 0`` (AUTH, SELECT, protocol negotiation). If it
             raises, the connection is closed and the session gets the error.
+        max_datagram: set (by :meth:`udp`) on a UDP target only: the largest
+            request or reply datagram, in bytes; ``None`` on stream targets.
 
     Targets are immutable and hashable; equal targets share one pool in a
     client. ``str(target)`` is its address, as used in error messages.
@@ -113,8 +116,11 @@ class Target(Generic[In, Out]):
         default=None, kw_only=True
     )
     path: str | None = field(default=None, kw_only=True)
+    max_datagram: int | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
+        if self.max_datagram is not None:
+            check_udp_target(self.path, self.ssl_context, self.on_connect, self.max_datagram)
         if self.path is None:
             if not isinstance(self.host, str) or not self.host:
                 raise TypeError(f"Target host must be a non-empty str, got {self.host!r}")
@@ -177,6 +183,44 @@ class Target(Generic[In, Out]):
             max_connections=max_connections,
             on_connect=on_connect,
             path=os.fspath(path),
+        )
+
+    @classmethod
+    def udp(
+        cls,
+        host: str,
+        port: int,
+        codec: Codec[In, Out],
+        *,
+        timeouts: Timeouts | None = None,
+        max_connections: int = 200,
+        max_datagram: int = 65507,
+    ) -> Target[In, Out]:
+        """A UDP target: ``client.request`` sends one datagram and returns the reply datagram.
+
+        Each exchange runs on a connected UDP socket of its own (reused from
+        a small cache only after an exchange that succeeded, and emptied of
+        stray datagrams first; closed after one that failed), so a late reply
+        is never taken for a later request's. ``timeouts.first_response``
+        bounds the wait for the reply (1 s when it is ``None``); ``connect``
+        bounds resolving the host, ``pool`` the wait for one of the
+        ``max_connections`` sockets. A lost datagram raises
+        :class:`CommTimeout` (phase ``"first_response"``).
+
+        A datagram is one message: ``codec.encode`` must give at most
+        ``max_datagram`` bytes (default 65,507, the most IPv4 carries), else
+        ``ValueError``; the reply, fed to a fresh decoder, must give exactly
+        one message, else :class:`ProtocolError`. ``client.connection`` and
+        ``client.run`` raise ``TypeError`` for a UDP target, and an
+        ``Upstream`` cannot hold one.
+        """
+        return cls(
+            host,
+            port,
+            codec,
+            timeouts=timeouts,
+            max_connections=max_connections,
+            max_datagram=max_datagram,
         )
 
     @property
@@ -300,6 +344,9 @@ class Client:
     never wrapped in an ``ExceptionGroup``.
     """
 
+    # Made on the first request to a UDP target.
+    _udp: UdpExchanges | None = None
+
     def __init__(self, nursery: trio.Nursery, timeouts: Timeouts | None, retries: int) -> None:
         self._nursery = nursery
         self._timeouts = timeouts
@@ -334,6 +381,11 @@ class Client:
 
         ``message`` is encoded before a connection is borrowed or opened.
 
+        On a UDP target (:meth:`Target.udp`) the message goes out as one
+        datagram on a socket of its own and the first datagram back is the
+        reply; a lost one raises :class:`CommTimeout` (``"first_response"``,
+        1 s unless the timeouts say otherwise), with no resend here.
+
         Raises:
             TypeError, ValueError, FrameTooLarge: the target's codec refused
                 ``message`` (its own exception, unchanged). No connection was
@@ -344,8 +396,13 @@ class Client:
                 which); the connection is closed.
             ConnectionLost: the peer closed or reset the connection before the
                 whole reply arrived.
-            ProtocolError, FrameTooLarge: the reply was not valid for the codec.
+            ProtocolError, FrameTooLarge: the reply was not valid for the codec
+                (on a UDP target: not exactly one message).
+            ValueError: on a UDP target, ``message`` encodes to more than
+                ``max_datagram`` bytes.
         """
+        if isinstance(target, Target) and target.max_datagram is not None:
+            return self._udp_request(target, message, timeouts)
         # No session function: _session sends `message` and receives the reply
         # itself. A plain method returning _session's coroutine, not an async
         # def awaiting it: one coroutine (and one frame to pass through at
@@ -399,6 +456,8 @@ class Client:
         client that has used more than 1,024 targets forgets the pools (and
         counters) of those it has no connection to.
         """
+        if target.max_datagram is not None:
+            return PoolStats() if self._udp is None else self._udp.stats(target)
         pool = self._pools.get(target)
         return PoolStats() if pool is None else pool.stats()
 
@@ -462,6 +521,12 @@ class Client:
             if self._closed:
                 self._report(attempt, None)
                 raise trio.ClosedResourceError("the client is closed")
+            if target.max_datagram is not None:
+                self._report(attempt, None)
+                raise TypeError(
+                    f"{target} is a UDP target: only client.request() works with it, "
+                    "and an Upstream cannot hold it"
+                )
             if len(self._pools) >= self._sweep_at:
                 self._drop_unused_pools()
             pool = self._pools[target] = KeepAlivePool(target.address, target.max_connections)
@@ -682,8 +747,20 @@ class Client:
         self._finish(entry, pool, timeouts)
         self._report(attempt, True)
 
+    async def _udp_request(
+        self, target: Target[Any, Any], message: object, timeouts: Timeouts | None
+    ) -> Any:
+        # One attempt (see _udp.py): a lost datagram raises CommTimeout.
+        if self._udp is None:
+            if self._closed:
+                raise trio.ClosedResourceError("the client is closed")
+            self._udp = UdpExchanges()
+        return await self._udp.request(target, message, self._effective_timeouts(target, timeouts))
+
     def _shutdown(self) -> None:
         self._closed = True
+        if self._udp is not None:
+            self._udp.close()
         for pool in self._pools.values():
             pool.close()
         # Ends every connection task; each closes its own socket.
