@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,7 +20,7 @@ import trio
 import trio.testing
 
 import triocomm
-from triocomm._resolve import STALE_RETRY, resolve_with_expiry
+from triocomm._resolve import STALE_RETRY, SrvResolver, resolve_with_expiry
 from triocomm.testing import task_count
 
 
@@ -420,3 +422,53 @@ async def test_any_resolver_gets_an_expiry(mock_clock: trio.testing.MockClock) -
     async with triocomm.CachingResolver(ttl=5) as caching:
         answer = await resolve_with_expiry(caching, "127.0.0.1", 9)
         assert not answer.expired()
+
+
+def test_import_triocomm_needs_no_dnspython() -> None:
+    script = "import sys, triocomm; sys.exit('dns' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", script], check=False, timeout=30)
+    assert result.returncode == 0
+
+
+def test_dns_resolver_without_dnspython_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A None entry in sys.modules makes `import dns...` raise ImportError.
+    for name in [name for name in sys.modules if name == "dns" or name.startswith("dns.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "dns", None)
+    with pytest.raises(ImportError, match=r"triocomm\[dns\]"):
+        triocomm.DnsResolver(["127.0.0.1"])
+
+
+def test_dns_resolver_names_a_trio_too_old_for_dnspython(monkeypatch: pytest.MonkeyPatch) -> None:
+    asyncbackend = pytest.importorskip("dns.asyncbackend")
+
+    def refuse(name: str) -> None:
+        raise ImportError("trio not found or too old")
+
+    monkeypatch.setattr(asyncbackend, "get_backend", refuse)
+    with pytest.raises(ImportError, match=r"refuses trio .* upgrade trio"):
+        triocomm.DnsResolver(["127.0.0.1"])
+
+
+@pytest.mark.parametrize(
+    ("servers", "message"),
+    [
+        ([], "non-empty"),
+        ("127.0.0.1", "non-empty"),
+        (["dns.example"], "IP address"),
+        ([("127.0.0.1", 0)], "port"),
+        ([("::1", 65536)], "port"),
+    ],
+)
+def test_dns_resolver_checks_its_servers(servers: Any, message: str) -> None:
+    pytest.importorskip("dns.asyncresolver")
+    with pytest.raises(ValueError, match=message):
+        triocomm.DnsResolver(servers)
+
+
+def test_dns_resolver_is_a_resolver_of_srv_records_too() -> None:
+    pytest.importorskip("dns.asyncresolver")
+    resolver = triocomm.DnsResolver(["127.0.0.1", ("::1", 5353)], ttl=5)
+    assert isinstance(resolver, SrvResolver)
+    assert not isinstance(triocomm.CachingResolver(), SrvResolver)
+    assert repr(resolver) == "DnsResolver([127.0.0.1:53, ::1:5353], ttl=5)"

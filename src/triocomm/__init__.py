@@ -27,6 +27,7 @@ from ._framing import Lines as Lines
 from ._framing import Raw as Raw
 from ._pool import PoolStats as PoolStats
 from ._resolve import CachingResolver as CachingResolver
+from ._resolve import DnsResolver as DnsResolver
 from ._resolve import Resolution as Resolution
 from ._resolve import Resolver as Resolver
 from ._server import Server as Server
@@ -56,6 +57,7 @@ __all__ = [
     "ConnectionStats",
     "DatagramPeer",
     "Decoder",
+    "DnsResolver",
     "FrameTooLarge",
     "Idle",
     "LengthPrefixed",

@@ -31,7 +31,7 @@ import math
 import socket
 import types
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import trio
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AnswerCache",
     "CachingResolver",
+    "DnsResolver",
     "Resolution",
     "Resolver",
     "SrvResolver",
@@ -61,9 +62,8 @@ Query = Callable[[str], Awaitable[tuple[tuple[RecordT, ...], "float | None"]]]
 STALE_RETRY = 5.0
 # getaddrinfo's answers that say the name has no address, as opposed to a
 # lookup that could not finish (EAI_AGAIN, EAI_FAIL, a timeout).
-_NO_SUCH_NAME = frozenset(
-    code for code in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None)) if code is not None
-)
+_NO_DATA: int = getattr(socket, "EAI_NODATA", socket.EAI_NONAME)  # glibc has it, not everyone
+_NO_SUCH_NAME = frozenset((socket.EAI_NONAME, _NO_DATA))
 
 
 @runtime_checkable
@@ -403,6 +403,177 @@ class CachingResolver:
             cache.fail(name, flight, failure)
         finally:
             cache.finish(name, flight)
+
+
+def _dnspython() -> types.ModuleType:
+    """Import dnspython's async resolver on first use: ``import triocomm`` never needs it."""
+    try:
+        import dns.asyncbackend
+        import dns.asyncresolver
+        import dns.exception
+        import dns.name
+        import dns.nameserver
+        import dns.rdatatype
+        import dns.rdtypes.IN.SRV
+        import dns.resolver
+    except ImportError as error:
+        raise ImportError(
+            "triocomm.DnsResolver needs dnspython: install the extra, "
+            "python3 -m pip install 'triocomm[dns]'"
+        ) from error
+    try:
+        dns.asyncbackend.get_backend("trio")
+    except ImportError as error:
+        import dns.version
+
+        raise ImportError(
+            f"dnspython {dns.version.version} refuses trio {trio.__version__} for its trio "
+            f"backend ({error}): upgrade trio, or use an older dnspython"
+        ) from error
+    return dns
+
+
+def _nameserver(server: str | tuple[str, int]) -> tuple[str, int]:
+    ip, port = (server, 53) if isinstance(server, str) else server
+    if not isinstance(ip, str) or not _is_numeric(ip):
+        raise ValueError(f"a name server is an IP address, or (IP address, port), not {server!r}")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port <= 65535:
+        raise ValueError(f"a name server's port must be in 1..65535, not {server!r}")
+    return ip, port
+
+
+class DnsResolver(CachingResolver):
+    """Resolves names by asking the given DNS servers directly, through dnspython.
+
+    Needs the optional extra ``triocomm[dns]`` (dnspython); without it the
+    constructor raises :class:`ImportError` naming the extra. A name server
+    is ``"ip"`` (port 53) or ``("ip", port)``; the servers are asked in
+    order, each until one answers, over UDP (TCP when an answer is
+    truncated). Nothing from the system is used: no ``/etc/hosts``, no
+    ``resolv.conf``, no search domains.
+
+    :meth:`resolve` asks for A and AAAA records at once and returns the IPv4
+    addresses, then the IPv6 ones. :meth:`resolve_srv` returns SRV records.
+    Each answer is kept for the TTL its records carry (the shortest of them),
+    or for ``ttl`` seconds if given. Everything else is as for
+    :class:`CachingResolver`: one lookup per name at a time, stale answers
+    when a refresh fails for a passing reason (a timeout, ``SERVFAIL``),
+    ``max_names`` answers of each kind; ``NXDOMAIN`` and an empty answer
+    drop the name. Enter it with ``async with`` before use.
+
+    Raises:
+        ImportError: dnspython is missing (or too old for the installed trio).
+        ValueError: no name server, a name server that is not an IP address,
+            or a bad ``ttl``, ``timeout`` or ``max_names``.
+    """
+
+    def __init__(
+        self,
+        nameservers: Sequence[str | tuple[str, int]],
+        *,
+        ttl: float | None = None,
+        timeout: float = 5.0,
+        max_names: int = 1024,
+    ) -> None:
+        if isinstance(nameservers, str) or not nameservers:
+            raise ValueError(f"nameservers must be a non-empty list, not {nameservers!r}")
+        self._setup(ttl, timeout, max_names)
+        self._servers = [_nameserver(server) for server in nameservers]
+        self._dns: Any = _dnspython()
+        self._stub = self._dns.asyncresolver.Resolver(configure=False)
+        self._stub.nameservers = [
+            self._dns.nameserver.Do53Nameserver(ip, port) for ip, port in self._servers
+        ]
+        self._stub.lifetime = timeout
+        self._backend = self._dns.asyncbackend.get_backend("trio")
+        self._srv: AnswerCache[SrvRecord] = AnswerCache(max_names)
+
+    def __repr__(self) -> str:
+        servers = ", ".join(f"{ip}:{port}" for ip, port in self._servers)
+        return f"DnsResolver([{servers}], ttl={self._ttl!r})"
+
+    async def resolve_srv(self, name: str) -> list[SrvRecord]:
+        """Return the SRV records of ``name`` as ``(target, port, priority, weight)``.
+
+        ``name`` is the service's name, such as ``"_redis._tcp.example.com"``.
+        The records are sorted by priority, then by weight (heaviest first);
+        targets have no final dot.
+
+        Raises:
+            socket.gaierror: no such name, no SRV record, only the "service
+                not offered" record (target ``.``), or no answer in time.
+        """
+        return list((await self.lookup_srv(name)).records)
+
+    async def lookup_srv(self, name: str) -> Resolution[SrvRecord]:
+        """Like :meth:`resolve_srv`, but return the whole :class:`Resolution`."""
+        if not name:
+            raise ValueError("name must not be empty")
+        return await self._answer(self._srv, name.lower(), self._query_srv)
+
+    async def _query_addresses(self, host: str) -> tuple[tuple[str, ...], float | None]:
+        """Ask for the A and AAAA records of ``host`` at once."""
+        answers: dict[str, tuple[list[Any], float] | socket.gaierror] = {}
+
+        async def ask(rdtype: str) -> None:
+            answers[rdtype] = await self._ask(host, rdtype)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask, "A")
+            nursery.start_soon(ask, "AAAA")
+        ips: list[str] = []
+        ttls: list[float] = []
+        failures: list[socket.gaierror] = []
+        for rdtype in ("A", "AAAA"):  # IPv4 first, in the servers' order
+            answer = answers[rdtype]
+            if isinstance(answer, socket.gaierror):
+                failures.append(answer)
+                continue
+            ips += (rdata.to_text() for rdata in answer[0])
+            ttls.append(answer[1])
+        if not ips:
+            failures = failures or [
+                socket.gaierror(_NO_DATA, f"cannot resolve {host!r}: no address")
+            ]
+            # A passing failure of one family is no proof that the name is gone.
+            passing = [error for error in failures if error.errno not in _NO_SUCH_NAME]
+            raise (passing or failures)[0]
+        return tuple(ips), min(ttls)
+
+    async def _query_srv(self, name: str) -> tuple[tuple[SrvRecord, ...], float | None]:
+        answer = await self._ask(name, "SRV")
+        if isinstance(answer, OSError):
+            raise answer
+        rdatas, ttl = answer
+        root = self._dns.name.root
+        records = [
+            (rdata.target.to_text(omit_final_dot=True), rdata.port, rdata.priority, rdata.weight)
+            for rdata in rdatas
+            if rdata.target != root
+        ]
+        if not records:
+            message = f"cannot resolve {name!r}: the service is not offered (SRV target '.')"
+            raise socket.gaierror(socket.EAI_NONAME, message)
+        records.sort(key=lambda r: (r[2], -r[3], r[0], r[1]))
+        return tuple(records), ttl
+
+    async def _ask(self, name: str, rdtype: str) -> tuple[list[Any], float] | socket.gaierror:
+        """One question to the servers: its records and TTL, or the error it ended in."""
+        dns = self._dns
+        where = f"{name!r} ({rdtype}) via {', '.join(f'{i}:{p}' for i, p in self._servers)}"
+        try:
+            answer = await self._stub.resolve(
+                dns.name.from_text(name), rdtype, search=False, backend=self._backend
+            )
+        except dns.resolver.NXDOMAIN:
+            return socket.gaierror(socket.EAI_NONAME, f"cannot resolve {where}: no such name")
+        except dns.resolver.NoAnswer:
+            return socket.gaierror(_NO_DATA, f"cannot resolve {where}: no {rdtype} record")
+        except dns.exception.DNSException as error:
+            # Timeouts, SERVFAIL or REFUSED from every server, a malformed name.
+            code = socket.EAI_NONAME if isinstance(error, dns.name.NameError) else socket.EAI_AGAIN
+            return socket.gaierror(code, f"cannot resolve {where}: {error}")
+        return list(answer.rrset), float(answer.rrset.ttl)
 
 
 async def resolve_with_expiry(resolver: Resolver, host: str, port: int) -> Resolution[Address]:
