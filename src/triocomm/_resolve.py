@@ -261,7 +261,6 @@ class CachingResolver:
         # None: each answer lives for the TTL its records carry (DnsResolver).
         self._ttl = ttl
         self._timeout = timeout
-        self._max_names = max_names
         self._addresses: AnswerCache[str] = AnswerCache(max_names)
         self._nursery: trio.Nursery | None = None
         # trio's NurseryManager has no public type.
@@ -300,7 +299,7 @@ class CachingResolver:
 
     @property
     def cached_names(self) -> int:
-        """How many names have an answer in the cache (fresh or not)."""
+        """How many host names have addresses in the cache, fresh or stale (<= ``max_names``)."""
         return len(self._addresses)
 
     async def resolve(self, host: str, port: int) -> list[Address]:
