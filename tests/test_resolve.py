@@ -472,3 +472,13 @@ def test_dns_resolver_is_a_resolver_of_srv_records_too() -> None:
     assert isinstance(resolver, SrvResolver)
     assert not isinstance(triocomm.CachingResolver(), SrvResolver)
     assert repr(resolver) == "DnsResolver([127.0.0.1:53, ::1:5353], ttl=5)"
+
+
+@pytest.mark.parametrize("name", ["x" * 64 + ".test", "a..test"])
+async def test_dns_resolver_refuses_a_malformed_name_without_asking(name: str) -> None:
+    pytest.importorskip("dns.asyncresolver")
+    # Port 9 (discard): nothing answers there, and nothing is asked.
+    async with triocomm.DnsResolver([("127.0.0.1", 9)], timeout=1) as resolver:
+        with pytest.raises(socket.gaierror, match="not a valid name") as caught:
+            await resolver.resolve(name, 1)
+    assert caught.value.errno == socket.EAI_NONAME

@@ -561,17 +561,18 @@ class DnsResolver(CachingResolver):
         dns = self._dns
         where = f"{name!r} ({rdtype}) via {', '.join(f'{i}:{p}' for i, p in self._servers)}"
         try:
-            answer = await self._stub.resolve(
-                dns.name.from_text(name), rdtype, search=False, backend=self._backend
-            )
+            qname = dns.name.from_text(name)
+        except dns.exception.DNSException as error:  # an empty label, a label too long
+            return socket.gaierror(socket.EAI_NONAME, f"{name!r} is not a valid name: {error}")
+        try:
+            answer = await self._stub.resolve(qname, rdtype, search=False, backend=self._backend)
         except dns.resolver.NXDOMAIN:
             return socket.gaierror(socket.EAI_NONAME, f"cannot resolve {where}: no such name")
         except dns.resolver.NoAnswer:
             return socket.gaierror(_NO_DATA, f"cannot resolve {where}: no {rdtype} record")
         except dns.exception.DNSException as error:
-            # Timeouts, SERVFAIL or REFUSED from every server, a malformed name.
-            code = socket.EAI_NONAME if isinstance(error, dns.name.NameError) else socket.EAI_AGAIN
-            return socket.gaierror(code, f"cannot resolve {where}: {error}")
+            # A timeout, or SERVFAIL or REFUSED from every server: a passing failure.
+            return socket.gaierror(socket.EAI_AGAIN, f"cannot resolve {where}: {error}")
         return list(answer.rrset), float(answer.rrset.ttl)
 
 
