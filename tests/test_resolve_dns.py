@@ -77,6 +77,7 @@ class Dnsmasq:
         self.hosts = directory / "hosts"
         self.hosts.write_text(HOSTS)
         self.log = directory / "dnsmasq.log"
+        self.output = directory / "dnsmasq.out"
         self.port = free_dns_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -115,7 +116,7 @@ class Dnsmasq:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"dnsmasq exited: {self.log.read_text(errors='replace')}")
+                raise RuntimeError(f"dnsmasq exited: {self.output.read_text(errors='replace')}")
             try:
                 answer = self.query(name)
             except (OSError, dns.exception.Timeout):
@@ -131,12 +132,11 @@ class Dnsmasq:
         await trio.to_thread.run_sync(self._poll, name, expected)
 
     async def start(self) -> None:
-        self.process = subprocess.Popen(
-            self.command(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        with self.output.open("wb") as output:
+            # A file, not a pipe: nobody reads it while dnsmasq runs.
+            self.process = subprocess.Popen(
+                self.command(), stdin=subprocess.DEVNULL, stdout=output, stderr=output
+            )
         await self.wait_for("svc.test")
 
     def change_hosts(self, text: str) -> None:
@@ -151,8 +151,6 @@ class Dnsmasq:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
             process.wait(timeout=5)
-            assert process.stderr is not None
-            process.stderr.close()
 
 
 @pytest.fixture

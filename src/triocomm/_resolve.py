@@ -107,7 +107,8 @@ class Resolution(Generic[RecordT]):
     Attributes:
         name: the name that was looked up.
         records: the addresses ``(ip, port)``, or the SRV records
-            ``(target, port, priority, weight)``, in the order the source gave.
+            ``(target, port, priority, weight)``: addresses in the order the
+            source gave, SRV records by priority, then heaviest weight first.
         resolved_at: when the source gave this answer.
         expires_at: when to look the name up again: ``resolved_at + ttl``, or
             for a stale answer the time of the next try; ``inf`` for a numeric
