@@ -26,6 +26,10 @@ from ._framing import LengthPrefixed as LengthPrefixed
 from ._framing import Lines as Lines
 from ._framing import Raw as Raw
 from ._pool import PoolStats as PoolStats
+from ._resolve import CachingResolver as CachingResolver
+from ._resolve import DnsResolver as DnsResolver
+from ._resolve import Resolution as Resolution
+from ._resolve import Resolver as Resolver
 from ._server import Server as Server
 from ._server import ServerStats as ServerStats
 from ._server import serve as serve
@@ -41,6 +45,7 @@ from ._workers import serve_workers as serve_workers
 
 __all__ = [
     "AddressStats",
+    "CachingResolver",
     "Client",
     "Codec",
     "CommError",
@@ -52,6 +57,7 @@ __all__ = [
     "ConnectionStats",
     "DatagramPeer",
     "Decoder",
+    "DnsResolver",
     "FrameTooLarge",
     "Idle",
     "LengthPrefixed",
@@ -59,6 +65,8 @@ __all__ = [
     "PoolStats",
     "ProtocolError",
     "Raw",
+    "Resolution",
+    "Resolver",
     "Server",
     "ServerStats",
     "ServerTimeouts",
