@@ -24,6 +24,7 @@ from ._framing import LengthPrefixed as LengthPrefixed
 from ._framing import Lines as Lines
 from ._framing import Raw as Raw
 from ._pool import PoolStats as PoolStats
+from ._retry import RetryPolicy as RetryPolicy
 from ._server import Server as Server
 from ._server import ServerStats as ServerStats
 from ._server import serve as serve
@@ -56,6 +57,7 @@ __all__ = [
     "PoolStats",
     "ProtocolError",
     "Raw",
+    "RetryPolicy",
     "Server",
     "ServerStats",
     "ServerTimeouts",

@@ -31,6 +31,15 @@ import trio
 from ._connection import Connection, PhaseLimit
 from ._errors import CommError, CommTimeout, ConnectError, ConnectionLost, UpstreamUnavailable
 from ._pool import KeepAlivePool, PooledConnection, PoolStats
+from ._retry import (
+    RetryKind,
+    RetryPolicy,
+    RetryWindow,
+    SessionAttempts,
+    as_policy,
+    connect_failure_kind,
+    session_failure_kind,
+)
 from ._timeouts import Timeouts, session_limits
 from ._timers import Timers
 from ._upstream import Upstream, UpstreamAttempt
@@ -282,12 +291,6 @@ def _address_failed(exc: BaseException) -> bool | None:
     return None
 
 
-def _peer_went_away(exc: BaseException) -> bool:
-    # Closed or reset by the peer: what a stale pooled connection looks like.
-    # Timeouts, bad input and the caller's own errors are not retried.
-    return isinstance(exc, (trio.BrokenResourceError, trio.EndOfChannel))
-
-
 class Client:
     """Sessions with targets over pooled keep-alive connections.
 
@@ -300,11 +303,18 @@ class Client:
     never wrapped in an ``ExceptionGroup``.
     """
 
-    def __init__(self, nursery: trio.Nursery, timeouts: Timeouts | None, retries: int) -> None:
+    def __init__(
+        self, nursery: trio.Nursery, timeouts: Timeouts | None, retries: RetryPolicy
+    ) -> None:
         self._nursery = nursery
         self._timeouts = timeouts
         self._retries = retries
         self._pools: dict[Target[Any, Any], KeepAlivePool] = {}
+        # Session attempts counted outside the pools: those of dropped pools,
+        # and borrows that failed before getting a connection. For the
+        # retry budget, made on first use.
+        self._attempts_elsewhere = 0
+        self._retry_window: RetryWindow | None = None
         self._sweep_at = _POOLS_KEPT
         self._closed = False
         # Times the waiting reads of every connection (see _watchdog.py);
@@ -324,13 +334,19 @@ class Client:
         *,
         timeouts: Timeouts | None = None,
         key: object = None,
+        retries: int | RetryPolicy | None = None,
+        idempotent: bool = False,
     ) -> Coroutine[Any, Any, In]:
         """One session: send ``message``, return the one reply (``await`` it).
 
         Reuses a pooled connection when there is a sound one, else opens one.
-        If a *reused* connection turns out closed or reset before any byte of
-        the reply arrived, the request is sent once more on a fresh connection
-        (``open_client(retries=)``); never once reply bytes arrived.
+        A failed attempt is tried again as the :class:`RetryPolicy` says
+        (``retries=`` for this call, else ``open_client(retries=)``; by
+        default: once, on a fresh connection, when a *reused* connection was
+        found closed or reset before any byte of the reply arrived). Never
+        once a reply byte arrived. ``idempotent=True`` says the request may
+        safely reach the peer twice, which allows the policy's ``"lost"`` and
+        ``"timeout"`` retries.
 
         ``message`` is encoded before a connection is borrowed or opened.
 
@@ -345,12 +361,19 @@ class Client:
             ConnectionLost: the peer closed or reset the connection before the
                 whole reply arrived.
             ProtocolError, FrameTooLarge: the reply was not valid for the codec.
+
+        After retries, the error of the last attempt is raised, with the
+        earlier attempts' errors attached as notes.
         """
         # No session function: _session sends `message` and receives the reply
         # itself. A plain method returning _session's coroutine, not an async
         # def awaiting it: one coroutine (and one frame to pass through at
         # every suspension) less per request.
-        coro: Coroutine[Any, Any, In] = self._session(target, key, timeouts, None, message)
+        if retries is not None:
+            as_policy(retries)  # a bad value fails now, not at the first failure
+        coro: Coroutine[Any, Any, In] = self._session(
+            target, key, timeouts, None, message, retries, idempotent
+        )
         return coro
 
     async def run(
@@ -360,6 +383,8 @@ class Client:
         *args: Unpack[PosArgs],
         timeouts: Timeouts | None = None,
         key: object = None,
+        retries: int | RetryPolicy | None = None,
+        idempotent: bool = False,
     ) -> R:
         """One session of your own: ``await session_fn(conn, *args)`` on a pooled connection.
 
@@ -367,11 +392,16 @@ class Client:
         batch, a multi-part reply). The connection goes back to the pool only
         if ``session_fn`` returns and left nothing unread; if it raises, the
         connection is closed and the exception reaches you unchanged. The
-        retry rule of :meth:`request` applies: ``session_fn`` is called again
-        on a fresh connection if a reused one was found closed or reset before
-        anything was received.
+        retry rules of :meth:`request` apply (``retries=``, ``idempotent=``):
+        ``session_fn`` is called again, on another connection, after a
+        failure the policy retries, as long as nothing was received in the
+        failed attempt.
         """
-        return await self._session(target, key, timeouts, lambda conn: session_fn(conn, *args))
+        if retries is not None:
+            as_policy(retries)
+        return await self._session(
+            target, key, timeouts, lambda conn: session_fn(conn, *args), None, retries, idempotent
+        )
 
     def connection(
         self,
@@ -379,6 +409,8 @@ class Client:
         *,
         timeouts: Timeouts | None = None,
         key: object = None,
+        retries: int | RetryPolicy | None = None,
+        idempotent: bool = False,
     ) -> AbstractAsyncContextManager[Connection[In, Out]]:
         """Borrow a connection for the duration of an ``async with`` block.
 
@@ -386,11 +418,16 @@ class Client:
         :class:`Connection` for a longer session (a subscription, a
         conversation). Leaving the block normally with nothing unread returns
         it to the pool; leaving by an exception closes it. The block's body
-        cannot be replayed, so there is no retry: a stale pooled connection
+        cannot be replayed, so only getting the connection is retried: a
+        failed connect, when the policy (``retries=``) names ``"connect"`` or
+        an :class:`Upstream` has another address. A stale pooled connection
         shows as an error in the body (:class:`ConnectionLost`,
-        :class:`trio.EndOfChannel`).
+        :class:`trio.EndOfChannel`). ``idempotent`` is accepted for symmetry
+        with :meth:`request` and changes nothing here.
         """
-        return self._borrow(target, key, timeouts)
+        if retries is not None:
+            as_policy(retries)
+        return self._borrow(target, key, timeouts, retries)
 
     def stats(self, target: Target[Any, Any]) -> PoolStats:
         """A :class:`PoolStats` snapshot of ``target``'s pool.
@@ -412,16 +449,18 @@ class Client:
     #       success, False: a failure of that address, None: neither, e.g.
     #       cancelled, the caller's own error, a message the codec refused).
     # _can_resolve(dest, tried) says whether another attempt would find an
-    # address, so a retry never replaces the real error with an
-    # UpstreamUnavailable; and _may_retry_connect(dest, tried) says whether a
-    # failed *connect* may be retried (never for a plain Target, whose address
-    # just failed). An Upstream plugs in here and nowhere else.
+    # address (tried=None: any address; a list: one not tried yet), so a
+    # retry never replaces the real error with an UpstreamUnavailable. An
+    # Upstream plugs in here and nowhere else.
 
     def _resolve(
         self, dest: _Dest, key: object, tried: list[Target[Any, Any]]
     ) -> tuple[Target[Any, Any], UpstreamAttempt[Target[Any, Any]] | None]:
         if isinstance(dest, Upstream):
-            attempt = dest.choose(key, tried)
+            # A retry goes to an address not tried yet where one is
+            # available, else to one tried already.
+            exclude = tried if not tried or dest.can_choose(tried) else ()
+            attempt = dest.choose(key, exclude)
             return attempt.target, attempt
         return dest, None
 
@@ -429,17 +468,8 @@ class Client:
         if attempt is not None:
             attempt.settle(ok)
 
-    def _can_resolve(self, dest: _Dest, tried: list[Target[Any, Any]]) -> bool:
-        return not isinstance(dest, Upstream) or dest.can_choose(tried)
-
-    def _may_retry_connect(self, dest: _Dest, tried: list[Target[Any, Any]]) -> bool:
-        # An Upstream retries a failed connect on another address, within the
-        # client's retry budget and while an untried address is available.
-        return (
-            isinstance(dest, Upstream)
-            and len(tried) <= self._retries
-            and self._can_resolve(dest, tried)
-        )
+    def _can_resolve(self, dest: _Dest, tried: list[Target[Any, Any]] | None) -> bool:
+        return not isinstance(dest, Upstream) or dest.can_choose(tried or ())
 
     # -- internals -----------------------------------------------------------
 
@@ -476,7 +506,14 @@ class Client:
         waits until the pools left have doubled, so sweeping costs O(1) per
         new target even when every pool is busy.
         """
-        self._pools = {t: p for t, p in self._pools.items() if not p.unused}
+        kept = {}
+        for target, pool in self._pools.items():
+            if pool.unused:
+                stats = pool.stats()
+                self._attempts_elsewhere += stats.created + stats.reused
+            else:
+                kept[target] = pool
+        self._pools = kept
         # The identity cache must never lend from a pool that is not here:
         # _shutdown closes only the pools in _pools.
         self._last_pool = None
@@ -550,6 +587,8 @@ class Client:
         call_timeouts: Timeouts | None,
         body: Callable[[Connection[Any, Any]], Awaitable[R]] | None,
         message: object = None,
+        retries: int | RetryPolicy | None = None,
+        idempotent: bool = False,
     ) -> R:
         """One session attempt after another until one succeeds or may not be retried.
 
@@ -560,7 +599,9 @@ class Client:
         """
         request = body is None
         tried: list[Target[Any, Any]] = []
-        retries_left = self._retries
+        # Made when an attempt first fails: a session that succeeds at once
+        # never builds its retry state.
+        attempts: SessionAttempts | None = None
         fresh = False
         while True:
             target, attempt = self._resolve(dest, key, tried)
@@ -581,7 +622,9 @@ class Client:
                 try:
                     entry, reused = await self._checkout(target, pool, timeouts, fresh)
                 except BaseException as exc:
-                    if self._connect_failed(exc, pool, attempt, dest, tried):
+                    kind = self._connect_failed(exc, pool, attempt)
+                    attempts = attempts or self._attempts(retries, idempotent)
+                    if await self._retry(attempts, exc, kind, target, pool, dest, tried):
                         continue
                     raise
             conn = entry.conn
@@ -596,20 +639,87 @@ class Client:
                 pool.record_failure()
                 await conn.abort()
                 self._report(attempt, _address_failed(exc))
-                stale = reused and conn.stats.bytes_received == received_before
-                if stale and retries_left > 0 and self._may_retry_stale(exc, dest, tried):
-                    logger.debug("pooled connection to %s was stale; retrying", conn.peer)
-                    retries_left -= 1
-                    fresh = True
-                    continue
+                error = exc
                 if request and isinstance(exc, trio.EndOfChannel):
-                    raise ConnectionLost(
-                        f"{conn.peer} closed the connection before replying"
-                    ) from exc
-                raise
+                    error = ConnectionLost(f"{conn.peer} closed the connection before replying")
+                replied = conn.stats.bytes_received != received_before
+                kind = session_failure_kind(exc, reused=reused, replied=replied)
+                attempts = attempts or self._attempts(retries, idempotent)
+                if await self._retry(attempts, error, kind, target, pool, dest, tried):
+                    # After a reused connection failed, its pool mates may be
+                    # stale too: the next attempt opens a fresh one.
+                    fresh = reused
+                    continue
+                if error is exc:
+                    raise
+                raise error from exc
             self._finish(entry, pool, timeouts)
             self._report(attempt, True)
             return result
+
+    def _attempts(self, retries: int | RetryPolicy | None, idempotent: bool) -> SessionAttempts:
+        """The retry state of a session whose first attempt just failed."""
+        policy = self._retries if retries is None else as_policy(retries)
+        return SessionAttempts(policy, idempotent)
+
+    async def _retry(
+        self,
+        attempts: SessionAttempts,
+        error: BaseException,
+        kind: RetryKind | None,
+        target: Target[Any, Any],
+        pool: KeepAlivePool,
+        dest: _Dest,
+        tried: list[Target[Any, Any]],
+    ) -> bool:
+        """An attempt failed with ``error``: True if the session tries again.
+
+        The one place where a retry is decided and begun, for every session
+        method. It waits out the backoff. When it returns False the caller
+        raises ``error``, which carries the earlier attempts' errors as notes.
+        """
+        elsewhere = isinstance(dest, Upstream) and self._can_resolve(dest, tried)
+        if not attempts.allows(kind, elsewhere=elsewhere) or not self._can_resolve(dest, None):
+            attempts.annotate(error)
+            return False
+        budget = attempts.policy.budget
+        if budget is not None and not self._budget_window().allows(budget):
+            attempts.annotate(error, f"not retried: the retry budget ({budget:g}) is spent")
+            return False
+        # A cancelled session is never retried: this raises Cancelled instead.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        attempts.failed(error, kind, target)
+        # Counted against the budget at once, so that sessions failing
+        # together cannot all pass the check during their backoff.
+        self._budget_window().retried()
+        delay = attempts.next()
+        if delay > 0:
+            await trio.sleep(delay)  # cancelling it ends the session: no retry
+        if not self._can_resolve(dest, None):
+            # Every address was fused while we waited: the real error, not
+            # UpstreamUnavailable, reaches the caller.
+            attempts.annotate(error)
+            return False
+        pool.record_retry()
+        # OBSERVER: the one place a retry begins, for every session method:
+        # observer.retry(target, attempts.number, error) goes here
+        # (attempts.number is the attempt about to start: 2 for the first retry).
+        logger.debug("retrying with attempt %d after %s failed: %r", attempts.number, target, error)
+        return True
+
+    def _budget_window(self) -> RetryWindow:
+        window = self._retry_window
+        if window is None:
+            window = self._retry_window = RetryWindow(self._attempts_total, self._timers)
+        return window
+
+    def _attempts_total(self) -> int:
+        """Session attempts since the client opened (for the retry budget)."""
+        counted = self._attempts_elsewhere
+        for pool in self._pools.values():
+            stats = pool.stats()
+            counted += stats.created + stats.reused
+        return counted
 
     def _encode(
         self,
@@ -630,23 +740,13 @@ class Client:
         exc: BaseException,
         pool: KeepAlivePool,
         attempt: UpstreamAttempt[Target[Any, Any]] | None,
-        dest: _Dest,
-        tried: list[Target[Any, Any]],
-    ) -> bool:
-        """Count a failed borrow; True if the session may try another connect."""
+    ) -> RetryKind | None:
+        """Count a failed borrow; returns its kind (``"connect"`` or None)."""
         pool.record_failure()
-        connect_failed = isinstance(exc, ConnectError) or (
-            isinstance(exc, CommTimeout) and exc.phase == "connect"
-        )
-        self._report(attempt, False if connect_failed else None)
-        return connect_failed and self._may_retry_connect(dest, tried)
-
-    def _may_retry_stale(
-        self, exc: BaseException, dest: _Dest, tried: list[Target[Any, Any]]
-    ) -> bool:
-        # A reused connection that failed before any reply byte: the peer
-        # closed it while it sat in the pool (the keep-alive race).
-        return _peer_went_away(exc) and self._can_resolve(dest, tried)
+        self._attempts_elsewhere += 1
+        kind = connect_failure_kind(exc)
+        self._report(attempt, False if kind is not None else None)
+        return kind
 
     def _finish(self, entry: PooledConnection, pool: KeepAlivePool, timeouts: Timeouts) -> None:
         """A session ended well: pool its connection unless something is left unread."""
@@ -658,17 +758,29 @@ class Client:
 
     @asynccontextmanager
     async def _borrow(
-        self, dest: _Dest, key: object, call_timeouts: Timeouts | None
+        self,
+        dest: _Dest,
+        key: object,
+        call_timeouts: Timeouts | None,
+        retries: int | RetryPolicy | None,
     ) -> AsyncIterator[Connection[Any, Any]]:
-        target, attempt = self._resolve(dest, key, [])
-        timeouts = self._effective_timeouts(target, call_timeouts)
-        pool = self._pool(target, attempt)
-        try:
-            entry, _ = await self._checkout(target, pool, timeouts, False)
-        except BaseException as exc:
-            pool.record_failure()
-            self._report(attempt, _address_failed(exc))
-            raise
+        tried: list[Target[Any, Any]] = []
+        attempts: SessionAttempts | None = None
+        while True:
+            target, attempt = self._resolve(dest, key, tried)
+            tried.append(target)
+            timeouts = self._effective_timeouts(target, call_timeouts)
+            pool = self._pool(target, attempt)
+            try:
+                entry, _ = await self._checkout(target, pool, timeouts, False)
+                break
+            except BaseException as exc:
+                kind = self._connect_failed(exc, pool, attempt)
+                # The block cannot be replayed: only getting a connection is
+                # retried, and "connect" needs no idempotent call.
+                attempts = attempts or self._attempts(retries, False)
+                if not await self._retry(attempts, exc, kind, target, pool, dest, tried):
+                    raise
         conn = entry.conn
         _start_session(conn, timeouts)
         try:
@@ -693,7 +805,7 @@ class Client:
 class _ClientContext(AbstractAsyncContextManager[Client]):
     """What :func:`open_client` returns: enters a nursery, yields a :class:`Client`."""
 
-    def __init__(self, timeouts: Timeouts | None, retries: int) -> None:
+    def __init__(self, timeouts: Timeouts | None, retries: RetryPolicy) -> None:
         self._timeouts = timeouts
         self._retries = retries
         self._nursery_manager: Any = None
@@ -727,17 +839,20 @@ class _ClientContext(AbstractAsyncContextManager[Client]):
 
 
 def open_client(
-    *, timeouts: Timeouts | None = None, retries: int = 1
+    *, timeouts: Timeouts | None = None, retries: int | RetryPolicy = 1
 ) -> AbstractAsyncContextManager[Client]:
     """Open a :class:`Client`: ``async with triocomm.open_client() as client: ...``.
 
     Args:
         timeouts: the client-wide :class:`Timeouts`, used for targets that
             have none of their own (defaults: ``Timeouts()``).
-        retries: how many times a session is sent again on a fresh
-            connection when a *reused* connection was found closed or reset
-            before any reply byte arrived (0 disables). A failed connect is
-            never retried to the same target.
+        retries: the client's :class:`RetryPolicy`, which a call's own
+            ``retries=`` replaces. An int ``n`` means
+            ``RetryPolicy(attempts=n + 1, on=("stale",))``: a session is sent
+            again, up to ``n`` times, on a fresh connection when a *reused*
+            connection was found closed or reset before any reply byte
+            arrived (0 disables); a failed connect is then not retried to
+            the same target.
 
     Every connection is a task in the client's nursery. Leaving the block
     closes every connection and waits for every task: no task, socket or file
@@ -745,6 +860,4 @@ def open_client(
     """
     if timeouts is not None and not isinstance(timeouts, Timeouts):
         raise TypeError(f"timeouts must be a Timeouts, got {timeouts!r}")
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        raise ValueError(f"retries must be an int >= 0, got {retries!r}")
-    return _ClientContext(timeouts, retries)
+    return _ClientContext(timeouts, as_policy(retries))

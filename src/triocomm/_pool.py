@@ -91,6 +91,11 @@ class PoolStats:
             reason.
         failed: session attempts that raised (a failed connect, a pool
             timeout, an error, a timeout or a cancellation during the session).
+        retries: failed session attempts on this target that were tried
+            again (see :class:`RetryPolicy`); the retry may have gone to
+            another address of an ``Upstream``.
+        health_checks_failed: idle connections that failed the target's
+            ``health_check`` before being lent, and were closed.
 
     These always hold: ``open == idle + in_use``, ``open == created - closed``,
     and ``created + reused`` is the number of session attempts that got a
@@ -106,6 +111,8 @@ class PoolStats:
     reused: int = 0
     closed: int = 0
     failed: int = 0
+    retries: int = 0
+    health_checks_failed: int = 0
 
 
 class _State:
@@ -270,6 +277,8 @@ class KeepAlivePool:
         self._reused = 0
         self._closed = 0
         self._failed = 0
+        self._retries = 0
+        self._health_checks_failed = 0
         self._closing = False
         # The run's clock, bound once (cheaper than trio.current_time() on
         # every lend and release; still the MockClock under test).
@@ -288,6 +297,8 @@ class KeepAlivePool:
             reused=self._reused,
             closed=self._closed,
             failed=self._failed,
+            retries=self._retries,
+            health_checks_failed=self._health_checks_failed,
         )
 
     @property
@@ -461,6 +472,10 @@ class KeepAlivePool:
     def record_failure(self) -> None:
         """Count one failed session attempt."""
         self._failed += 1
+
+    def record_retry(self) -> None:
+        """Count one failed session attempt that is tried again."""
+        self._retries += 1
 
     def release(
         self, entry: PooledConnection, *, reusable: bool, keepalive: float | None = None
