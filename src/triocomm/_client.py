@@ -30,6 +30,7 @@ import trio
 
 from ._connection import Connection, PhaseLimit
 from ._errors import CommError, CommTimeout, ConnectError, ConnectionLost, UpstreamUnavailable
+from ._keepalive import check_tcp_keepalive, set_tcp_keepalive
 from ._pool import KeepAlivePool, PooledConnection, PoolStats
 from ._retry import (
     RetryKind,
@@ -64,6 +65,10 @@ _DEFAULT_TIMEOUTS = Timeouts()
 # to (see Client._pool): a client that meets ever new targets stays bounded.
 _POOLS_KEPT = 1024
 _INF = math.inf
+# The pause after a failed background connect (Target.min_idle): it doubles
+# from the first value to the second while the connects keep failing.
+_SPARE_PAUSE_MIN = 0.5
+_SPARE_PAUSE_MAX = 30.0
 
 
 @functools.cache
@@ -106,6 +111,35 @@ class Target(Generic[In, Out]):
             connection before its first session, as the session with
             ``conn.seq == 0`` (AUTH, SELECT, protocol negotiation). If it
             raises, the connection is closed and the session gets the error.
+        health_check: ``async def check(conn)``, run before a pooled
+            connection that has been idle at least ``health_check_after``
+            seconds is lent (e.g. send a PING, receive the PONG). It runs as a
+            session of its own (``conn.seq`` counts it), bound by the
+            target's :class:`Timeouts`. If it raises, or leaves unread data,
+            the connection is closed and another is taken or opened: the
+            session never sees it. Counted in
+            ``PoolStats.health_checks_failed``.
+        health_check_after: seconds of idleness after which a connection is
+            checked before it is lent (default 30).
+        tcp_keepalive: seconds of silence after which the kernel sends TCP
+            keep-alive probes on the connection (``SO_KEEPALIVE`` with
+            ``TCP_KEEPIDLE``, ``TCP_KEEPINTVL``, ``TCP_KEEPCNT`` where the
+            platform has them; 3 probes, ``tcp_keepalive / 3`` seconds apart).
+            A peer gone without a word is then found about ``2 *
+            tcp_keepalive`` seconds after the connection went quiet, and an
+            idle connection to it is discarded before it is lent. ``None``
+            (the default) leaves the socket as it is; ignored for Unix
+            sockets.
+        max_lifetime: seconds after its connect at which a connection is
+            closed instead of being reused (an idle one is closed then; a
+            lent one when its session ends). Spreads load again after a
+            deploy or a DNS change. ``None``: no limit.
+        min_idle: idle connections the pool keeps open: from the first use
+            of the target, connections are opened in the background (in the
+            client's nursery) until this many are idle, and again when one
+            is lent or closes; never beyond ``max_connections``. A failed
+            background connect is tried again after a pause that doubles up
+            to 30 s.
 
     Targets are immutable and hashable; equal targets share one pool in a
     client. ``str(target)`` is its address, as used in error messages.
@@ -122,6 +156,13 @@ class Target(Generic[In, Out]):
         default=None, kw_only=True
     )
     path: str | None = field(default=None, kw_only=True)
+    health_check: Callable[[Connection[In, Out]], Awaitable[object]] | None = field(
+        default=None, kw_only=True
+    )
+    health_check_after: float = field(default=30.0, kw_only=True)
+    tcp_keepalive: float | None = field(default=None, kw_only=True)
+    max_lifetime: float | None = field(default=None, kw_only=True)
+    min_idle: int = field(default=0, kw_only=True)
 
     def __post_init__(self) -> None:
         if self.path is None:
@@ -142,6 +183,7 @@ class Target(Generic[In, Out]):
             or self.max_connections < 1
         ):
             raise ValueError(f"max_connections must be an int >= 1, got {self.max_connections!r}")
+        self._check_health_options()
         if self.ssl_context is True:
             object.__setattr__(self, "ssl_context", _default_tls_context())
         elif self.ssl_context is False:
@@ -160,6 +202,29 @@ class Target(Generic[In, Out]):
                 )
         hash(self)  # fail here, not inside the client, on an unhashable codec
 
+    def _check_health_options(self) -> None:
+        after = self.health_check_after
+        if isinstance(after, bool) or not isinstance(after, (int, float)):
+            raise TypeError(f"health_check_after must be a number of seconds, got {after!r}")
+        if not 0 <= after < math.inf:
+            raise ValueError(f"health_check_after must be >= 0 and finite, got {after!r}")
+        if self.health_check is not None and not callable(self.health_check):
+            raise TypeError(f"health_check must be an async function, got {self.health_check!r}")
+        check_tcp_keepalive(self.tcp_keepalive)
+        lifetime = self.max_lifetime
+        if lifetime is not None:
+            if isinstance(lifetime, bool) or not isinstance(lifetime, (int, float)):
+                raise TypeError(f"max_lifetime must be seconds or None, got {lifetime!r}")
+            if not lifetime > 0:
+                raise ValueError(f"max_lifetime must be > 0, got {lifetime!r}")
+        min_idle = self.min_idle
+        if isinstance(min_idle, bool) or not isinstance(min_idle, int) or min_idle < 0:
+            raise ValueError(f"min_idle must be an int >= 0, got {min_idle!r}")
+        if min_idle > self.max_connections:
+            raise ValueError(
+                f"min_idle ({min_idle}) must not exceed max_connections ({self.max_connections})"
+            )
+
     @classmethod
     def unix(
         cls,
@@ -171,10 +236,15 @@ class Target(Generic[In, Out]):
         timeouts: Timeouts | None = None,
         max_connections: int = 200,
         on_connect: Callable[[Connection[In, Out]], Awaitable[object]] | None = None,
+        health_check: Callable[[Connection[In, Out]], Awaitable[object]] | None = None,
+        health_check_after: float = 30.0,
+        max_lifetime: float | None = None,
+        min_idle: int = 0,
     ) -> Target[In, Out]:
         """A target reached through the Unix socket at ``path``.
 
-        Takes the same keyword options as :class:`Target`.
+        Takes the same keyword options as :class:`Target`, but for
+        ``tcp_keepalive``, which a Unix socket does not have.
         """
         return cls(
             None,
@@ -186,6 +256,10 @@ class Target(Generic[In, Out]):
             max_connections=max_connections,
             on_connect=on_connect,
             path=os.fspath(path),
+            health_check=health_check,
+            health_check_after=health_check_after,
+            max_lifetime=max_lifetime,
+            min_idle=min_idle,
         )
 
     @property
@@ -247,6 +321,14 @@ async def _open_stream(target: Target[Any, Any]) -> trio.abc.Stream:
         raise ConnectError(
             f"cannot connect to {where}: {_connect_failure_text(exc)}", address=where
         ) from exc
+    if target.tcp_keepalive is not None:
+        try:
+            set_tcp_keepalive(stream, target.tcp_keepalive)
+        except OSError as exc:  # pragma: no cover - a socket that just connected
+            stream.socket.close()
+            raise ConnectError(
+                f"cannot set TCP keep-alive on {where}: {exc}", address=where
+            ) from exc
     context = target.ssl_context
     if not isinstance(context, ssl.SSLContext):  # None; True/False were resolved
         return stream
@@ -494,7 +576,15 @@ class Client:
                 raise trio.ClosedResourceError("the client is closed")
             if len(self._pools) >= self._sweep_at:
                 self._drop_unused_pools()
-            pool = self._pools[target] = KeepAlivePool(target.address, target.max_connections)
+            pool = self._pools[target] = KeepAlivePool(
+                target.address,
+                target.max_connections,
+                check_after=None if target.health_check is None else target.health_check_after,
+                max_lifetime=target.max_lifetime,
+                min_idle=target.min_idle,
+            )
+            if target.min_idle:
+                self._nursery.start_soon(self._keep_min_idle, target, pool)
         return pool
 
     def _drop_unused_pools(self) -> None:
@@ -526,11 +616,30 @@ class Client:
         timeouts: Timeouts,
         fresh: bool,
     ) -> tuple[PooledConnection, bool]:
-        """Borrow a connection: ``(entry, reused)``. Opens one if the pool has none."""
-        entry = await pool.acquire(timeouts.pool, fresh=fresh)
-        if entry is not None:
-            return entry, True
-        # We hold a CONNECTING slot: the connection's own task opens it.
+        """Borrow a connection: ``(entry, reused)``. Opens one if the pool has none.
+
+        A pooled connection due for its health check is checked first; one
+        that fails it is closed and the next is taken (or one is opened).
+        """
+        while True:
+            entry = await pool.acquire(timeouts.pool, fresh=fresh)
+            if entry is None:
+                break
+            if not entry.check_due or await self._health_check(target, pool, entry, timeouts):
+                return entry, True
+        entry = await self._open_new(target, pool, timeouts)
+        pool.connected(entry)
+        return entry, False
+
+    async def _open_new(
+        self, target: Target[Any, Any], pool: KeepAlivePool, timeouts: Timeouts
+    ) -> PooledConnection:
+        """Open a connection in the ``CONNECTING`` slot the caller holds, and run ``on_connect``.
+
+        Returns its entry, still ``CONNECTING``; on failure the slot is given
+        back and the error raised.
+        """
+        # The connection's own task opens it.
         started: list[PooledConnection] = []
         try:
             result = await self._nursery.start(
@@ -545,7 +654,7 @@ class Client:
         if isinstance(result, BaseException):
             pool.cancel_connecting()
             raise result
-        entry = result
+        entry: PooledConnection = result
         if target.on_connect is not None:
             conn = entry.conn
             _start_session(conn, timeouts)  # on_connect is the session with seq == 0
@@ -562,8 +671,67 @@ class Client:
                     f"on_connect left unread data on the connection to {target}; "
                     "it cannot be reused safely"
                 )
-        pool.connected(entry)
-        return entry, False
+        return entry
+
+    async def _keep_min_idle(self, target: Target[Any, Any], pool: KeepAlivePool) -> None:
+        """Open connections in the background while the pool has fewer than ``min_idle`` idle.
+
+        A task of the client's nursery, started with the pool: it ends with
+        the client. A failed connect is tried again after a pause that
+        doubles from 0.5 s up to 30 s, so a dead peer is not hammered.
+        """
+        pause = 0.0
+        while True:
+            try:
+                await pool.take_spare_slot()
+            except trio.ClosedResourceError:
+                return  # the client is closing
+            timeouts = self._effective_timeouts(target, None)
+            try:
+                entry = await self._open_new(target, pool, timeouts)
+            except Exception as exc:
+                pool.spare_failed()
+                pause = min(_SPARE_PAUSE_MAX, max(_SPARE_PAUSE_MIN, pause * 2))
+                logger.debug(
+                    "background connect to %s failed (%s); next in %gs", target, exc, pause
+                )
+                await trio.sleep(pause)
+                continue
+            except BaseException:
+                pool.spare_failed()
+                raise
+            pause = 0.0
+            pool.spare_ready(entry, keepalive=timeouts.keepalive)
+
+    async def _health_check(
+        self,
+        target: Target[Any, Any],
+        pool: KeepAlivePool,
+        entry: PooledConnection,
+        timeouts: Timeouts,
+    ) -> bool:
+        """Run ``target.health_check`` on a pooled connection; True if it passed."""
+        conn = entry.conn
+        check = target.health_check
+        assert check is not None  # check_due is only set for targets with one
+        _start_session(conn, timeouts)  # the check's reads and writes get the limits
+        try:
+            await check(conn)
+        except Exception as exc:
+            logger.debug("health check of %s failed: %r", conn.peer, exc)
+            ok = False
+        except BaseException:
+            pool.check_done(entry, None)  # bookkeeping first: the close may be cancelled
+            await conn.abort()
+            raise
+        else:
+            ok = not entry.peer_spoke()
+            if not ok:
+                logger.debug("health check of %s left unread data", conn.peer)
+        pool.check_done(entry, ok)
+        if not ok:
+            await conn.abort()
+        return ok
 
     async def _open(self, target: Target[Any, Any], timeouts: Timeouts) -> Connection[Any, Any]:
         limit = timeouts.connect

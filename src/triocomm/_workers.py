@@ -184,6 +184,7 @@ async def serve_workers(
     max_connections: int = 2000,
     idle: Mapping[Idle, float] | None = None,
     on_idle: IdleCallback | None = None,
+    tcp_keepalive: float | None = None,
     grace: float = 5.0,
     restart: bool = True,
     task_status: trio.TaskStatus[WorkerGroup] = trio.TASK_STATUS_IGNORED,
@@ -209,7 +210,9 @@ async def serve_workers(
     """
     if not hasattr(socket, "SO_REUSEPORT"):
         raise RuntimeError("serve_workers needs SO_REUSEPORT (Linux)")
-    options = ServiceOptions.build(codec, None, timeouts, max_connections, idle, on_idle)
+    options = ServiceOptions.build(
+        codec, None, timeouts, max_connections, idle, on_idle, tcp_keepalive=tcp_keepalive
+    )
     count = workers if workers is not None else (os.cpu_count() or 1)
     if count < 1:
         raise ValueError(f"workers must be >= 1, got {count}")
