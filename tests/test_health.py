@@ -364,3 +364,103 @@ async def test_no_background_connection_outlives_the_client() -> None:
             await wait_for(lambda: client.stats(target).idle >= 3)
         assert open_fds() == fds
         await wait_for(lambda: server.closed == server.accepted)
+
+
+# -- idle detection on a borrowed connection -------------------------------------------
+
+
+async def test_on_idle_fires_every_period_while_idle_until_the_block_exits(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    calls: list[tuple[float, triocomm.Idle]] = []
+
+    async def on_idle(conn: Conn, status: triocomm.Idle) -> None:
+        calls.append((trio.current_time() - start, status))
+
+    async with scripted_server(echo) as server, open_client() as client:
+        target = target_of(server)
+        start = trio.current_time()
+        async with client.connection(target, idle={triocomm.Idle.READ: 10.0}, on_idle=on_idle):
+            await trio.sleep(35)
+        await trio.sleep(50)  # nothing after the block
+        assert calls == [
+            (10.0, triocomm.Idle.READ),
+            (20.0, triocomm.Idle.READ),
+            (30.0, triocomm.Idle.READ),
+        ]
+        assert client.stats(target).idle == 1  # the block ended well: pooled
+
+
+async def test_heartbeats_keep_a_subscription_busy(autojump_clock: trio.testing.MockClock) -> None:
+    beats: list[float] = []
+
+    async def heartbeat(conn: Conn, status: triocomm.Idle) -> None:
+        beats.append(trio.current_time() - start)
+        await conn.send(b"heartbeat")
+
+    async with scripted_server(echo) as server, open_client() as client:
+        start = trio.current_time()
+        async with client.connection(
+            target_of(server), idle={triocomm.Idle.WRITE: 5.0}, on_idle=heartbeat
+        ) as conn:
+            await trio.sleep(3)
+            await conn.send(b"mine")  # a write: the WRITE period starts again
+            assert await conn.receive() == b"mine"
+            await trio.sleep(12)
+            assert await conn.receive() == b"heartbeat"
+            assert await conn.receive() == b"heartbeat"
+    assert beats == [8.0, 13.0]
+
+
+async def test_a_failing_on_idle_closes_the_connection_not_the_client(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(conn: Conn, status: triocomm.Idle) -> None:
+        raise RuntimeError("broken callback")
+
+    async with scripted_server(echo) as server, open_client() as client:
+        target = target_of(server)
+        with pytest.raises(trio.ClosedResourceError):
+            async with client.connection(
+                target, idle={triocomm.Idle.BOTH: 1.0}, on_idle=broken
+            ) as conn:
+                await trio.sleep(2)
+                await conn.send(b"x")
+        assert "on_idle(BOTH) raised RuntimeError('broken callback')" in caplog.text
+        assert await client.request(target, b"still fine") == b"still fine"
+
+
+async def test_a_callback_running_when_the_block_exits_is_cancelled_and_the_connection_closed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    ended = trio.Event()
+
+    async def slow(conn: Conn, status: triocomm.Idle) -> None:
+        try:
+            await trio.sleep(100)
+        finally:
+            ended.set()
+
+    async with scripted_server(echo) as server, open_client() as client:
+        target = target_of(server)
+        async with client.connection(target, idle={triocomm.Idle.READ: 1.0}, on_idle=slow):
+            await trio.sleep(2)
+        await ended.wait()
+        stats = client.stats(target)
+        assert (stats.idle, stats.closed, stats.failed) == (0, 1, 0)
+
+
+@pytest.mark.parametrize(
+    ("idle", "on_idle", "error"),
+    [
+        ({triocomm.Idle.READ: 1.0}, None, ValueError),
+        (None, "callback", ValueError),
+        ({"read": 1.0}, "callback", TypeError),
+        ({triocomm.Idle.READ: 0}, "callback", ValueError),
+        ({triocomm.Idle.READ: "1"}, "callback", TypeError),
+    ],
+)
+async def test_connection_refuses_bad_idle_options(idle: Any, on_idle: Any, error: type) -> None:
+    async with open_client() as client:
+        with pytest.raises(error):
+            client.connection(Target("127.0.0.1", 9, CODEC), idle=idle, on_idle=on_idle)

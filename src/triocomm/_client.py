@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import trio
 
-from ._connection import Connection, PhaseLimit
+from ._connection import Connection, Idle, PhaseLimit
 from ._errors import CommError, CommTimeout, ConnectError, ConnectionLost, UpstreamUnavailable
+from ._idle import IdleWatch, check_idle_options
 from ._keepalive import check_tcp_keepalive, set_tcp_keepalive
 from ._pool import KeepAlivePool, PooledConnection, PoolStats
 from ._retry import (
@@ -493,6 +494,8 @@ class Client:
         key: object = None,
         retries: int | RetryPolicy | None = None,
         idempotent: bool = False,
+        idle: Mapping[Idle, float] | None = None,
+        on_idle: Callable[[Connection[In, Out], Idle], Awaitable[object]] | None = None,
     ) -> AbstractAsyncContextManager[Connection[In, Out]]:
         """Borrow a connection for the duration of an ``async with`` block.
 
@@ -506,10 +509,22 @@ class Client:
         shows as an error in the body (:class:`ConnectionLost`,
         :class:`trio.EndOfChannel`). ``idempotent`` is accepted for symmetry
         with :meth:`request` and changes nothing here.
+
+        ``idle`` and ``on_idle`` give the borrowed connection the idle
+        detection of a service: ``idle={Idle.READ: 30.0}`` calls ``await
+        on_idle(conn, Idle.READ)`` in the client's nursery once the connection
+        has received nothing for 30 s, and again every 30 s while that lasts,
+        until the block exits (e.g. to send heartbeats on a long
+        subscription). One callback runs at a time; a slow one skips beats
+        rather than piling them up. If it raises, the error is logged and the
+        connection closed (the block sees it closed). A callback still
+        running when the block exits is cancelled, and the connection is
+        then closed rather than pooled.
         """
         if retries is not None:
             as_policy(retries)
-        return self._borrow(target, key, timeouts, retries)
+        periods = check_idle_options(idle, on_idle)
+        return self._borrow(target, key, timeouts, retries, periods, on_idle)
 
     def stats(self, target: Target[Any, Any]) -> PoolStats:
         """A :class:`PoolStats` snapshot of ``target``'s pool.
@@ -916,12 +931,22 @@ class Client:
         self._report(attempt, False if kind is not None else None)
         return kind
 
-    def _finish(self, entry: PooledConnection, pool: KeepAlivePool, timeouts: Timeouts) -> None:
-        """A session ended well: pool its connection unless something is left unread."""
+    def _finish(
+        self,
+        entry: PooledConnection,
+        pool: KeepAlivePool,
+        timeouts: Timeouts,
+        interrupted: bool = False,
+    ) -> None:
+        """A session ended well: pool its connection unless something is left unread.
+
+        ``interrupted``: something else was using the connection when the
+        session ended (an ``on_idle`` callback), so it is closed instead.
+        """
         conn = entry.conn
-        reusable = not entry.peer_spoke(poll=False)
+        reusable = not interrupted and not entry.peer_spoke(poll=False)
         if not reusable:
-            logger.debug("unrequested data from %s after a session; closing", conn.peer)
+            logger.debug("unrequested data or I/O left on %s after a session; closing", conn.peer)
         pool.release(entry, reusable=reusable, keepalive=timeouts.keepalive)
 
     @asynccontextmanager
@@ -931,6 +956,8 @@ class Client:
         key: object,
         call_timeouts: Timeouts | None,
         retries: int | RetryPolicy | None,
+        idle: Mapping[Idle, float],
+        on_idle: Callable[[Connection[Any, Any], Idle], Awaitable[object]] | None,
     ) -> AsyncIterator[Connection[Any, Any]]:
         tried: list[Target[Any, Any]] = []
         attempts: SessionAttempts | None = None
@@ -951,15 +978,22 @@ class Client:
                     raise
         conn = entry.conn
         _start_session(conn, timeouts)
+        watch = None
+        if on_idle is not None:
+            watch = IdleWatch(conn, idle, on_idle, self._nursery.start_soon, self._timers)
         try:
             yield conn
         except BaseException as exc:
+            if watch is not None:
+                watch.stop()
             pool.release(entry, reusable=False)
             pool.record_failure()
             await conn.abort()
             self._report(attempt, _address_failed(exc))
             raise
-        self._finish(entry, pool, timeouts)
+        # A callback cancelled now may have been part-way through a send.
+        interrupted = watch is not None and watch.stop()
+        self._finish(entry, pool, timeouts, interrupted)
         self._report(attempt, True)
 
     def _shutdown(self) -> None:
