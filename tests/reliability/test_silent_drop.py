@@ -13,7 +13,7 @@ them. Run with ``-s`` to see them.
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
 import trio
@@ -60,12 +60,12 @@ async def _echo(stream: trio.SocketStream) -> None:
 
 
 @pytest.fixture
-async def far_target(lab: NetLab, nursery: trio.Nursery) -> AsyncIterator[Target[bytes, bytes]]:
+async def far_target(lab: NetLab, nursery: trio.Nursery) -> Target[bytes, bytes]:
     """An echo service inside the lab's namespace; the target to reach it."""
     sock = lab.listen()
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
     nursery.start_soon(trio.serve_listeners, _echo, [listener])
-    yield Target(lab.far, sock.getsockname()[1], CODEC, timeouts=LIMITS)
+    return Target(lab.far, sock.getsockname()[1], CODEC, timeouts=LIMITS)
 
 
 def figure(capsys: pytest.CaptureFixture[str], text: str) -> None:
