@@ -99,7 +99,8 @@ class PoolStats:
 
     These always hold: ``open == idle + in_use``, ``open == created - closed``,
     and ``created + reused`` is the number of session attempts that got a
-    connection.
+    connection, plus (with ``Target.min_idle``) the connections opened in the
+    background that no session has used yet.
     """
 
     open: int = 0

@@ -198,7 +198,8 @@ async def serve_workers(
     built-in codecs are (an :class:`ssl.SSLContext` is not, hence a factory
     that each worker calls). A program that calls this from its own
     ``__main__`` module needs the usual ``if __name__ == "__main__":`` guard,
-    as with :mod:`multiprocessing`. ``max_connections`` applies per worker.
+    as with :mod:`multiprocessing`. ``max_connections`` applies per worker;
+    ``tcp_keepalive`` is :func:`serve`'s.
 
     Start it with ``group = await nursery.start(partial(serve_workers, ...))``;
     it returns once every worker listens. Cancelling it, or
