@@ -7,6 +7,7 @@ failures on a mock clock come from a stand-in for the client's connect.
 
 from __future__ import annotations
 
+import functools
 import math
 import socket
 from typing import Any
@@ -560,3 +561,43 @@ async def test_a_call_without_a_budget_is_not_held_by_it(
         with pytest.raises(ConnectError):
             await client.request(target, b"x", retries=budgeted.replace(budget=None))
         assert len(failing_connects) == 2
+
+
+# -- UDP --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("idempotent", [False, True])
+async def test_a_lost_datagram_is_resent_only_when_idempotent(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, idempotent: bool
+) -> None:
+    seen: list[bytes] = []
+
+    async def drop_the_first(request: bytes, peer: triocomm.DatagramPeer[bytes]) -> bytes | None:
+        seen.append(request)
+        return None if len(seen) == 1 else request
+
+    server = await nursery.start(
+        functools.partial(
+            triocomm.serve_datagrams, drop_the_first, 0, host="127.0.0.1", codec=triocomm.Raw()
+        )
+    )
+    target = Target.udp("127.0.0.1", server.port, triocomm.Raw())
+    policy = RetryPolicy(attempts=3, on=("timeout",))
+    async with open_client() as client:
+        start = trio.current_time()
+        if idempotent:
+            assert await client.request(target, b"q", retries=policy, idempotent=True) == b"q"
+            assert trio.current_time() - start == pytest.approx(1.0)  # one lost wait
+            stats = client.stats(target)
+            assert (stats.retries, stats.failed, stats.created) == (1, 1, 2)
+        else:
+            with pytest.raises(CommTimeout):
+                await client.request(target, b"q", retries=policy)
+            assert client.stats(target).retries == 0
+    assert len(seen) == (2 if idempotent else 1)
+
+
+def test_a_udp_target_takes_no_connection_health_options() -> None:
+    for options in ({"min_idle": 1}, {"tcp_keepalive": 5}, {"max_lifetime": 5}):
+        with pytest.raises(TypeError, match="UDP target has no connections"):
+            Target("127.0.0.1", 53, triocomm.Raw(), max_datagram=512, **options)

@@ -11,6 +11,8 @@ from ._connection import Connection as Connection
 from ._connection import ConnectionStats as ConnectionStats
 from ._connection import ConnState as ConnState
 from ._connection import Idle as Idle
+from ._datagram_service import DatagramPeer as DatagramPeer
+from ._datagram_service import serve_datagrams as serve_datagrams
 from ._errors import CommError as CommError
 from ._errors import CommTimeout as CommTimeout
 from ._errors import ConnectError as ConnectError
@@ -49,6 +51,7 @@ __all__ = [
     "Connection",
     "ConnectionLost",
     "ConnectionStats",
+    "DatagramPeer",
     "Decoder",
     "FrameTooLarge",
     "Idle",
@@ -70,5 +73,6 @@ __all__ = [
     "open_client",
     "serve",
     "serve_connections",
+    "serve_datagrams",
     "serve_workers",
 ]

@@ -44,6 +44,7 @@ from ._retry import (
 )
 from ._timeouts import Timeouts, session_limits
 from ._timers import Timers
+from ._udp import UdpExchanges, check_udp_target
 from ._upstream import Upstream, UpstreamAttempt
 
 if TYPE_CHECKING:
@@ -86,7 +87,7 @@ class Target(Generic[In, Out]):
     IPv4 address or an IPv6 address (``"::1"``; brackets are accepted and
     dropped). Names resolving to several addresses are tried with happy
     eyeballs (:func:`trio.open_tcp_stream`). ``Target.unix(path, codec)`` is a
-    Unix socket.
+    Unix socket; ``Target.udp(host, port, codec)`` a UDP address.
 
     Args:
         host: host name or address literal.
@@ -112,6 +113,8 @@ class Target(Generic[In, Out]):
             connection before its first session, as the session with
             ``conn.seq == 0`` (AUTH, SELECT, protocol negotiation). If it
             raises, the connection is closed and the session gets the error.
+        max_datagram: set (by :meth:`udp`) on a UDP target only: the largest
+            request or reply datagram, in bytes; ``None`` on stream targets.
         health_check: ``async def check(conn)``, run before a pooled
             connection that has been idle at least ``health_check_after``
             seconds is lent (e.g. send a PING, receive the PONG). It runs as a
@@ -157,6 +160,7 @@ class Target(Generic[In, Out]):
         default=None, kw_only=True
     )
     path: str | None = field(default=None, kw_only=True)
+    max_datagram: int | None = field(default=None, kw_only=True)
     health_check: Callable[[Connection[In, Out]], Awaitable[object]] | None = field(
         default=None, kw_only=True
     )
@@ -166,6 +170,8 @@ class Target(Generic[In, Out]):
     min_idle: int = field(default=0, kw_only=True)
 
     def __post_init__(self) -> None:
+        if self.max_datagram is not None:
+            check_udp_target(self.path, self.ssl_context, self.on_connect, self.max_datagram)
         if self.path is None:
             if not isinstance(self.host, str) or not self.host:
                 raise TypeError(f"Target host must be a non-empty str, got {self.host!r}")
@@ -221,6 +227,16 @@ class Target(Generic[In, Out]):
         min_idle = self.min_idle
         if isinstance(min_idle, bool) or not isinstance(min_idle, int) or min_idle < 0:
             raise ValueError(f"min_idle must be an int >= 0, got {min_idle!r}")
+        if self.max_datagram is not None and (
+            self.health_check is not None
+            or self.tcp_keepalive is not None
+            or self.max_lifetime is not None
+            or min_idle
+        ):
+            raise TypeError(
+                "a UDP target has no connections: health_check, tcp_keepalive, "
+                "max_lifetime and min_idle do not apply"
+            )
         if min_idle > self.max_connections:
             raise ValueError(
                 f"min_idle ({min_idle}) must not exceed max_connections ({self.max_connections})"
@@ -261,6 +277,45 @@ class Target(Generic[In, Out]):
             health_check_after=health_check_after,
             max_lifetime=max_lifetime,
             min_idle=min_idle,
+        )
+
+    @classmethod
+    def udp(
+        cls,
+        host: str,
+        port: int,
+        codec: Codec[In, Out],
+        *,
+        timeouts: Timeouts | None = None,
+        max_connections: int = 200,
+        max_datagram: int = 65507,
+    ) -> Target[In, Out]:
+        """A UDP target: ``client.request`` sends one datagram and returns the reply datagram.
+
+        Each exchange runs on a connected UDP socket of its own (reused from
+        a small cache only after an exchange that succeeded, and emptied of
+        stray datagrams first; closed after one that failed), so a late reply
+        is never taken for a later request's. ``timeouts.first_response``
+        bounds the wait for the reply (1 s when it is ``None``); ``connect``
+        bounds resolving the host, ``pool`` the wait for one of the
+        ``max_connections`` sockets. A lost datagram raises
+        :class:`CommTimeout` (phase ``"first_response"``); to resend it, pass
+        ``retries=RetryPolicy(on=("timeout",))`` and ``idempotent=True``.
+
+        A datagram is one message: ``codec.encode`` must give at most
+        ``max_datagram`` bytes (default 65,507, the most IPv4 carries), else
+        ``ValueError``; the reply, fed to a fresh decoder, must give exactly
+        one message, else :class:`ProtocolError`. ``client.connection`` and
+        ``client.run`` raise ``TypeError`` for a UDP target, and an
+        ``Upstream`` cannot hold one.
+        """
+        return cls(
+            host,
+            port,
+            codec,
+            timeouts=timeouts,
+            max_connections=max_connections,
+            max_datagram=max_datagram,
         )
 
     @property
@@ -386,6 +441,9 @@ class Client:
     never wrapped in an ``ExceptionGroup``.
     """
 
+    # Made on the first request to a UDP target.
+    _udp: UdpExchanges | None = None
+
     def __init__(
         self, nursery: trio.Nursery, timeouts: Timeouts | None, retries: RetryPolicy
     ) -> None:
@@ -433,6 +491,12 @@ class Client:
 
         ``message`` is encoded before a connection is borrowed or opened.
 
+        On a UDP target (:meth:`Target.udp`) the message goes out as one
+        datagram on a socket of its own and the first datagram back is the
+        reply; a lost one raises :class:`CommTimeout` (``"first_response"``,
+        1 s unless the timeouts say otherwise), a ``"timeout"`` that a
+        :class:`RetryPolicy` naming it resends when ``idempotent=True``.
+
         Raises:
             TypeError, ValueError, FrameTooLarge: the target's codec refused
                 ``message`` (its own exception, unchanged). No connection was
@@ -443,11 +507,16 @@ class Client:
                 which); the connection is closed.
             ConnectionLost: the peer closed or reset the connection before the
                 whole reply arrived.
-            ProtocolError, FrameTooLarge: the reply was not valid for the codec.
+            ProtocolError, FrameTooLarge: the reply was not valid for the codec
+                (on a UDP target: not exactly one message).
+            ValueError: on a UDP target, ``message`` encodes to more than
+                ``max_datagram`` bytes.
 
         After retries, the error of the last attempt is raised, with the
         earlier attempts' errors attached as notes.
         """
+        if isinstance(target, Target) and target.max_datagram is not None:
+            return self._udp_request(target, message, timeouts, retries, idempotent)
         # No session function: _session sends `message` and receives the reply
         # itself. A plain method returning _session's coroutine, not an async
         # def awaiting it: one coroutine (and one frame to pass through at
@@ -533,6 +602,8 @@ class Client:
         client that has used more than 1,024 targets forgets the pools (and
         counters) of those it has no connection to.
         """
+        if target.max_datagram is not None:
+            return PoolStats() if self._udp is None else self._udp.stats(target)
         pool = self._pools.get(target)
         return PoolStats() if pool is None else pool.stats()
 
@@ -589,6 +660,12 @@ class Client:
             if self._closed:
                 self._report(attempt, None)
                 raise trio.ClosedResourceError("the client is closed")
+            if target.max_datagram is not None:
+                self._report(attempt, None)
+                raise TypeError(
+                    f"{target} is a UDP target: only client.request() works with it, "
+                    "and an Upstream cannot hold it"
+                )
             if len(self._pools) >= self._sweep_at:
                 self._drop_unused_pools()
             pool = self._pools[target] = KeepAlivePool(
@@ -807,7 +884,9 @@ class Client:
                 except BaseException as exc:
                     kind = self._connect_failed(exc, pool, attempt)
                     attempts = attempts or self._attempts(retries, idempotent)
-                    if await self._retry(attempts, exc, kind, target, pool, dest, tried):
+                    if await self._retry(
+                        attempts, exc, kind, target, pool.record_retry, dest, tried
+                    ):
                         continue
                     raise
             conn = entry.conn
@@ -828,7 +907,7 @@ class Client:
                 replied = conn.stats.bytes_received != received_before
                 kind = session_failure_kind(exc, reused=reused, replied=replied)
                 attempts = attempts or self._attempts(retries, idempotent)
-                if await self._retry(attempts, error, kind, target, pool, dest, tried):
+                if await self._retry(attempts, error, kind, target, pool.record_retry, dest, tried):
                     # After a reused connection failed, its pool mates may be
                     # stale too: the next attempt opens a fresh one.
                     fresh = reused
@@ -851,7 +930,7 @@ class Client:
         error: BaseException,
         kind: RetryKind | None,
         target: Target[Any, Any],
-        pool: KeepAlivePool,
+        count_retry: Callable[[], object],
         dest: _Dest,
         tried: list[Target[Any, Any]],
     ) -> bool:
@@ -883,7 +962,7 @@ class Client:
             # UpstreamUnavailable, reaches the caller.
             attempts.annotate(error)
             return False
-        pool.record_retry()
+        count_retry()  # PoolStats.retries of the target that failed
         # OBSERVER: the one place a retry begins, for every session method:
         # observer.retry(target, attempts.number, error) goes here
         # (attempts.number is the attempt about to start: 2 for the first retry).
@@ -974,7 +1053,9 @@ class Client:
                 # The block cannot be replayed: only getting a connection is
                 # retried, and "connect" needs no idempotent call.
                 attempts = attempts or self._attempts(retries, False)
-                if not await self._retry(attempts, exc, kind, target, pool, dest, tried):
+                if not await self._retry(
+                    attempts, exc, kind, target, pool.record_retry, dest, tried
+                ):
                     raise
         conn = entry.conn
         _start_session(conn, timeouts)
@@ -996,8 +1077,41 @@ class Client:
         self._finish(entry, pool, timeouts, interrupted)
         self._report(attempt, True)
 
+    async def _udp_request(
+        self,
+        target: Target[Any, Any],
+        message: object,
+        call_timeouts: Timeouts | None,
+        retries: int | RetryPolicy | None,
+        idempotent: bool,
+    ) -> Any:
+        """UDP exchanges until one succeeds or the policy stops: a lost datagram
+        (``CommTimeout``, ``"first_response"``) is a ``"timeout"``, resent when the
+        policy names it and the call is idempotent."""
+        if self._udp is None:
+            if self._closed:
+                raise trio.ClosedResourceError("the client is closed")
+            self._udp = UdpExchanges()
+        udp = self._udp
+        timeouts = self._effective_timeouts(target, call_timeouts)
+        attempts: SessionAttempts | None = None
+        while True:
+            self._attempts_elsewhere += 1  # counted for the retry budget
+            try:
+                return await udp.request(target, message, timeouts)
+            except BaseException as exc:
+                kind = connect_failure_kind(exc)
+                if isinstance(exc, CommTimeout):
+                    kind = session_failure_kind(exc, reused=False, replied=False)
+                attempts = attempts or self._attempts(retries, idempotent)
+                count = functools.partial(udp.record_retry, target)
+                if not await self._retry(attempts, exc, kind, target, count, target, [target]):
+                    raise
+
     def _shutdown(self) -> None:
         self._closed = True
+        if self._udp is not None:
+            self._udp.close()
         for pool in self._pools.values():
             pool.close()
         # Ends every connection task; each closes its own socket.

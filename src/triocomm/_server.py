@@ -24,7 +24,7 @@ import sys
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import trio
 
@@ -77,7 +77,14 @@ class ServerStats:
             phase except ``keepalive``, whose expiry is routine),
             ``"handshake"`` (TLS failed or timed out), ``"connection_lost"``
             (reset or closed mid-message), ``"on_idle"`` (the idle callback
-            raised) and ``"accept"`` (accept failed for lack of resources).
+            raised) and ``"accept"`` (accept failed for lack of resources);
+            :func:`~triocomm.serve_datagrams` adds ``"overload"`` (a datagram
+            dropped because ``max_in_flight`` handlers were running) and
+            ``"send"`` (the kernel refused a reply datagram).
+
+    A datagram service (:func:`~triocomm.serve_datagrams`) has no connections:
+    ``connections_open`` and ``connections_total`` stay 0 and ``sessions``
+    counts the datagrams handed to the handler.
     """
 
     connections_open: int = 0
@@ -345,33 +352,69 @@ def _socket_identity(path: str) -> tuple[int, int] | None:
 # -- the service -------------------------------------------------------------
 
 
+class ServiceFront(Protocol):
+    """How work reaches a service that accepts no connections (``serve_datagrams``).
+
+    The front owns its sockets and its :class:`ServerStats`. A :class:`Server`
+    made with a front (see :func:`run_service`) runs it in the service
+    nursery instead of accept loops, reads ``addresses`` and ``stats`` from
+    it, and ends once :meth:`run` has returned.
+    """
+
+    @property
+    def addresses(self) -> list[Any]:
+        """Every bound address."""
+        ...
+
+    @property
+    def stats(self) -> ServerStats:
+        """The counters the front keeps."""
+        ...
+
+    async def run(self, receiving: trio.CancelScope) -> None:
+        """Take work in under ``receiving`` (cancelled when the server shuts
+        down), then return once the work taken in is done. The service
+        nursery's deadline (the grace period) bounds that work."""
+        ...
+
+
 class Server:
     """A running service, as returned by ``await nursery.start(partial(serve, ...))``.
 
-    Do not create one yourself: :func:`serve` and :func:`serve_connections`
-    make it and hand it over once the listeners are bound, so a client may
-    connect as soon as ``nursery.start`` returns.
+    Do not create one yourself: :func:`serve`, :func:`serve_connections`
+    and :func:`~triocomm.serve_datagrams` make it and hand it over once the
+    listeners (or datagram sockets) are bound, so a client may connect as
+    soon as ``nursery.start`` returns.
 
     Stop it with :meth:`shutdown` (graceful) or by cancelling the task that
     runs :func:`serve` (immediate).
     """
 
+    # Set only for a service that accepts no connections (see ServiceFront).
+    _front: ServiceFront | None = None
+    _body: Body
+
     def __init__(
         self,
         listeners: list[trio.SocketListener],
-        body: Body,
+        body: Body | ServiceFront,
         options: ServiceOptions,
         unix_path: str | None,
     ) -> None:
         self._listeners = listeners
-        self._body = body
+        if isinstance(body, (RequestLoop, ConnectionBody)):
+            self._body = body
+            self._stats = ServerStats()
+            self._addresses = [listener.socket.getsockname() for listener in listeners]
+        else:
+            self._front = body
+            self._stats = body.stats
+            self._addresses = body.addresses
         self._options = options
         self._max = options.max_connections
         self._idle_periods = options.idle
         self._unix_path = unix_path
         self._unix_identity = _socket_identity(unix_path) if unix_path else None
-        self._stats = ServerStats()
-        self._addresses = [listener.socket.getsockname() for listener in listeners]
         self._entries: set[_Entry] = set()
         # Keep-alive connections waiting for their next request, longest idle first.
         self._keepalive: OrderedDict[_Entry, None] = OrderedDict()
@@ -435,7 +478,9 @@ class Server:
 
         A :func:`serve_connections` handler has no "between requests" that the
         service can see: it runs until it returns or the grace period ends
-        (check :attr:`shutting_down` to end early).
+        (check :attr:`shutting_down` to end early). A datagram service stops
+        receiving at once and lets running handlers finish and send their
+        replies.
 
         Calling it again only shortens the grace period. Call it from outside
         the service (not from a handler, which it would wait for).
@@ -451,7 +496,7 @@ class Server:
             self._accepting.cancel()
             for entry in list(self._entries):
                 self._close_if_waiting(entry)
-            if self._stats.connections_open == 0:
+            if self._stats.connections_open == 0 and self._front is None:
                 self._drained.set()
             self._stop.set()
         await self._done.wait()
@@ -474,7 +519,7 @@ class Server:
             self._service = service
             # Before the first connection: they time every waiting read.
             await service.start(self._timers.run)
-            service.start_soon(self._accept_all)
+            service.start_soon(self._accept_all if self._front is None else self._run_front)
             task_status.started(self)
             await self._stop.wait()
             await self._drained.wait()
@@ -489,6 +534,11 @@ class Server:
                 os.unlink(path)
             except OSError:
                 pass
+
+    async def _run_front(self) -> None:
+        assert self._front is not None
+        await self._front.run(self._accepting)
+        self._drained.set()  # what it took in is done
 
     async def _accept_all(self) -> None:
         with self._accepting:
@@ -899,7 +949,7 @@ Body = RequestLoop | ConnectionBody
 
 
 async def run_service(
-    body: Body,
+    body: Body | ServiceFront,
     options: ServiceOptions,
     task_status: trio.TaskStatus[Server],
     *,
@@ -908,7 +958,11 @@ async def run_service(
     path: str | os.PathLike[str] | None = None,
     listeners: list[trio.SocketListener] | None = None,
 ) -> None:
-    """Bind (or take ``listeners``, e.g. serve_workers' SO_REUSEPORT ones) and serve."""
+    """Bind (or take ``listeners``, e.g. serve_workers' SO_REUSEPORT ones) and serve.
+
+    A ``body`` that is a :class:`ServiceFront` brings its own sockets: pass
+    ``listeners=[]``.
+    """
     if listeners is None:
         listeners = await _open_listeners(port, host, path)
     try:

@@ -39,7 +39,10 @@ def require_binary(name: str) -> str:
     path = shutil.which(name)
     if path is not None:
         return path
-    message = f"{name} is not installed (Debian: apt-get install redis-server redis-tools curl)"
+    message = (
+        f"{name} is not installed (Debian: apt-get install redis-server redis-tools curl "
+        "bind9-dnsutils dnsmasq-base)"
+    )
     if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
         pytest.fail(f"{message}; CI must run this test, not skip it", pytrace=False)
     pytest.skip(message)
