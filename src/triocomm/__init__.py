@@ -30,6 +30,7 @@ from ._resolve import CachingResolver as CachingResolver
 from ._resolve import DnsResolver as DnsResolver
 from ._resolve import Resolution as Resolution
 from ._resolve import Resolver as Resolver
+from ._retry import RetryPolicy as RetryPolicy
 from ._server import Server as Server
 from ._server import ServerStats as ServerStats
 from ._server import serve as serve
@@ -67,6 +68,7 @@ __all__ = [
     "Raw",
     "Resolution",
     "Resolver",
+    "RetryPolicy",
     "Server",
     "ServerStats",
     "ServerTimeouts",

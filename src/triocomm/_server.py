@@ -34,6 +34,7 @@ if sys.version_info < (3, 11):
 from ._connection import Connection, ConnState, Idle, ReplyRefused, format_address, socket_of
 from ._errors import CommError, CommTimeout, ConnectionLost, FrameTooLarge, ProtocolError
 from ._framing import Codec
+from ._keepalive import check_tcp_keepalive, set_tcp_keepalive
 from ._timeouts import ServerTimeouts, passive_limits
 from ._timers import Timers
 
@@ -118,6 +119,7 @@ class ServiceOptions:
     max_connections: int = 2000
     idle: Mapping[Idle, float] = field(default_factory=dict)
     on_idle: IdleCallback | None = None
+    tcp_keepalive: float | None = None
 
     @classmethod
     def build(
@@ -128,6 +130,8 @@ class ServiceOptions:
         max_connections: int = 2000,
         idle: Mapping[Idle, float] | None = None,
         on_idle: IdleCallback | None = None,
+        *,
+        tcp_keepalive: float | None = None,
     ) -> ServiceOptions:
         """The options as the service functions take them (``None``: the defaults)."""
         return cls(
@@ -137,6 +141,7 @@ class ServiceOptions:
             max_connections,
             idle or {},
             on_idle,
+            tcp_keepalive,
         )
 
     def __post_init__(self) -> None:
@@ -156,6 +161,7 @@ class ServiceOptions:
         if not idle and self.on_idle is not None:
             raise ValueError("on_idle= needs idle=, e.g. idle={Idle.READ: 30.0}")
         object.__setattr__(self, "idle", idle)
+        check_tcp_keepalive(self.tcp_keepalive)
 
 
 def _check_idle_period(status: object, period: object) -> None:
@@ -640,6 +646,9 @@ class Server:
         self._entries.add(entry)
         try:
             transport: trio.abc.Stream = stream
+            if self._options.tcp_keepalive is not None:
+                with contextlib.suppress(OSError):  # the peer may be gone already
+                    set_tcp_keepalive(stream, self._options.tcp_keepalive)
             if self._options.ssl_context is not None:
                 secure = await self._handshake(stream, _peer_of(stream))
                 if secure is None:
@@ -977,6 +986,7 @@ async def serve(
     max_connections: int = 2000,
     idle: Mapping[Idle, float] | None = None,
     on_idle: IdleCallback | None = None,
+    tcp_keepalive: float | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a request/reply service until it is shut down or cancelled.
@@ -1015,6 +1025,10 @@ async def serve(
         on_idle: ``async def on_idle(conn, status)``, e.g. to send a heartbeat
             or close the connection. A slow callback does not delay others; a
             connection has at most one callback running.
+        tcp_keepalive: seconds of silence after which the kernel probes an
+            accepted TCP connection (as ``Target(tcp_keepalive=)`` does for
+            a client), so a client that vanished without a word is found and
+            its connection closed. ``None`` leaves the sockets as they are.
 
     Failures are isolated: a handler exception, bad input, an oversized frame,
     a timeout or a failed TLS handshake closes that one connection, logs one
@@ -1027,7 +1041,9 @@ async def serve(
         ValueError, TypeError: bad options (before anything is bound).
         OSError: the address cannot be bound.
     """
-    options = ServiceOptions.build(codec, ssl_context, timeouts, max_connections, idle, on_idle)
+    options = ServiceOptions.build(
+        codec, ssl_context, timeouts, max_connections, idle, on_idle, tcp_keepalive=tcp_keepalive
+    )
     await run_service(RequestLoop(handler), options, task_status, port=port, host=host, path=path)
 
 
@@ -1043,6 +1059,7 @@ async def serve_connections(
     max_connections: int = 2000,
     idle: Mapping[Idle, float] | None = None,
     on_idle: IdleCallback | None = None,
+    tcp_keepalive: float | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a service that hands each connection to ``await handler(conn)``.
@@ -1063,7 +1080,9 @@ async def serve_connections(
     ``"handler"``). If the peer closes cleanly, ``receive`` raises
     :class:`trio.EndOfChannel`; letting it escape the handler is fine.
     """
-    options = ServiceOptions.build(codec, ssl_context, timeouts, max_connections, idle, on_idle)
+    options = ServiceOptions.build(
+        codec, ssl_context, timeouts, max_connections, idle, on_idle, tcp_keepalive=tcp_keepalive
+    )
     await run_service(
         ConnectionBody(handler), options, task_status, port=port, host=host, path=path
     )

@@ -61,7 +61,17 @@ def check_udp_target(
 class _TargetSockets:
     """The sockets of one UDP target: the cache of idle ones, the slots, the counters."""
 
-    __slots__ = ("closed", "created", "failed", "idle", "in_use", "reused", "slots", "waiting")
+    __slots__ = (
+        "closed",
+        "created",
+        "failed",
+        "idle",
+        "in_use",
+        "retries",
+        "reused",
+        "slots",
+        "waiting",
+    )
 
     def __init__(self, max_connections: int) -> None:
         self.idle: list[socket.socket] = []
@@ -72,6 +82,7 @@ class _TargetSockets:
         self.reused = 0
         self.closed = 0
         self.failed = 0
+        self.retries = 0
 
     def stats(self) -> PoolStats:
         idle = len(self.idle)
@@ -84,6 +95,7 @@ class _TargetSockets:
             reused=self.reused,
             closed=self.closed,
             failed=self.failed,
+            retries=self.retries,
         )
 
     @property
@@ -154,6 +166,12 @@ class UdpExchanges:
         """``client.stats(target)`` for a UDP target: its sockets counted as connections."""
         record = self._targets.get(target)
         return PoolStats() if record is None else record.stats()
+
+    def record_retry(self, target: Target[Any, Any]) -> None:
+        """Count a failed exchange with ``target`` that the client tries again."""
+        record = self._targets.get(target)
+        if record is not None:
+            record.retries += 1
 
     def close(self) -> None:
         """The client is closing: close the cached sockets; refuse new exchanges."""

@@ -184,6 +184,7 @@ async def serve_workers(
     max_connections: int = 2000,
     idle: Mapping[Idle, float] | None = None,
     on_idle: IdleCallback | None = None,
+    tcp_keepalive: float | None = None,
     grace: float = 5.0,
     restart: bool = True,
     task_status: trio.TaskStatus[WorkerGroup] = trio.TASK_STATUS_IGNORED,
@@ -197,7 +198,8 @@ async def serve_workers(
     built-in codecs are (an :class:`ssl.SSLContext` is not, hence a factory
     that each worker calls). A program that calls this from its own
     ``__main__`` module needs the usual ``if __name__ == "__main__":`` guard,
-    as with :mod:`multiprocessing`. ``max_connections`` applies per worker.
+    as with :mod:`multiprocessing`. ``max_connections`` applies per worker;
+    ``tcp_keepalive`` is :func:`serve`'s.
 
     Start it with ``group = await nursery.start(partial(serve_workers, ...))``;
     it returns once every worker listens. Cancelling it, or
@@ -209,7 +211,9 @@ async def serve_workers(
     """
     if not hasattr(socket, "SO_REUSEPORT"):
         raise RuntimeError("serve_workers needs SO_REUSEPORT (Linux)")
-    options = ServiceOptions.build(codec, None, timeouts, max_connections, idle, on_idle)
+    options = ServiceOptions.build(
+        codec, None, timeouts, max_connections, idle, on_idle, tcp_keepalive=tcp_keepalive
+    )
     count = workers if workers is not None else (os.cpu_count() or 1)
     if count < 1:
         raise ValueError(f"workers must be >= 1, got {count}")
