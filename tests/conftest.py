@@ -1,4 +1,4 @@
-"""Shared fixtures: TLS material from trustme and pairs of connected streams.
+"""Shared fixtures: TLS material from trustme, pairs of connected streams, programs.
 
 ``stream_pair`` hands a test both ends of a real connection of a given kind
 (memory, lockstep memory, TCP over IPv4 or IPv6 loopback, Unix socket, TLS over
@@ -19,6 +19,8 @@ import pytest
 import trio
 import trio.testing
 import trustme
+
+from binaries import require_binary
 
 #: Every kind of stream ``stream_pair`` can make.
 STREAM_KINDS = ("memory", "lockstep", "tcp", "tcp6", "unix", "tls")
@@ -41,6 +43,13 @@ def _ipv6_loopback_works() -> bool:
 
 
 IPV6 = _ipv6_loopback_works()
+
+
+@pytest.fixture(autouse=True)
+def _needed_binaries(request: pytest.FixtureRequest) -> None:
+    """Honour ``@pytest.mark.needs_binary("curl")``: skip, or fail on CI, without it."""
+    for marker in request.node.iter_markers("needs_binary"):
+        require_binary(marker.args[0])
 
 
 @pytest.fixture(scope="session")

@@ -348,7 +348,7 @@ async def test_a_client_reports_the_retry_of_a_stale_connection() -> None:
             first, second = recorder.events[1][1], recorder.events[-3][1]
             await wait_for(lambda: ("closed", first, "EndOfChannel") in recorder.events)
     retries = [event for event in recorder.events if event[0] == "retry"]
-    assert retries == [("retry", str(target), 2, "EndOfChannel")]
+    assert retries == [("retry", str(target), 2, "ConnectionLost")]
     assert ("ended", first, "EndOfChannel") in recorder.events
     assert ("started", second) in recorder.events
 

@@ -698,3 +698,15 @@ async def test_a_peer_close_within_the_settle_time_is_caught_when_lent(
         assert await client.request(target, b"b") == b"b"
         stats = client.stats(target)
         assert (stats.created, stats.reused, stats.closed, stats.failed) == (2, 0, 1, 0)
+
+
+async def test_a_pool_wait_is_bounded_by_default(autojump_clock: trio.testing.MockClock) -> None:
+    # Timeouts.pool defaults to 30 s: no queue waits for ever unless asked to.
+    async with scripted_server(echo) as server, open_client() as client:
+        target = target_of(server, max_connections=1, timeouts=Timeouts(connect=None))
+        async with client.connection(target):
+            start = trio.current_time()
+            with pytest.raises(CommTimeout) as info:
+                await client.request(target, b"x")
+            assert info.value.phase == "pool"
+            assert trio.current_time() - start == 30.0

@@ -17,7 +17,7 @@ CLIENT_DEFAULTS = {
     "receive": None,
     "inactivity": 10,
     "keepalive": 60,
-    "pool": None,
+    "pool": 30,
 }
 SERVER_DEFAULTS = {
     "first_request": 10,

@@ -11,6 +11,8 @@ from ._connection import Connection as Connection
 from ._connection import ConnectionStats as ConnectionStats
 from ._connection import ConnState as ConnState
 from ._connection import Idle as Idle
+from ._datagram_service import DatagramPeer as DatagramPeer
+from ._datagram_service import serve_datagrams as serve_datagrams
 from ._errors import CommError as CommError
 from ._errors import CommTimeout as CommTimeout
 from ._errors import ConnectError as ConnectError
@@ -25,6 +27,11 @@ from ._framing import Lines as Lines
 from ._framing import Raw as Raw
 from ._observe import Observer as Observer
 from ._pool import PoolStats as PoolStats
+from ._resolve import CachingResolver as CachingResolver
+from ._resolve import DnsResolver as DnsResolver
+from ._resolve import Resolution as Resolution
+from ._resolve import Resolver as Resolver
+from ._retry import RetryPolicy as RetryPolicy
 from ._server import Server as Server
 from ._server import ServerStats as ServerStats
 from ._server import serve as serve
@@ -40,6 +47,7 @@ from ._workers import serve_workers as serve_workers
 
 __all__ = [
     "AddressStats",
+    "CachingResolver",
     "Client",
     "Codec",
     "CommError",
@@ -49,7 +57,9 @@ __all__ = [
     "Connection",
     "ConnectionLost",
     "ConnectionStats",
+    "DatagramPeer",
     "Decoder",
+    "DnsResolver",
     "FrameTooLarge",
     "Idle",
     "LengthPrefixed",
@@ -58,6 +68,9 @@ __all__ = [
     "PoolStats",
     "ProtocolError",
     "Raw",
+    "Resolution",
+    "Resolver",
+    "RetryPolicy",
     "Server",
     "ServerStats",
     "ServerTimeouts",
@@ -70,5 +83,6 @@ __all__ = [
     "open_client",
     "serve",
     "serve_connections",
+    "serve_datagrams",
     "serve_workers",
 ]

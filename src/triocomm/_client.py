@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -28,12 +28,24 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import trio
 
-from ._connection import Connection, PhaseLimit
+from ._connection import Connection, Idle, PhaseLimit
 from ._errors import CommError, CommTimeout, ConnectError, ConnectionLost, UpstreamUnavailable
+from ._idle import IdleWatch, check_idle_options
+from ._keepalive import check_tcp_keepalive, set_tcp_keepalive
 from ._observe import Observer, ObserverSet
 from ._pool import KeepAlivePool, PooledConnection, PoolStats
+from ._retry import (
+    RetryKind,
+    RetryPolicy,
+    RetryWindow,
+    SessionAttempts,
+    as_policy,
+    connect_failure_kind,
+    session_failure_kind,
+)
 from ._timeouts import Timeouts, session_limits
 from ._timers import Timers
+from ._udp import UdpExchanges, check_udp_target
 from ._upstream import Upstream, UpstreamAttempt
 
 if TYPE_CHECKING:
@@ -56,6 +68,10 @@ _DEFAULT_TIMEOUTS = Timeouts()
 # to (see Client._pool): a client that meets ever new targets stays bounded.
 _POOLS_KEPT = 1024
 _INF = math.inf
+# The pause after a failed background connect (Target.min_idle): it doubles
+# from the first value to the second while the connects keep failing.
+_SPARE_PAUSE_MIN = 0.5
+_SPARE_PAUSE_MAX = 30.0
 
 
 @functools.cache
@@ -72,7 +88,7 @@ class Target(Generic[In, Out]):
     IPv4 address or an IPv6 address (``"::1"``; brackets are accepted and
     dropped). Names resolving to several addresses are tried with happy
     eyeballs (:func:`trio.open_tcp_stream`). ``Target.unix(path, codec)`` is a
-    Unix socket.
+    Unix socket; ``Target.udp(host, port, codec)`` a UDP address.
 
     Args:
         host: host name or address literal.
@@ -98,6 +114,37 @@ class Target(Generic[In, Out]):
             connection before its first session, as the session with
             ``conn.seq == 0`` (AUTH, SELECT, protocol negotiation). If it
             raises, the connection is closed and the session gets the error.
+        max_datagram: set (by :meth:`udp`) on a UDP target only: the largest
+            request or reply datagram, in bytes; ``None`` on stream targets.
+        health_check: ``async def check(conn)``, run before a pooled
+            connection that has been idle at least ``health_check_after``
+            seconds is lent (e.g. send a PING, receive the PONG). It runs as a
+            session of its own (``conn.seq`` counts it), bound by the
+            target's :class:`Timeouts`. If it raises, or leaves unread data,
+            the connection is closed and another is taken or opened: the
+            session never sees it. Counted in
+            ``PoolStats.health_checks_failed``.
+        health_check_after: seconds of idleness after which a connection is
+            checked before it is lent (default 30).
+        tcp_keepalive: seconds of silence after which the kernel sends TCP
+            keep-alive probes on the connection (``SO_KEEPALIVE`` with
+            ``TCP_KEEPIDLE``, ``TCP_KEEPINTVL``, ``TCP_KEEPCNT`` where the
+            platform has them; 3 probes, ``tcp_keepalive / 3`` seconds apart).
+            A peer gone without a word is then found about ``2 *
+            tcp_keepalive`` seconds after the connection went quiet, and an
+            idle connection to it is discarded before it is lent. ``None``
+            (the default) leaves the socket as it is; ignored for Unix
+            sockets.
+        max_lifetime: seconds after its connect at which a connection is
+            closed instead of being reused (an idle one is closed then; a
+            lent one when its session ends). Spreads load again after a
+            deploy or a DNS change. ``None``: no limit.
+        min_idle: idle connections the pool keeps open: from the first use
+            of the target, connections are opened in the background (in the
+            client's nursery) until this many are idle, and again when one
+            is lent or closes; never beyond ``max_connections``. A failed
+            background connect is tried again after a pause that doubles up
+            to 30 s.
 
     Targets are immutable and hashable; equal targets share one pool in a
     client. ``str(target)`` is its address, as used in error messages.
@@ -114,8 +161,18 @@ class Target(Generic[In, Out]):
         default=None, kw_only=True
     )
     path: str | None = field(default=None, kw_only=True)
+    max_datagram: int | None = field(default=None, kw_only=True)
+    health_check: Callable[[Connection[In, Out]], Awaitable[object]] | None = field(
+        default=None, kw_only=True
+    )
+    health_check_after: float = field(default=30.0, kw_only=True)
+    tcp_keepalive: float | None = field(default=None, kw_only=True)
+    max_lifetime: float | None = field(default=None, kw_only=True)
+    min_idle: int = field(default=0, kw_only=True)
 
     def __post_init__(self) -> None:
+        if self.max_datagram is not None:
+            check_udp_target(self.path, self.ssl_context, self.on_connect, self.max_datagram)
         if self.path is None:
             if not isinstance(self.host, str) or not self.host:
                 raise TypeError(f"Target host must be a non-empty str, got {self.host!r}")
@@ -134,6 +191,7 @@ class Target(Generic[In, Out]):
             or self.max_connections < 1
         ):
             raise ValueError(f"max_connections must be an int >= 1, got {self.max_connections!r}")
+        self._check_health_options()
         if self.ssl_context is True:
             object.__setattr__(self, "ssl_context", _default_tls_context())
         elif self.ssl_context is False:
@@ -152,6 +210,39 @@ class Target(Generic[In, Out]):
                 )
         hash(self)  # fail here, not inside the client, on an unhashable codec
 
+    def _check_health_options(self) -> None:
+        after = self.health_check_after
+        if isinstance(after, bool) or not isinstance(after, (int, float)):
+            raise TypeError(f"health_check_after must be a number of seconds, got {after!r}")
+        if not 0 <= after < math.inf:
+            raise ValueError(f"health_check_after must be >= 0 and finite, got {after!r}")
+        if self.health_check is not None and not callable(self.health_check):
+            raise TypeError(f"health_check must be an async function, got {self.health_check!r}")
+        check_tcp_keepalive(self.tcp_keepalive)
+        lifetime = self.max_lifetime
+        if lifetime is not None:
+            if isinstance(lifetime, bool) or not isinstance(lifetime, (int, float)):
+                raise TypeError(f"max_lifetime must be seconds or None, got {lifetime!r}")
+            if not lifetime > 0:
+                raise ValueError(f"max_lifetime must be > 0, got {lifetime!r}")
+        min_idle = self.min_idle
+        if isinstance(min_idle, bool) or not isinstance(min_idle, int) or min_idle < 0:
+            raise ValueError(f"min_idle must be an int >= 0, got {min_idle!r}")
+        if self.max_datagram is not None and (
+            self.health_check is not None
+            or self.tcp_keepalive is not None
+            or self.max_lifetime is not None
+            or min_idle
+        ):
+            raise TypeError(
+                "a UDP target has no connections: health_check, tcp_keepalive, "
+                "max_lifetime and min_idle do not apply"
+            )
+        if min_idle > self.max_connections:
+            raise ValueError(
+                f"min_idle ({min_idle}) must not exceed max_connections ({self.max_connections})"
+            )
+
     @classmethod
     def unix(
         cls,
@@ -163,10 +254,15 @@ class Target(Generic[In, Out]):
         timeouts: Timeouts | None = None,
         max_connections: int = 200,
         on_connect: Callable[[Connection[In, Out]], Awaitable[object]] | None = None,
+        health_check: Callable[[Connection[In, Out]], Awaitable[object]] | None = None,
+        health_check_after: float = 30.0,
+        max_lifetime: float | None = None,
+        min_idle: int = 0,
     ) -> Target[In, Out]:
         """A target reached through the Unix socket at ``path``.
 
-        Takes the same keyword options as :class:`Target`.
+        Takes the same keyword options as :class:`Target`, but for
+        ``tcp_keepalive``, which a Unix socket does not have.
         """
         return cls(
             None,
@@ -178,6 +274,49 @@ class Target(Generic[In, Out]):
             max_connections=max_connections,
             on_connect=on_connect,
             path=os.fspath(path),
+            health_check=health_check,
+            health_check_after=health_check_after,
+            max_lifetime=max_lifetime,
+            min_idle=min_idle,
+        )
+
+    @classmethod
+    def udp(
+        cls,
+        host: str,
+        port: int,
+        codec: Codec[In, Out],
+        *,
+        timeouts: Timeouts | None = None,
+        max_connections: int = 200,
+        max_datagram: int = 65507,
+    ) -> Target[In, Out]:
+        """A UDP target: ``client.request`` sends one datagram and returns the reply datagram.
+
+        Each exchange runs on a connected UDP socket of its own (reused from
+        a small cache only after an exchange that succeeded, and emptied of
+        stray datagrams first; closed after one that failed), so a late reply
+        is never taken for a later request's. ``timeouts.first_response``
+        bounds the wait for the reply (1 s when it is ``None``); ``connect``
+        bounds resolving the host, ``pool`` the wait for one of the
+        ``max_connections`` sockets. A lost datagram raises
+        :class:`CommTimeout` (phase ``"first_response"``); to resend it, pass
+        ``retries=RetryPolicy(on=("timeout",))`` and ``idempotent=True``.
+
+        A datagram is one message: ``codec.encode`` must give at most
+        ``max_datagram`` bytes (default 65,507, the most IPv4 carries), else
+        ``ValueError``; the reply, fed to a fresh decoder, must give exactly
+        one message, else :class:`ProtocolError`. ``client.connection`` and
+        ``client.run`` raise ``TypeError`` for a UDP target, and an
+        ``Upstream`` cannot hold one.
+        """
+        return cls(
+            host,
+            port,
+            codec,
+            timeouts=timeouts,
+            max_connections=max_connections,
+            max_datagram=max_datagram,
         )
 
     @property
@@ -239,6 +378,14 @@ async def _open_stream(target: Target[Any, Any]) -> trio.abc.Stream:
         raise ConnectError(
             f"cannot connect to {where}: {_connect_failure_text(exc)}", address=where
         ) from exc
+    if target.tcp_keepalive is not None:
+        try:
+            set_tcp_keepalive(stream, target.tcp_keepalive)
+        except OSError as exc:  # pragma: no cover - a socket that just connected
+            stream.socket.close()
+            raise ConnectError(
+                f"cannot set TCP keep-alive on {where}: {exc}", address=where
+            ) from exc
     context = target.ssl_context
     if not isinstance(context, ssl.SSLContext):  # None; True/False were resolved
         return stream
@@ -283,12 +430,6 @@ def _address_failed(exc: BaseException) -> bool | None:
     return None
 
 
-def _peer_went_away(exc: BaseException) -> bool:
-    # Closed or reset by the peer: what a stale pooled connection looks like.
-    # Timeouts, bad input and the caller's own errors are not retried.
-    return isinstance(exc, (trio.BrokenResourceError, trio.EndOfChannel))
-
-
 class Client:
     """Sessions with targets over pooled keep-alive connections.
 
@@ -301,11 +442,14 @@ class Client:
     never wrapped in an ``ExceptionGroup``.
     """
 
+    # Made on the first request to a UDP target.
+    _udp: UdpExchanges | None = None
+
     def __init__(
         self,
         nursery: trio.Nursery,
         timeouts: Timeouts | None,
-        retries: int,
+        retries: RetryPolicy,
         observers: ObserverSet | None = None,
     ) -> None:
         self._nursery = nursery
@@ -316,6 +460,11 @@ class Client:
         self._timeouts = timeouts
         self._retries = retries
         self._pools: dict[Target[Any, Any], KeepAlivePool] = {}
+        # Session attempts counted outside the pools: those of dropped pools,
+        # and borrows that failed before getting a connection. For the
+        # retry budget, made on first use.
+        self._attempts_elsewhere = 0
+        self._retry_window: RetryWindow | None = None
         self._sweep_at = _POOLS_KEPT
         self._closed = False
         # Times the waiting reads of every connection (see _watchdog.py);
@@ -335,15 +484,27 @@ class Client:
         *,
         timeouts: Timeouts | None = None,
         key: object = None,
+        retries: int | RetryPolicy | None = None,
+        idempotent: bool = False,
     ) -> Coroutine[Any, Any, In]:
         """One session: send ``message``, return the one reply (``await`` it).
 
         Reuses a pooled connection when there is a sound one, else opens one.
-        If a *reused* connection turns out closed or reset before any byte of
-        the reply arrived, the request is sent once more on a fresh connection
-        (``open_client(retries=)``); never once reply bytes arrived.
+        A failed attempt is tried again as the :class:`RetryPolicy` says
+        (``retries=`` for this call, else ``open_client(retries=)``; by
+        default: once, on a fresh connection, when a *reused* connection was
+        found closed or reset before any byte of the reply arrived). Never
+        once a reply byte arrived. ``idempotent=True`` says the request may
+        safely reach the peer twice, which allows the policy's ``"lost"`` and
+        ``"timeout"`` retries.
 
         ``message`` is encoded before a connection is borrowed or opened.
+
+        On a UDP target (:meth:`Target.udp`) the message goes out as one
+        datagram on a socket of its own and the first datagram back is the
+        reply; a lost one raises :class:`CommTimeout` (``"first_response"``,
+        1 s unless the timeouts say otherwise), a ``"timeout"`` that a
+        :class:`RetryPolicy` naming it resends when ``idempotent=True``.
 
         Raises:
             TypeError, ValueError, FrameTooLarge: the target's codec refused
@@ -355,13 +516,25 @@ class Client:
                 which); the connection is closed.
             ConnectionLost: the peer closed or reset the connection before the
                 whole reply arrived.
-            ProtocolError, FrameTooLarge: the reply was not valid for the codec.
+            ProtocolError, FrameTooLarge: the reply was not valid for the codec
+                (on a UDP target: not exactly one message).
+            ValueError: on a UDP target, ``message`` encodes to more than
+                ``max_datagram`` bytes.
+
+        After retries, the error of the last attempt is raised, with the
+        earlier attempts' errors attached as notes.
         """
+        if isinstance(target, Target) and target.max_datagram is not None:
+            return self._udp_request(target, message, timeouts, retries, idempotent)
         # No session function: _session sends `message` and receives the reply
         # itself. A plain method returning _session's coroutine, not an async
         # def awaiting it: one coroutine (and one frame to pass through at
         # every suspension) less per request.
-        coro: Coroutine[Any, Any, In] = self._session(target, key, timeouts, None, message)
+        if retries is not None:
+            as_policy(retries)  # a bad value fails now, not at the first failure
+        coro: Coroutine[Any, Any, In] = self._session(
+            target, key, timeouts, None, message, retries, idempotent
+        )
         return coro
 
     async def run(
@@ -371,6 +544,8 @@ class Client:
         *args: Unpack[PosArgs],
         timeouts: Timeouts | None = None,
         key: object = None,
+        retries: int | RetryPolicy | None = None,
+        idempotent: bool = False,
     ) -> R:
         """One session of your own: ``await session_fn(conn, *args)`` on a pooled connection.
 
@@ -378,11 +553,16 @@ class Client:
         batch, a multi-part reply). The connection goes back to the pool only
         if ``session_fn`` returns and left nothing unread; if it raises, the
         connection is closed and the exception reaches you unchanged. The
-        retry rule of :meth:`request` applies: ``session_fn`` is called again
-        on a fresh connection if a reused one was found closed or reset before
-        anything was received.
+        retry rules of :meth:`request` apply (``retries=``, ``idempotent=``):
+        ``session_fn`` is called again, on another connection, after a
+        failure the policy retries, as long as nothing was received in the
+        failed attempt.
         """
-        return await self._session(target, key, timeouts, lambda conn: session_fn(conn, *args))
+        if retries is not None:
+            as_policy(retries)
+        return await self._session(
+            target, key, timeouts, lambda conn: session_fn(conn, *args), None, retries, idempotent
+        )
 
     def connection(
         self,
@@ -390,6 +570,10 @@ class Client:
         *,
         timeouts: Timeouts | None = None,
         key: object = None,
+        retries: int | RetryPolicy | None = None,
+        idempotent: bool = False,
+        idle: Mapping[Idle, float] | None = None,
+        on_idle: Callable[[Connection[In, Out], Idle], Awaitable[object]] | None = None,
     ) -> AbstractAsyncContextManager[Connection[In, Out]]:
         """Borrow a connection for the duration of an ``async with`` block.
 
@@ -397,11 +581,28 @@ class Client:
         :class:`Connection` for a longer session (a subscription, a
         conversation). Leaving the block normally with nothing unread returns
         it to the pool; leaving by an exception closes it. The block's body
-        cannot be replayed, so there is no retry: a stale pooled connection
+        cannot be replayed, so only getting the connection is retried: a
+        failed connect, when the policy (``retries=``) names ``"connect"`` or
+        an :class:`Upstream` has another address. A stale pooled connection
         shows as an error in the body (:class:`ConnectionLost`,
-        :class:`trio.EndOfChannel`).
+        :class:`trio.EndOfChannel`). ``idempotent`` is accepted for symmetry
+        with :meth:`request` and changes nothing here.
+
+        ``idle`` and ``on_idle`` give the borrowed connection the idle
+        detection of a service: ``idle={Idle.READ: 30.0}`` calls ``await
+        on_idle(conn, Idle.READ)`` in the client's nursery once the connection
+        has received nothing for 30 s, and again every 30 s while that lasts,
+        until the block exits (e.g. to send heartbeats on a long
+        subscription). One callback runs at a time; a slow one skips beats
+        rather than piling them up. If it raises, the error is logged and the
+        connection closed (the block sees it closed). A callback still
+        running when the block exits is cancelled, and the connection is
+        then closed rather than pooled.
         """
-        return self._borrow(target, key, timeouts)
+        if retries is not None:
+            as_policy(retries)
+        periods = check_idle_options(idle, on_idle)
+        return self._borrow(target, key, timeouts, retries, periods, on_idle)
 
     def stats(self, target: Target[Any, Any]) -> PoolStats:
         """A :class:`PoolStats` snapshot of ``target``'s pool.
@@ -410,6 +611,8 @@ class Client:
         client that has used more than 1,024 targets forgets the pools (and
         counters) of those it has no connection to.
         """
+        if target.max_datagram is not None:
+            return PoolStats() if self._udp is None else self._udp.stats(target)
         pool = self._pools.get(target)
         return PoolStats() if pool is None else pool.stats()
 
@@ -423,16 +626,18 @@ class Client:
     #       success, False: a failure of that address, None: neither, e.g.
     #       cancelled, the caller's own error, a message the codec refused).
     # _can_resolve(dest, tried) says whether another attempt would find an
-    # address, so a retry never replaces the real error with an
-    # UpstreamUnavailable; and _may_retry_connect(dest, tried) says whether a
-    # failed *connect* may be retried (never for a plain Target, whose address
-    # just failed). An Upstream plugs in here and nowhere else.
+    # address (tried=None: any address; a list: one not tried yet), so a
+    # retry never replaces the real error with an UpstreamUnavailable. An
+    # Upstream plugs in here and nowhere else.
 
     def _resolve(
         self, dest: _Dest, key: object, tried: list[Target[Any, Any]]
     ) -> tuple[Target[Any, Any], UpstreamAttempt[Target[Any, Any]] | None]:
         if isinstance(dest, Upstream):
-            attempt = dest.choose(key, tried)
+            # A retry goes to an address not tried yet where one is
+            # available, else to one tried already.
+            exclude = tried if not tried or dest.can_choose(tried) else ()
+            attempt = dest.choose(key, exclude)
             return attempt.target, attempt
         return dest, None
 
@@ -440,17 +645,8 @@ class Client:
         if attempt is not None:
             attempt.settle(ok)
 
-    def _can_resolve(self, dest: _Dest, tried: list[Target[Any, Any]]) -> bool:
-        return not isinstance(dest, Upstream) or dest.can_choose(tried)
-
-    def _may_retry_connect(self, dest: _Dest, tried: list[Target[Any, Any]]) -> bool:
-        # An Upstream retries a failed connect on another address, within the
-        # client's retry budget and while an untried address is available.
-        return (
-            isinstance(dest, Upstream)
-            and len(tried) <= self._retries
-            and self._can_resolve(dest, tried)
-        )
+    def _can_resolve(self, dest: _Dest, tried: list[Target[Any, Any]] | None) -> bool:
+        return not isinstance(dest, Upstream) or dest.can_choose(tried or ())
 
     # -- internals -----------------------------------------------------------
 
@@ -473,9 +669,23 @@ class Client:
             if self._closed:
                 self._report(attempt, None)
                 raise trio.ClosedResourceError("the client is closed")
+            if target.max_datagram is not None:
+                self._report(attempt, None)
+                raise TypeError(
+                    f"{target} is a UDP target: only client.request() works with it, "
+                    "and an Upstream cannot hold it"
+                )
             if len(self._pools) >= self._sweep_at:
                 self._drop_unused_pools()
-            pool = self._pools[target] = KeepAlivePool(target.address, target.max_connections)
+            pool = self._pools[target] = KeepAlivePool(
+                target.address,
+                target.max_connections,
+                check_after=None if target.health_check is None else target.health_check_after,
+                max_lifetime=target.max_lifetime,
+                min_idle=target.min_idle,
+            )
+            if target.min_idle:
+                self._nursery.start_soon(self._keep_min_idle, target, pool)
         return pool
 
     def _drop_unused_pools(self) -> None:
@@ -487,7 +697,14 @@ class Client:
         waits until the pools left have doubled, so sweeping costs O(1) per
         new target even when every pool is busy.
         """
-        self._pools = {t: p for t, p in self._pools.items() if not p.unused}
+        kept = {}
+        for target, pool in self._pools.items():
+            if pool.unused:
+                stats = pool.stats()
+                self._attempts_elsewhere += stats.created + stats.reused
+            else:
+                kept[target] = pool
+        self._pools = kept
         # The identity cache must never lend from a pool that is not here:
         # _shutdown closes only the pools in _pools.
         self._last_pool = None
@@ -500,20 +717,39 @@ class Client:
         timeouts: Timeouts,
         fresh: bool,
     ) -> tuple[PooledConnection, bool]:
-        """Borrow a connection: ``(entry, reused)``. Opens one if the pool has none."""
+        """Borrow a connection: ``(entry, reused)``. Opens one if the pool has none.
+
+        A pooled connection due for its health check is checked first; one
+        that fails it is closed and the next is taken (or one is opened).
+        """
         observers = self._observers
-        if observers is None:
-            entry = await pool.acquire(timeouts.pool, fresh=fresh)
-        else:
-            entry = await self._observed_acquire(observers, target, pool, timeouts, fresh)
-        if entry is not None:
-            return entry, True
-        # We hold a CONNECTING slot: the connection's own task opens it.
+        while True:
+            if observers is None:
+                entry = await pool.acquire(timeouts.pool, fresh=fresh)
+            else:
+                entry = await self._observed_acquire(observers, target, pool, timeouts, fresh)
+            if entry is None:
+                break
+            if not entry.check_due or await self._health_check(target, pool, entry, timeouts):
+                return entry, True
+        entry = await self._open_new(target, pool, timeouts)
+        pool.connected(entry)
+        return entry, False
+
+    async def _open_new(
+        self, target: Target[Any, Any], pool: KeepAlivePool, timeouts: Timeouts
+    ) -> PooledConnection:
+        """Open a connection in the ``CONNECTING`` slot the caller holds, and run ``on_connect``.
+
+        Returns its entry, still ``CONNECTING``; on failure the slot is given
+        back and the error raised.
+        """
+        # The connection's own task opens it.
         started: list[PooledConnection] = []
         try:
             result = await self._nursery.start(
                 pool.connection_task
-                if observers is None
+                if self._observers is None
                 else functools.partial(self._observed_connection_task, pool),
                 lambda: self._open(target, timeouts),
                 started,
@@ -527,7 +763,7 @@ class Client:
         if isinstance(result, BaseException):
             pool.cancel_connecting()
             raise result
-        entry = result
+        entry: PooledConnection = result
         if target.on_connect is not None:
             conn = entry.conn
             _start_session(conn, timeouts)  # on_connect is the session with seq == 0
@@ -544,8 +780,67 @@ class Client:
                     f"on_connect left unread data on the connection to {target}; "
                     "it cannot be reused safely"
                 )
-        pool.connected(entry)
-        return entry, False
+        return entry
+
+    async def _keep_min_idle(self, target: Target[Any, Any], pool: KeepAlivePool) -> None:
+        """Open connections in the background while the pool has fewer than ``min_idle`` idle.
+
+        A task of the client's nursery, started with the pool: it ends with
+        the client. A failed connect is tried again after a pause that
+        doubles from 0.5 s up to 30 s, so a dead peer is not hammered.
+        """
+        pause = 0.0
+        while True:
+            try:
+                await pool.take_spare_slot()
+            except trio.ClosedResourceError:
+                return  # the client is closing
+            timeouts = self._effective_timeouts(target, None)
+            try:
+                entry = await self._open_new(target, pool, timeouts)
+            except Exception as exc:
+                pool.spare_failed()
+                pause = min(_SPARE_PAUSE_MAX, max(_SPARE_PAUSE_MIN, pause * 2))
+                logger.debug(
+                    "background connect to %s failed (%s); next in %gs", target, exc, pause
+                )
+                await trio.sleep(pause)
+                continue
+            except BaseException:
+                pool.spare_failed()
+                raise
+            pause = 0.0
+            pool.spare_ready(entry, keepalive=timeouts.keepalive)
+
+    async def _health_check(
+        self,
+        target: Target[Any, Any],
+        pool: KeepAlivePool,
+        entry: PooledConnection,
+        timeouts: Timeouts,
+    ) -> bool:
+        """Run ``target.health_check`` on a pooled connection; True if it passed."""
+        conn = entry.conn
+        check = target.health_check
+        assert check is not None  # check_due is only set for targets with one
+        _start_session(conn, timeouts)  # the check's reads and writes get the limits
+        try:
+            await check(conn)
+        except Exception as exc:
+            logger.debug("health check of %s failed: %r", conn.peer, exc)
+            ok = False
+        except BaseException:
+            pool.check_done(entry, None)  # bookkeeping first: the close may be cancelled
+            await conn.abort()
+            raise
+        else:
+            ok = not entry.peer_spoke()
+            if not ok:
+                logger.debug("health check of %s left unread data", conn.peer)
+        pool.check_done(entry, ok)
+        if not ok:
+            await conn.abort()
+        return ok
 
     async def _observed_acquire(
         self,
@@ -615,6 +910,8 @@ class Client:
         call_timeouts: Timeouts | None,
         body: Callable[[Connection[Any, Any]], Awaitable[R]] | None,
         message: object = None,
+        retries: int | RetryPolicy | None = None,
+        idempotent: bool = False,
     ) -> R:
         """One session attempt after another until one succeeds or may not be retried.
 
@@ -625,7 +922,9 @@ class Client:
         """
         request = body is None
         tried: list[Target[Any, Any]] = []
-        retries_left = self._retries
+        # Made when an attempt first fails: a session that succeeds at once
+        # never builds its retry state.
+        attempts: SessionAttempts | None = None
         fresh = False
         while True:
             target, attempt = self._resolve(dest, key, tried)
@@ -646,43 +945,56 @@ class Client:
                 try:
                     entry, reused = await self._checkout(target, pool, timeouts, fresh)
                 except BaseException as exc:
-                    if self._connect_failed(exc, pool, attempt, dest, tried):
+                    kind = self._connect_failed(exc, pool, attempt)
+                    attempts = attempts or self._attempts(retries, idempotent)
+                    if await self._retry(
+                        attempts, exc, kind, target, pool.record_retry, dest, tried
+                    ):
                         continue
                     raise
             conn = entry.conn
             received_before = conn.stats.bytes_received
             _start_session(conn, timeouts)
-            observers = self._observers
-            began = 0.0 if observers is None else observers.session_started(conn)
             result: R
             try:
-                result = await (conn._exchange(data) if body is None else body(conn))
+                work = conn._exchange(data) if body is None else body(conn)
+                result = await (work if self._observers is None else self._observed(conn, work))
             except BaseException as exc:
                 # Bookkeeping first: the close below may be cancelled.
                 pool.release(entry, reusable=False)
                 pool.record_failure()
-                if observers is not None:
-                    self._session_failed(observers, conn, exc, began)
                 await conn.abort()
                 self._report(attempt, _address_failed(exc))
-                stale = reused and conn.stats.bytes_received == received_before
-                if stale and retries_left > 0 and self._may_retry_stale(exc, dest, tried):
-                    logger.debug("pooled connection to %s was stale; retrying", conn.peer)
-                    if observers is not None:
-                        observers.retry(target, len(tried) + 1, exc)
-                    retries_left -= 1
-                    fresh = True
-                    continue
+                error = exc
                 if request and isinstance(exc, trio.EndOfChannel):
-                    raise ConnectionLost(
-                        f"{conn.peer} closed the connection before replying"
-                    ) from exc
-                raise
+                    error = ConnectionLost(f"{conn.peer} closed the connection before replying")
+                replied = conn.stats.bytes_received != received_before
+                kind = session_failure_kind(exc, reused=reused, replied=replied)
+                attempts = attempts or self._attempts(retries, idempotent)
+                if await self._retry(attempts, error, kind, target, pool.record_retry, dest, tried):
+                    # After a reused connection failed, its pool mates may be
+                    # stale too: the next attempt opens a fresh one.
+                    fresh = reused
+                    continue
+                if error is exc:
+                    raise
+                raise error from exc
             self._finish(entry, pool, timeouts)
             self._report(attempt, True)
-            if observers is not None:
-                observers.session_ended(conn, None, began)
             return result
+
+    async def _observed(self, conn: Connection[Any, Any], work: Awaitable[R]) -> R:
+        """``await work``, one session on ``conn``, reported to the observers."""
+        observers = self._observers
+        assert observers is not None
+        began = observers.session_started(conn)
+        try:
+            result = await work
+        except BaseException as exc:
+            self._session_failed(observers, conn, exc, began)
+            raise
+        observers.session_ended(conn, None, began)
+        return result
 
     def _session_failed(
         self, observers: ObserverSet, conn: Connection[Any, Any], exc: BaseException, began: float
@@ -690,6 +1002,69 @@ class Client:
         """A session failed and closes its connection: tell the observers, keep why."""
         self._failures[conn.id] = exc
         observers.session_ended(conn, exc, began)
+
+    def _attempts(self, retries: int | RetryPolicy | None, idempotent: bool) -> SessionAttempts:
+        """The retry state of a session whose first attempt just failed."""
+        policy = self._retries if retries is None else as_policy(retries)
+        return SessionAttempts(policy, idempotent)
+
+    async def _retry(
+        self,
+        attempts: SessionAttempts,
+        error: BaseException,
+        kind: RetryKind | None,
+        target: Target[Any, Any],
+        count_retry: Callable[[], object],
+        dest: _Dest,
+        tried: list[Target[Any, Any]],
+    ) -> bool:
+        """An attempt failed with ``error``: True if the session tries again.
+
+        The one place where a retry is decided and begun, for every session
+        method. It waits out the backoff. When it returns False the caller
+        raises ``error``, which carries the earlier attempts' errors as notes.
+        """
+        elsewhere = isinstance(dest, Upstream) and self._can_resolve(dest, tried)
+        if not attempts.allows(kind, elsewhere=elsewhere) or not self._can_resolve(dest, None):
+            attempts.annotate(error)
+            return False
+        budget = attempts.policy.budget
+        if budget is not None and not self._budget_window().allows(budget):
+            attempts.annotate(error, f"not retried: the retry budget ({budget:g}) is spent")
+            return False
+        # A cancelled session is never retried: this raises Cancelled instead.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        attempts.failed(error, kind, target)
+        # Counted against the budget at once, so that sessions failing
+        # together cannot all pass the check during their backoff.
+        self._budget_window().retried()
+        delay = attempts.next()
+        if delay > 0:
+            await trio.sleep(delay)  # cancelling it ends the session: no retry
+        if not self._can_resolve(dest, None):
+            # Every address was fused while we waited: the real error, not
+            # UpstreamUnavailable, reaches the caller.
+            attempts.annotate(error)
+            return False
+        count_retry()  # PoolStats.retries of the target that failed
+        if self._observers is not None:
+            self._observers.retry(target, attempts.number, error)
+        logger.debug("retrying with attempt %d after %s failed: %r", attempts.number, target, error)
+        return True
+
+    def _budget_window(self) -> RetryWindow:
+        window = self._retry_window
+        if window is None:
+            window = self._retry_window = RetryWindow(self._attempts_total, self._timers)
+        return window
+
+    def _attempts_total(self) -> int:
+        """Session attempts since the client opened (for the retry budget)."""
+        counted = self._attempts_elsewhere
+        for pool in self._pools.values():
+            stats = pool.stats()
+            counted += stats.created + stats.reused
+        return counted
 
     def _encode(
         self,
@@ -710,52 +1085,73 @@ class Client:
         exc: BaseException,
         pool: KeepAlivePool,
         attempt: UpstreamAttempt[Target[Any, Any]] | None,
-        dest: _Dest,
-        tried: list[Target[Any, Any]],
-    ) -> bool:
-        """Count a failed borrow; True if the session may try another connect."""
+    ) -> RetryKind | None:
+        """Count a failed borrow; returns its kind (``"connect"`` or None)."""
         pool.record_failure()
-        connect_failed = isinstance(exc, ConnectError) or (
-            isinstance(exc, CommTimeout) and exc.phase == "connect"
-        )
-        self._report(attempt, False if connect_failed else None)
-        return connect_failed and self._may_retry_connect(dest, tried)
+        self._attempts_elsewhere += 1
+        kind = connect_failure_kind(exc)
+        self._report(attempt, False if kind is not None else None)
+        return kind
 
-    def _may_retry_stale(
-        self, exc: BaseException, dest: _Dest, tried: list[Target[Any, Any]]
-    ) -> bool:
-        # A reused connection that failed before any reply byte: the peer
-        # closed it while it sat in the pool (the keep-alive race).
-        return _peer_went_away(exc) and self._can_resolve(dest, tried)
+    def _finish(
+        self,
+        entry: PooledConnection,
+        pool: KeepAlivePool,
+        timeouts: Timeouts,
+        interrupted: bool = False,
+    ) -> None:
+        """A session ended well: pool its connection unless something is left unread.
 
-    def _finish(self, entry: PooledConnection, pool: KeepAlivePool, timeouts: Timeouts) -> None:
-        """A session ended well: pool its connection unless something is left unread."""
+        ``interrupted``: something else was using the connection when the
+        session ended (an ``on_idle`` callback), so it is closed instead.
+        """
         conn = entry.conn
-        reusable = not entry.peer_spoke(poll=False)
+        reusable = not interrupted and not entry.peer_spoke(poll=False)
         if not reusable:
-            logger.debug("unrequested data from %s after a session; closing", conn.peer)
+            logger.debug("unrequested data or I/O left on %s after a session; closing", conn.peer)
         pool.release(entry, reusable=reusable, keepalive=timeouts.keepalive)
 
     @asynccontextmanager
     async def _borrow(
-        self, dest: _Dest, key: object, call_timeouts: Timeouts | None
+        self,
+        dest: _Dest,
+        key: object,
+        call_timeouts: Timeouts | None,
+        retries: int | RetryPolicy | None,
+        idle: Mapping[Idle, float],
+        on_idle: Callable[[Connection[Any, Any], Idle], Awaitable[object]] | None,
     ) -> AsyncIterator[Connection[Any, Any]]:
-        target, attempt = self._resolve(dest, key, [])
-        timeouts = self._effective_timeouts(target, call_timeouts)
-        pool = self._pool(target, attempt)
-        try:
-            entry, _ = await self._checkout(target, pool, timeouts, False)
-        except BaseException as exc:
-            pool.record_failure()
-            self._report(attempt, _address_failed(exc))
-            raise
+        tried: list[Target[Any, Any]] = []
+        attempts: SessionAttempts | None = None
+        while True:
+            target, attempt = self._resolve(dest, key, tried)
+            tried.append(target)
+            timeouts = self._effective_timeouts(target, call_timeouts)
+            pool = self._pool(target, attempt)
+            try:
+                entry, _ = await self._checkout(target, pool, timeouts, False)
+                break
+            except BaseException as exc:
+                kind = self._connect_failed(exc, pool, attempt)
+                # The block cannot be replayed: only getting a connection is
+                # retried, and "connect" needs no idempotent call.
+                attempts = attempts or self._attempts(retries, False)
+                if not await self._retry(
+                    attempts, exc, kind, target, pool.record_retry, dest, tried
+                ):
+                    raise
         conn = entry.conn
         _start_session(conn, timeouts)
         observers = self._observers
         began = 0.0 if observers is None else observers.session_started(conn)
+        watch = None
+        if on_idle is not None:
+            watch = IdleWatch(conn, idle, on_idle, self._nursery.start_soon, self._timers)
         try:
             yield conn
         except BaseException as exc:
+            if watch is not None:
+                watch.stop()
             pool.release(entry, reusable=False)
             pool.record_failure()
             if observers is not None:
@@ -763,13 +1159,48 @@ class Client:
             await conn.abort()
             self._report(attempt, _address_failed(exc))
             raise
-        self._finish(entry, pool, timeouts)
+        # A callback cancelled now may have been part-way through a send.
+        interrupted = watch is not None and watch.stop()
+        self._finish(entry, pool, timeouts, interrupted)
         self._report(attempt, True)
         if observers is not None:
             observers.session_ended(conn, None, began)
 
+    async def _udp_request(
+        self,
+        target: Target[Any, Any],
+        message: object,
+        call_timeouts: Timeouts | None,
+        retries: int | RetryPolicy | None,
+        idempotent: bool,
+    ) -> Any:
+        """UDP exchanges until one succeeds or the policy stops: a lost datagram
+        (``CommTimeout``, ``"first_response"``) is a ``"timeout"``, resent when the
+        policy names it and the call is idempotent."""
+        if self._udp is None:
+            if self._closed:
+                raise trio.ClosedResourceError("the client is closed")
+            self._udp = UdpExchanges()
+        udp = self._udp
+        timeouts = self._effective_timeouts(target, call_timeouts)
+        attempts: SessionAttempts | None = None
+        while True:
+            self._attempts_elsewhere += 1  # counted for the retry budget
+            try:
+                return await udp.request(target, message, timeouts)
+            except BaseException as exc:
+                kind = connect_failure_kind(exc)
+                if isinstance(exc, CommTimeout):
+                    kind = session_failure_kind(exc, reused=False, replied=False)
+                attempts = attempts or self._attempts(retries, idempotent)
+                count = functools.partial(udp.record_retry, target)
+                if not await self._retry(attempts, exc, kind, target, count, target, [target]):
+                    raise
+
     def _shutdown(self) -> None:
         self._closed = True
+        if self._udp is not None:
+            self._udp.close()
         for pool in self._pools.values():
             pool.close()
         # Ends every connection task; each closes its own socket.
@@ -780,7 +1211,7 @@ class _ClientContext(AbstractAsyncContextManager[Client]):
     """What :func:`open_client` returns: enters a nursery, yields a :class:`Client`."""
 
     def __init__(
-        self, timeouts: Timeouts | None, retries: int, observers: ObserverSet | None
+        self, timeouts: Timeouts | None, retries: RetryPolicy, observers: ObserverSet | None
     ) -> None:
         self._timeouts = timeouts
         self._retries = retries
@@ -824,7 +1255,7 @@ class _ClientContext(AbstractAsyncContextManager[Client]):
 def open_client(
     *,
     timeouts: Timeouts | None = None,
-    retries: int = 1,
+    retries: int | RetryPolicy = 1,
     observers: Iterable[Observer] | None = None,
 ) -> AbstractAsyncContextManager[Client]:
     """Open a :class:`Client`: ``async with triocomm.open_client() as client: ...``.
@@ -832,10 +1263,13 @@ def open_client(
     Args:
         timeouts: the client-wide :class:`Timeouts`, used for targets that
             have none of their own (defaults: ``Timeouts()``).
-        retries: how many times a session is sent again on a fresh
-            connection when a *reused* connection was found closed or reset
-            before any reply byte arrived (0 disables). A failed connect is
-            never retried to the same target.
+        retries: the client's :class:`RetryPolicy`, which a call's own
+            ``retries=`` replaces. An int ``n`` means
+            ``RetryPolicy(attempts=n + 1, on=("stale",))``: a session is sent
+            again, up to ``n`` times, on a fresh connection when a *reused*
+            connection was found closed or reset before any reply byte
+            arrived (0 disables); a failed connect is then not retried to
+            the same target.
         observers: :class:`Observer` objects told of this client's
             connections, sessions, pool waits and retries.
 
@@ -845,6 +1279,4 @@ def open_client(
     """
     if timeouts is not None and not isinstance(timeouts, Timeouts):
         raise TypeError(f"timeouts must be a Timeouts, got {timeouts!r}")
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        raise ValueError(f"retries must be an int >= 0, got {retries!r}")
-    return _ClientContext(timeouts, retries, ObserverSet.of(observers))
+    return _ClientContext(timeouts, as_policy(retries), ObserverSet.of(observers))

@@ -91,10 +91,16 @@ class PoolStats:
             reason.
         failed: session attempts that raised (a failed connect, a pool
             timeout, an error, a timeout or a cancellation during the session).
+        retries: failed session attempts on this target that were tried
+            again (see :class:`RetryPolicy`); the retry may have gone to
+            another address of an ``Upstream``.
+        health_checks_failed: idle connections that failed the target's
+            ``health_check`` before being lent, and were closed.
 
     These always hold: ``open == idle + in_use``, ``open == created - closed``,
     and ``created + reused`` is the number of session attempts that got a
-    connection.
+    connection, plus (with ``Target.min_idle``) the connections opened in the
+    background that no session has used yet.
     """
 
     open: int = 0
@@ -106,6 +112,8 @@ class PoolStats:
     reused: int = 0
     closed: int = 0
     failed: int = 0
+    retries: int = 0
+    health_checks_failed: int = 0
 
 
 class _State:
@@ -144,8 +152,11 @@ class PooledConnection:
     """The pool's record of one connection (private to the client layer)."""
 
     __slots__ = (
+        "check_at",
+        "check_due",
         "conn",
         "consuming",
+        "expires_at",
         "graceful",
         "idle_deadline",
         "poller",
@@ -186,6 +197,12 @@ class PooledConnection:
         self.graceful = True
         # Set by the idle watcher when the peer sent bytes, closed or reset.
         self.spoke = False
+        # When the connection's lifetime ends (Target.max_lifetime), and from
+        # when on it is health-checked before being lent (inf: never).
+        self.expires_at = conn.stats.created_at + pool.max_lifetime
+        self.check_at = _INF
+        # Lent by acquire() with its health check still to run (check_done).
+        self.check_due = False
 
     def mark(self, state: ConnState) -> None:
         """Move the connection to ``state`` as the pool lends, takes back or keeps it."""
@@ -252,6 +269,12 @@ class KeepAlivePool:
     Args:
         name: the target, as text for errors and logs.
         max_connections: the most connections (open or being opened) at once.
+        check_after: seconds of idleness after which a connection is lent
+            only through :meth:`acquire`, marked ``check_due`` (None: never).
+        max_lifetime: seconds after its connect at which a connection is
+            retired rather than pooled (None: no limit).
+        min_idle: idle connections the client keeps open in the background
+            (:meth:`take_spare_slot`); such a pool is never :attr:`unused`.
 
     Reuse is LIFO: the connection used last is the warmest (its peer is the
     least likely to have timed it out). Waiters are served FIFO, and a slot or
@@ -259,9 +282,26 @@ class KeepAlivePool:
     queue.
     """
 
-    def __init__(self, name: str, max_connections: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        max_connections: int,
+        *,
+        check_after: float | None = None,
+        max_lifetime: float | None = None,
+        min_idle: int = 0,
+    ) -> None:
         self.name = name
         self.max_connections = max_connections
+        self.check_after = _INF if check_after is None else check_after
+        self.max_lifetime = _INF if max_lifetime is None else max_lifetime
+        # Whether release() has more to do than the keep-alive deadline.
+        self._tuned = check_after is not None or max_lifetime is not None
+        self.min_idle = min_idle
+        # Background connects under way for min_idle, and the event that
+        # wakes the task making them when the pool may be short again.
+        self._spare_connecting = 0
+        self._spare_wanted: trio.Event | None = None
         self._idle: list[PooledConnection] = []
         self._waiters: deque[_Waiter] = deque()
         self._connecting = 0
@@ -270,6 +310,8 @@ class KeepAlivePool:
         self._reused = 0
         self._closed = 0
         self._failed = 0
+        self._retries = 0
+        self._health_checks_failed = 0
         self._closing = False
         # The run's clock, bound once (cheaper than trio.current_time() on
         # every lend and release; still the MockClock under test).
@@ -288,12 +330,16 @@ class KeepAlivePool:
             reused=self._reused,
             closed=self._closed,
             failed=self._failed,
+            retries=self._retries,
+            health_checks_failed=self._health_checks_failed,
         )
 
     @property
     def unused(self) -> bool:
         """No connection (idle, lent or being opened) and no session waiting for one."""
-        return not (self._idle or self._in_use or self._connecting or self._waiters)
+        return not (
+            self._idle or self._in_use or self._connecting or self._waiters or self.min_idle
+        )
 
     def _slots_taken(self) -> int:
         return self._connecting + self._in_use + len(self._idle)
@@ -319,9 +365,11 @@ class KeepAlivePool:
             if self._closing:
                 await trio.lowlevel.checkpoint()
                 raise trio.ClosedResourceError(f"the client of {self.name} is closed")
-            if not fresh:
-                entry = self.lend_idle()
+            if not fresh and not self._closing:
+                entry = self._take_idle(checks=True)
                 if entry is not None:
+                    if not entry.check_due:
+                        self._reused += 1
                     return entry
             if not self._waiters and self._slots_taken() < self.max_connections:
                 # No checkpoint from here on: the caller must own the slot
@@ -346,13 +394,19 @@ class KeepAlivePool:
         """
         if self._closing:
             return None
-        entry = self._take_idle()
+        entry = self._take_idle(checks=False)
         if entry is not None:
             self._reused += 1
         return entry
 
-    def _take_idle(self) -> PooledConnection | None:
-        """Pop the most recently pooled connection that is still sound (LIFO)."""
+    def _take_idle(self, *, checks: bool) -> PooledConnection | None:
+        """Pop the most recently pooled connection that is still sound (LIFO).
+
+        One that is due for a health check is left on the stack when
+        ``checks`` is False (the caller cannot run it), else lent marked
+        ``check_due``: the caller runs the check and ends it with
+        :meth:`check_done`.
+        """
         idle = self._idle
         now = self._now()
         while idle:
@@ -363,9 +417,16 @@ class KeepAlivePool:
             if entry.consuming or entry.peer_spoke():
                 self._retire(entry, "the peer closed or sent data while idle", popped=True)
                 continue
+            if entry.check_at <= now:
+                if not checks:
+                    idle.append(entry)
+                    return None
+                entry.check_due = True
             entry.state = _State.IN_USE
             self._in_use += 1
             entry.mark(ConnState.CONNECTED)
+            if self.min_idle:
+                self._spare_maybe_wanted()
             if entry.watching:
                 # Aborting wait_readable is synchronous: the socket is ours now.
                 entry.wake()
@@ -433,6 +494,51 @@ class KeepAlivePool:
     def _slot_freed(self) -> None:
         self._grant(None)
 
+    # -- min_idle --------------------------------------------------------------
+
+    def _short_of_idle(self) -> bool:
+        # Waiters come first: a slot goes to them, not to a spare.
+        return (
+            len(self._idle) + self._spare_connecting < self.min_idle
+            and not self._waiters
+            and self._slots_taken() < self.max_connections
+        )
+
+    def _spare_maybe_wanted(self) -> None:
+        event = self._spare_wanted
+        if event is not None:
+            self._spare_wanted = None
+            event.set()
+
+    async def take_spare_slot(self) -> None:
+        """Wait until the pool is short of idle connections, then hold a ``CONNECTING`` slot.
+
+        The caller opens a connection in it and ends it with
+        :meth:`spare_ready`, or, if that failed, with the usual
+        :meth:`cancel_connecting` / :meth:`abandon_new` and then
+        :meth:`spare_failed`.
+
+        Raises:
+            trio.ClosedResourceError: the client is closing.
+        """
+        while not self._short_of_idle() or self._closing:
+            if self._closing:
+                raise trio.ClosedResourceError(f"the client of {self.name} is closed")
+            event = self._spare_wanted = self._spare_wanted or trio.Event()
+            await event.wait()
+        self._connecting += 1
+        self._spare_connecting += 1
+
+    def spare_ready(self, entry: PooledConnection, *, keepalive: float | None) -> None:
+        """A background connection is open: count it created and pool it as idle."""
+        self._spare_connecting -= 1
+        self.connected(entry)
+        self.release(entry, reusable=True, keepalive=keepalive)
+
+    def spare_failed(self) -> None:
+        """A background connect taken with :meth:`take_spare_slot` failed."""
+        self._spare_connecting -= 1
+
     # -- taking back ---------------------------------------------------------
 
     def connected(self, entry: PooledConnection) -> None:
@@ -462,6 +568,27 @@ class KeepAlivePool:
         """Count one failed session attempt."""
         self._failed += 1
 
+    def record_retry(self) -> None:
+        """Count one failed session attempt that is tried again."""
+        self._retries += 1
+
+    def check_done(self, entry: PooledConnection, ok: bool | None) -> None:
+        """The health check of a connection lent ``check_due`` ended.
+
+        True: it passed, the connection serves the session (counted as
+        reused). False: it failed: counted, and the connection retired.
+        None: it was cancelled: the connection is retired, nothing counted.
+        """
+        entry.check_due = False
+        if ok:
+            entry.check_at = _INF
+            self._reused += 1
+            return
+        if ok is not None:
+            self._health_checks_failed += 1
+        entry.graceful = False
+        self._retire(entry, "failed its health check" if ok is False else "check cancelled")
+
     def release(
         self, entry: PooledConnection, *, reusable: bool, keepalive: float | None = None
     ) -> None:
@@ -480,6 +607,12 @@ class KeepAlivePool:
             return
         now = self._now()
         entry.idle_deadline = _INF if keepalive is None else now + keepalive
+        if self._tuned:
+            if now >= entry.expires_at:
+                self._retire(entry, "its max_lifetime is over")
+                return
+            entry.idle_deadline = min(entry.idle_deadline, entry.expires_at)
+            entry.check_at = now + self.check_after
         self._in_use -= 1
         self._give_back(entry, now)
 
@@ -520,10 +653,13 @@ class KeepAlivePool:
         entry.wake()
         if regrant:
             self._slot_freed()
+        if self.min_idle:
+            self._spare_maybe_wanted()
 
     def close(self) -> None:
         """The client is closing: refuse new sessions and retire idle connections."""
         self._closing = True
+        self._spare_maybe_wanted()  # the task making spares sees the close and ends
         while self._waiters:
             waiter = self._waiters.popleft()
             waiter.closed = True

@@ -24,7 +24,7 @@ import sys
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import trio
 
@@ -34,6 +34,7 @@ if sys.version_info < (3, 11):
 from ._connection import Connection, ConnState, Idle, ReplyRefused, format_address, socket_of
 from ._errors import CommError, CommTimeout, ConnectionLost, FrameTooLarge, ProtocolError
 from ._framing import Codec
+from ._keepalive import check_tcp_keepalive, set_tcp_keepalive
 from ._observe import Observer, ObserverSet, check_observers
 from ._timeouts import Limits, ServerTimeouts, passive_limits
 from ._timers import Timers
@@ -81,13 +82,20 @@ class ServerStats:
             ``"slow_consumer"`` (closed by :meth:`Server.broadcast`),
             ``"handshake"`` (TLS failed or timed out), ``"connection_lost"``
             (reset or closed mid-message), ``"on_idle"`` (the idle callback
-            raised) and ``"accept"`` (accept failed for lack of resources).
+            raised) and ``"accept"`` (accept failed for lack of resources);
+            :func:`~triocomm.serve_datagrams` adds ``"overload"`` (a datagram
+            dropped because ``max_in_flight`` handlers were running) and
+            ``"send"`` (the kernel refused a reply datagram).
         connections_peak: the most connections open at once.
         bytes_received, bytes_sent, messages_received, messages_sent: the
             sums of every connection's :class:`ConnectionStats` (closed ones
             and open ones; bytes as the connections count them, so the
             plaintext under TLS). Brought up to date each time
             :attr:`Server.stats` is read, not per message.
+
+    A datagram service (:func:`~triocomm.serve_datagrams`) has no connections:
+    ``connections_open`` and ``connections_total`` stay 0 and ``sessions``
+    counts the datagrams handed to the handler.
     """
 
     connections_open: int = 0
@@ -142,6 +150,7 @@ class ServiceOptions:
     max_connections: int = 2000
     idle: Mapping[Idle, float] = field(default_factory=dict)
     on_idle: IdleCallback | None = None
+    tcp_keepalive: float | None = None
     on_connect: ConnectHook | None = None
     on_close: CloseHook | None = None
     observers: tuple[Observer, ...] = ()
@@ -155,6 +164,8 @@ class ServiceOptions:
         max_connections: int = 2000,
         idle: Mapping[Idle, float] | None = None,
         on_idle: IdleCallback | None = None,
+        *,
+        tcp_keepalive: float | None = None,
         on_connect: ConnectHook | None = None,
         on_close: CloseHook | None = None,
         observers: Iterable[Observer] | None = None,
@@ -167,6 +178,7 @@ class ServiceOptions:
             max_connections,
             idle or {},
             on_idle,
+            tcp_keepalive,
             on_connect,
             on_close,
             check_observers(observers),
@@ -193,6 +205,7 @@ class ServiceOptions:
             if hook is not None and not callable(hook):
                 raise TypeError(f"{name} must be a function or None, got {hook!r}")
         object.__setattr__(self, "idle", idle)
+        check_tcp_keepalive(self.tcp_keepalive)
         object.__setattr__(self, "observers", check_observers(self.observers))
 
 
@@ -384,29 +397,69 @@ def _socket_identity(path: str) -> tuple[int, int] | None:
 # -- the service -------------------------------------------------------------
 
 
+class ServiceFront(Protocol):
+    """How work reaches a service that accepts no connections (``serve_datagrams``).
+
+    The front owns its sockets and its :class:`ServerStats`. A :class:`Server`
+    made with a front (see :func:`run_service`) runs it in the service
+    nursery instead of accept loops, reads ``addresses`` and ``stats`` from
+    it, and ends once :meth:`run` has returned.
+    """
+
+    @property
+    def addresses(self) -> list[Any]:
+        """Every bound address."""
+        ...
+
+    @property
+    def stats(self) -> ServerStats:
+        """The counters the front keeps."""
+        ...
+
+    async def run(self, receiving: trio.CancelScope) -> None:
+        """Take work in under ``receiving`` (cancelled when the server shuts
+        down), then return once the work taken in is done. The service
+        nursery's deadline (the grace period) bounds that work."""
+        ...
+
+
 class Server:
     """A running service, as returned by ``await nursery.start(partial(serve, ...))``.
 
-    Do not create one yourself: :func:`serve` and :func:`serve_connections`
-    make it and hand it over once the listeners are bound, so a client may
-    connect as soon as ``nursery.start`` returns.
+    Do not create one yourself: :func:`serve`, :func:`serve_connections`
+    and :func:`~triocomm.serve_datagrams` make it and hand it over once the
+    listeners (or datagram sockets) are bound, so a client may connect as
+    soon as ``nursery.start`` returns.
 
     Stop it with :meth:`shutdown` (graceful) or by cancelling the task that
     runs :func:`serve` (immediate).
     """
 
+    # Set only for a service that accepts no connections (see ServiceFront).
+    _front: ServiceFront | None = None
+    _body: Body
+
     def __init__(
         self,
         listeners: list[trio.SocketListener],
-        body: Body,
+        body: Body | ServiceFront,
         options: ServiceOptions,
         unix_path: str | None,
     ) -> None:
         self._listeners = listeners
         self._observers = ObserverSet.of(options.observers)
-        if self._observers is not None and self._observers.watches_sessions:
-            body = body.observed(self._observers)
-        self._body = body
+        if isinstance(body, (RequestLoop, ConnectionBody)):
+            if self._observers is not None and self._observers.watches_sessions:
+                body = body.observed(self._observers)
+            self._body = body
+            self._stats = ServerStats()
+            self._addresses = [listener.socket.getsockname() for listener in listeners]
+        else:
+            self._front = body
+            self._stats = body.stats
+            self._addresses = body.addresses
+        # The I/O counters of the connections closed so far (see ``stats``).
+        self._closed_io = [0, 0, 0, 0]
         self._options = options
         self._max = options.max_connections
         self._idle_periods = options.idle
@@ -418,10 +471,6 @@ class Server:
         )
         self._unix_path = unix_path
         self._unix_identity = _socket_identity(unix_path) if unix_path else None
-        self._stats = ServerStats()
-        # The I/O counters of the connections closed so far (see ``stats``).
-        self._closed_io = [0, 0, 0, 0]
-        self._addresses = [listener.socket.getsockname() for listener in listeners]
         self._entries: set[_Entry] = set()
         # Keep-alive connections waiting for their next request, longest idle first.
         self._keepalive: OrderedDict[_Entry, None] = OrderedDict()
@@ -557,7 +606,9 @@ class Server:
 
         A :func:`serve_connections` handler has no "between requests" that the
         service can see: it runs until it returns or the grace period ends
-        (check :attr:`shutting_down` to end early).
+        (check :attr:`shutting_down` to end early). A datagram service stops
+        receiving at once and lets running handlers finish and send their
+        replies.
 
         Calling it again only shortens the grace period. Call it from outside
         the service (not from a handler, which it would wait for).
@@ -573,7 +624,7 @@ class Server:
             self._accepting.cancel()
             for entry in list(self._entries):
                 self._close_if_waiting(entry)
-            if self._stats.connections_open == 0:
+            if self._stats.connections_open == 0 and self._front is None:
                 self._drained.set()
             self._stop.set()
         await self._done.wait()
@@ -601,7 +652,7 @@ class Server:
             self._service = service
             # Before the first connection: they time every waiting read.
             await service.start(self._timers.run)
-            service.start_soon(self._accept_all)
+            service.start_soon(self._accept_all if self._front is None else self._run_front)
             task_status.started(self)
             await self._stop.wait()
             await self._drained.wait()
@@ -616,6 +667,11 @@ class Server:
                 os.unlink(path)
             except OSError:
                 pass
+
+    async def _run_front(self) -> None:
+        assert self._front is not None
+        await self._front.run(self._accepting)
+        self._drained.set()  # what it took in is done
 
     async def _accept_all(self) -> None:
         with self._accepting:
@@ -725,6 +781,9 @@ class Server:
         self._entries.add(entry)
         try:
             transport: trio.abc.Stream = stream
+            if self._options.tcp_keepalive is not None:
+                with contextlib.suppress(OSError):  # the peer may be gone already
+                    set_tcp_keepalive(stream, self._options.tcp_keepalive)
             if self._options.ssl_context is not None:
                 secure = await self._handshake(stream, _peer_of(stream))
                 if secure is None:
@@ -1127,7 +1186,7 @@ def _observed(handler: F, observers: ObserverSet) -> F:
 
 
 async def run_service(
-    body: Body,
+    body: Body | ServiceFront,
     options: ServiceOptions,
     task_status: trio.TaskStatus[Server],
     *,
@@ -1136,7 +1195,11 @@ async def run_service(
     path: str | os.PathLike[str] | None = None,
     listeners: list[trio.SocketListener] | None = None,
 ) -> None:
-    """Bind (or take ``listeners``, e.g. serve_workers' SO_REUSEPORT ones) and serve."""
+    """Bind (or take ``listeners``, e.g. serve_workers' SO_REUSEPORT ones) and serve.
+
+    A ``body`` that is a :class:`ServiceFront` brings its own sockets: pass
+    ``listeners=[]``.
+    """
     if listeners is None:
         listeners = await _open_listeners(port, host, path)
     try:
@@ -1160,6 +1223,7 @@ async def serve(
     max_connections: int = 2000,
     idle: Mapping[Idle, float] | None = None,
     on_idle: IdleCallback | None = None,
+    tcp_keepalive: float | None = None,
     on_connect: ConnectHook | None = None,
     on_close: CloseHook | None = None,
     observers: Iterable[Observer] | None = None,
@@ -1181,22 +1245,21 @@ async def serve(
     Args:
         handler: ``async def handler(request, conn) -> reply | None``.
         port: TCP port; 0 asks the OS for a free one (see ``Server.port``).
-        host: address to bind; ``None`` binds every interface (IPv4 and IPv6),
-            as :func:`trio.serve_tcp` does.
+        host: address to bind; ``None``: every interface (IPv4 and IPv6).
         path: serve on this Unix socket path instead of a port (a stale socket
             file is replaced; the file is removed when the service ends).
         codec: the wire format of requests and replies.
-        ssl_context: serve TLS; each handshake runs in its connection's own
-            task under ``timeouts.handshake``.
+        ssl_context: serve TLS (each handshake bounded by ``timeouts.handshake``).
         timeouts: a :class:`ServerTimeouts`; the defaults when ``None``.
         max_connections: at most this many open connections. At the limit, a
-            new client makes the service close the keep-alive connection that
-            has been idle the longest; if none is idle, accepting pauses until
-            a connection closes.
+            new client evicts the longest-idle keep-alive connection; if none
+            is idle, accepting pauses until a connection closes.
         idle: idle periods, e.g. ``{Idle.READ: 30.0}``: ``on_idle`` is called
             when a connection was idle that long, and every period after.
         on_idle: ``async def on_idle(conn, status)``, e.g. a heartbeat; a
             connection has at most one running, and a slow one delays no other.
+        tcp_keepalive: seconds of silence before the kernel probes an accepted
+            TCP connection, to find vanished clients (``None``: not set).
         on_connect: ``async def on_connect(conn)``, run after accept and TLS,
             before the first request: greet, handshake, or reject the peer.
         on_close: ``def on_close(conn, error)``, called once after the close
@@ -1206,10 +1269,9 @@ async def serve(
 
     Failures are isolated: a handler exception, bad input, an oversized frame,
     a timeout or a failed TLS handshake closes that one connection, logs one
-    line on the ``triocomm.server`` logger naming the peer and the cause, and
-    counts in ``Server.stats.errors``. Accept failures for lack of file
-    descriptors or memory (``EMFILE``, ``ENFILE``, ``ENOBUFS``, ``ENOMEM``)
-    make the service wait 0.1 s and try again, never stop.
+    line naming the peer and the cause, and counts in ``Server.stats.errors``.
+    Accept failures for lack of file descriptors or memory make the service
+    wait 0.1 s and try again, never stop.
 
     Raises:
         ValueError, TypeError: bad options (before anything is bound).
@@ -1222,9 +1284,10 @@ async def serve(
         max_connections,
         idle,
         on_idle,
-        on_connect,
-        on_close,
-        observers,
+        tcp_keepalive=tcp_keepalive,
+        on_connect=on_connect,
+        on_close=on_close,
+        observers=observers,
     )
     await run_service(RequestLoop(handler), options, task_status, port=port, host=host, path=path)
 
@@ -1241,6 +1304,7 @@ async def serve_connections(
     max_connections: int = 2000,
     idle: Mapping[Idle, float] | None = None,
     on_idle: IdleCallback | None = None,
+    tcp_keepalive: float | None = None,
     on_connect: ConnectHook | None = None,
     on_close: CloseHook | None = None,
     observers: Iterable[Observer] | None = None,
@@ -1275,9 +1339,10 @@ async def serve_connections(
         max_connections,
         idle,
         on_idle,
-        on_connect,
-        on_close,
-        observers,
+        tcp_keepalive=tcp_keepalive,
+        on_connect=on_connect,
+        on_close=on_close,
+        observers=observers,
     )
     await run_service(
         ConnectionBody(handler), options, task_status, port=port, host=host, path=path

@@ -96,7 +96,9 @@ class Timeouts(_TimeoutsBase):
             progress.
         keepalive: how long an idle connection stays pooled; ``0`` closes
             the connection after each session.
-        pool: waiting for a free slot when ``max_connections`` are in use.
+        pool: waiting for a free slot when ``max_connections`` are in use
+            (default 30 s, so that no queue is unbounded; ``None`` waits for
+            ever).
     """
 
     connect: float | None = 10.0
@@ -105,7 +107,7 @@ class Timeouts(_TimeoutsBase):
     receive: float | None = None
     inactivity: float | None = 10.0
     keepalive: float | None = 60.0
-    pool: float | None = None
+    pool: float | None = 30.0
 
     def replace(self, **changes: Any) -> Timeouts:
         """Return a copy with the given fields changed."""

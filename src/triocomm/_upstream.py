@@ -125,8 +125,10 @@ class Upstream(Generic[T]):
             let through (half-open): success closes the fuse, failure fuses
             it again.
 
-    A failed attempt is retried (up to the client's ``retries``) on an address
-    not yet tried in that session. When every address is fused the session
+    A failed attempt that the session's :class:`RetryPolicy` retries goes to
+    an address not yet tried in that session while one is available (a
+    failed connect is retried elsewhere even when the policy does not name
+    ``"connect"``). When every address is fused the session
     fails at once with :class:`UpstreamUnavailable`. What counts as a failure:
     connect errors, a lost connection, timeouts and protocol errors; an
     exception raised by the user's own session code does not.

@@ -187,6 +187,7 @@ async def serve_workers(
     max_connections: int = 2000,
     idle: Mapping[Idle, float] | None = None,
     on_idle: IdleCallback | None = None,
+    tcp_keepalive: float | None = None,
     on_connect: ConnectHook | None = None,
     on_close: CloseHook | None = None,
     observers: Iterable[Observer] | None = None,
@@ -202,10 +203,9 @@ async def serve_workers(
     ``on_close``, ``observers`` and ``ssl_context_factory`` must be
     picklable: module-level functions and the built-in codecs are (an
     :class:`ssl.SSLContext` is not, hence a factory that each worker calls).
-    Each worker has its own copy of the observers, which see that worker's
-    connections only. A program that calls this from its own
-    ``__main__`` module needs the usual ``if __name__ == "__main__":`` guard,
-    as with :mod:`multiprocessing`. ``max_connections`` applies per worker.
+    Each worker has its own copy of the observers. A program that calls this
+    from its own ``__main__`` module needs the ``if __name__ == "__main__":``
+    guard of :mod:`multiprocessing`. ``max_connections`` applies per worker.
 
     Start it with ``group = await nursery.start(partial(serve_workers, ...))``;
     it returns once every worker listens. Cancelling it, or
@@ -218,7 +218,16 @@ async def serve_workers(
     if not hasattr(socket, "SO_REUSEPORT"):
         raise RuntimeError("serve_workers needs SO_REUSEPORT (Linux)")
     options = ServiceOptions.build(
-        codec, None, timeouts, max_connections, idle, on_idle, on_connect, on_close, observers
+        codec,
+        None,
+        timeouts,
+        max_connections,
+        idle,
+        on_idle,
+        tcp_keepalive=tcp_keepalive,
+        on_connect=on_connect,
+        on_close=on_close,
+        observers=observers,
     )
     count = workers if workers is not None else (os.cpu_count() or 1)
     if count < 1:

@@ -5,18 +5,15 @@ the folder that holds them goes on ``sys.path`` and tests import them by
 their file names (``import resp``).
 
 Tests that drive a program we did not write (redis-server, redis-cli,
-redis-benchmark, curl) are marked ``@pytest.mark.needs_binary("name")``
-(``-m "not needs_binary"`` deselects them all); the mark, and fixtures that
-start such a program, go through :func:`require_binary`: on a developer
-machine without the program the test is skipped, but under ``CI`` a missing
-program fails the run, so CI can never skip these proofs silently.
+redis-benchmark, curl) are marked ``@pytest.mark.needs_binary("name")``, and
+fixtures that start such a program call :func:`require_binary`
+(``tests/binaries.py``; the mark's hook is in ``tests/conftest.py``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -26,30 +23,14 @@ from pathlib import Path
 import pytest
 import trio
 
+from binaries import require_binary
+
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
 if str(EXAMPLES) not in sys.path:
     sys.path.insert(0, str(EXAMPLES))
 
 REDIS_PASSWORD = "triocomm-test-password"
-
-
-def require_binary(name: str) -> str:
-    """Return the path of program ``name``; skip the test if it is missing, unless on CI."""
-    path = shutil.which(name)
-    if path is not None:
-        return path
-    message = f"{name} is not installed (Debian: apt-get install redis-server redis-tools curl)"
-    if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
-        pytest.fail(f"{message}; CI must run this test, not skip it", pytrace=False)
-    pytest.skip(message)
-
-
-@pytest.fixture(autouse=True)
-def _needed_binaries(request: pytest.FixtureRequest) -> None:
-    """Honour ``@pytest.mark.needs_binary("curl")``: skip, or fail on CI, without it."""
-    for marker in request.node.iter_markers("needs_binary"):
-        require_binary(marker.args[0])
 
 
 def open_fds() -> int:

@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import dnswire
 import pytest
 import trio
 
@@ -27,6 +28,10 @@ TRIOCOMM_ROOT = str(Path(triocomm.__file__).resolve().parents[1])
 
 # Bounds how long a broken example can hang a test; never reached when it works.
 HANG_GUARD = 30.0
+
+
+_DNS_QUERY = b"\x00\x1e" + dnswire.query(0x7C01, "example.test", dnswire.TYPE_A)
+_DNS_REPLY = b"\x00\x2e\x7c\x01\x85\x00"  # 46 bytes: id, flags qr aa rd
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,8 @@ EXAMPLE_SERVERS = {
         b"HTTP/1.1 200 ",
         keeps_connection=False,
     ),
+    # Over TCP: a 2-byte length, then the DNS message (its id and flags first).
+    "dns_server": Example("dns_server.py", ("0",), _DNS_QUERY, _DNS_REPLY),
 }
 
 

@@ -36,7 +36,7 @@ def test_every_buffer_and_queue_has_a_default_bound() -> None:
     # Every wait on a peer has a finite default, except the whole-message
     # limits, which DESIGN.md leaves open (inactivity still bounds each read).
     client = Timeouts()
-    for name in ("connect", "inactivity", "keepalive"):
+    for name in ("connect", "inactivity", "keepalive", "pool"):
         assert math.isfinite(getattr(client, name)), name
     server = ServerTimeouts()
     for name in ("first_request", "inactivity", "keepalive", "handshake"):

@@ -1,9 +1,5 @@
 """triocomm.contrib.prometheus, scraped over HTTP by the real curl and read back
-with prometheus_client's own parser: the numbers match ``Server.stats``.
-
-Here (not beside the unit tests) for the ``needs_binary`` mark this folder's
-conftest honours.
-"""
+with prometheus_client's own parser: the numbers match ``Server.stats``."""
 
 from __future__ import annotations
 
@@ -23,7 +19,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
 import triocomm
-from conftest import require_binary
+from binaries import require_binary
 from triocomm import Connection, LengthPrefixed, Server, Target, open_client
 from triocomm.contrib.prometheus import PrometheusObserver
 

@@ -1,0 +1,30 @@
+"""External programs that tests drive (redis-server, curl, dnsmasq ...).
+
+A test that needs one is marked ``@pytest.mark.needs_binary("name")``
+(``-m "not needs_binary"`` deselects them all); the mark, and fixtures that
+start such a program, go through :func:`require_binary`: on a developer
+machine without the program the test is skipped, but under ``CI`` a missing
+program fails the run, so CI can never skip these proofs silently. The
+conftest at the top of ``tests/`` honours the mark everywhere below it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+
+def require_binary(name: str) -> str:
+    """Return the path of program ``name``; skip the test if it is missing, unless on CI."""
+    path = shutil.which(name)
+    if path is not None:
+        return path
+    message = (
+        f"{name} is not installed (Debian: apt-get install redis-server redis-tools curl "
+        "bind9-dnsutils dnsmasq-base)"
+    )
+    if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
+        pytest.fail(f"{message}; CI must run this test, not skip it", pytrace=False)
+    pytest.skip(message)
