@@ -27,14 +27,54 @@ SERVER_DEFAULTS = {
     "keepalive": 60,
     "handshake": 10,
 }
+# A service's minimum data rates (bytes per second) and their grace (seconds):
+# not time limits, so they have rules of their own (tested below).
+SERVER_RATES = {"min_receive_rate": 240, "min_send_rate": 240, "rate_grace": 5}
 BOTH = [(Timeouts, CLIENT_DEFAULTS), (ServerTimeouts, SERVER_DEFAULTS)]
 IDS = ["Timeouts", "ServerTimeouts"]
 
 
-@pytest.mark.parametrize(("cls", "defaults"), BOTH, ids=IDS)
+@pytest.mark.parametrize(
+    ("cls", "defaults"),
+    [(Timeouts, CLIENT_DEFAULTS), (ServerTimeouts, {**SERVER_DEFAULTS, **SERVER_RATES})],
+    ids=IDS,
+)
 def test_defaults_match_the_design(cls: Any, defaults: dict[str, Any]) -> None:
     value = cls()
     assert {f.name: getattr(value, f.name) for f in dataclasses.fields(value)} == defaults
+
+
+@pytest.mark.parametrize("name", ["min_receive_rate", "min_send_rate"])
+def test_a_rate_is_bytes_per_second_or_none(name: str) -> None:
+    for good in (None, 0.5, 1, 240, 10**9):
+        assert getattr(ServerTimeouts(**{name: good}), name) == good
+    for bad, error in [(0, ValueError), (-1, ValueError), (math.inf, ValueError),
+                       (math.nan, ValueError), ("240", TypeError), (True, TypeError)]:  # fmt: skip
+        with pytest.raises(error, match=name):
+            ServerTimeouts(**{name: bad})
+
+
+def test_the_rates_grace_is_seconds_never_none() -> None:
+    for good in (0, 0.5, 5, math.inf):
+        assert ServerTimeouts(rate_grace=good).rate_grace == good
+    for bad, error in [(None, TypeError), (-1, ValueError), (math.nan, ValueError),
+                       ("5", TypeError), (False, TypeError)]:  # fmt: skip
+        with pytest.raises(error, match="rate_grace"):
+            ServerTimeouts(rate_grace=bad)
+
+
+def test_the_rates_reach_both_passive_limits_and_no_client_limits() -> None:
+    s = ServerTimeouts(min_receive_rate=100, min_send_rate=None, rate_grace=2)
+    for limits in (s._first_request_limits, s._keepalive_limits):
+        assert (limits.receive_rate, limits.send_rate, limits.rate_grace) == (100, None, 2)
+    client = Timeouts()._limits
+    assert (client.receive_rate, client.send_rate) == (None, None)
+    # A rate alone makes a connection's limits worth looking at.
+    rate_only = ServerTimeouts(first_request=None, inactivity=None, keepalive=None)
+    assert not rate_only.replace(min_send_rate=None)._keepalive_limits.unlimited
+    assert not rate_only.replace(min_receive_rate=None)._keepalive_limits.unlimited
+    none = rate_only.replace(min_receive_rate=None, min_send_rate=None)
+    assert none._keepalive_limits.unlimited
 
 
 @pytest.mark.parametrize(("cls", "defaults"), BOTH, ids=IDS)

@@ -183,6 +183,19 @@ def _nbytes(data: Any) -> int:
     return len(data) if type(data) is bytes else memoryview(data).nbytes
 
 
+def _rate_breach(began: float, nbytes: int, rate: float, grace: float) -> float:
+    """When a message that began at ``began`` falls below ``rate`` bytes per second
+    on average, if nothing more than its ``nbytes`` so far moves; never before
+    ``grace`` seconds.
+
+    Computed when a read or a write must wait, it is that wait's exact
+    deadline: the rate can only fall while nothing moves, and any byte that
+    moves ends the wait. So the rate costs nothing while data flows, and no
+    alarm has to look at it periodically.
+    """
+    return began + max(grace, nbytes / rate)
+
+
 _NO_LIMITS = Limits()
 # Shared empty lists: the pending messages and the outbox of every connection
 # with none. Never mutated (a connection that needs one makes its own).
@@ -617,9 +630,9 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         view = memoryview(data)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
-        send_deadline = self._send_deadline()
+        began = self._now()
         while sent < total:
-            await self._wait_writable(sock, send_deadline)
+            await self._wait_writable(sock, began, sent)
             try:
                 sent += os.write(sock.fileno(), view[sent:])
             except BlockingIOError:
@@ -627,15 +640,17 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             except OSError as exc:
                 raise _stream_error(exc) from exc
 
-    async def _wait_writable(self, sock: trio.socket.SocketType, send_deadline: float) -> None:
-        """Wait for room in the socket's send buffer, under the send / inactivity limits.
+    async def _wait_writable(self, sock: trio.socket.SocketType, began: float, taken: int) -> None:
+        """Wait for room in the socket's send buffer, under the send limits.
+
+        ``began``: when the write began; ``taken``: the bytes of it the kernel took.
 
         A read deadline wakes every task blocked on the socket (see
         :meth:`_on_alarm`); a writer woken that way while the connection is
         open waits again, under the same deadline: a timer that ends a read
         never cuts a write short.
         """
-        with PhaseLimit(*self._write_deadline(send_deadline), self._peer):
+        with PhaseLimit(*self._write_deadline(began, taken), self._peer):
             while True:
                 try:
                     await trio.lowlevel.wait_writable(sock)
@@ -644,26 +659,37 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
                     if self._closed:
                         raise
 
-    def _write_deadline(self, send_deadline: float) -> tuple[float, str, float | None]:
+    def _write_deadline(self, began: float, taken: int) -> tuple[float, str, float | None]:
+        """The deadline of a wait to write more of a write that began at ``began``,
+        of which the stream took ``taken`` bytes, with the phase and limit that set it."""
         limits = self._limits
+        phase, limit = "send", limits.send
+        deadline = _INF if limit is None else began + limit
+        rate = limits.send_rate
+        if rate is not None:
+            breach = _rate_breach(began, taken, rate, limits.rate_grace)
+            if breach < deadline:
+                phase, limit, deadline = "send_rate", rate, breach
         if limits.inactivity is not None:
             progress = self._now() + limits.inactivity
-            if progress < send_deadline:
+            if progress < deadline:
                 return progress, "inactivity", limits.inactivity
-        return send_deadline, "send", limits.send
-
-    def _send_deadline(self) -> float:
-        send = self._limits.send
-        return _INF if send is None else self._now() + send
+        return deadline, phase, limit
 
     async def _write_limited(self, data: Any) -> None:
-        send_deadline = self._send_deadline()
+        began = self._now()
+        limits = self._limits
         with memoryview(data) as view:
             total = view.nbytes
-            step = _WRITE_STEP if self._limits.inactivity is not None else max(total, 1)
+            # In steps, so that the progress limits see progress between them.
+            stepped = limits.inactivity is not None or limits.send_rate is not None
+            step = _WRITE_STEP if stepped else max(total, 1)
             for offset in range(0, max(total, 1), step):
-                with PhaseLimit(*self._write_deadline(send_deadline), self._peer):
-                    await self._stream.send_all(view[offset : offset + step])
+                piece = view[offset : offset + step]
+                # A stream shows no progress inside a step: the rate counts the
+                # step as taken, so a peer above the minimum is never cut.
+                with PhaseLimit(*self._write_deadline(began, offset + len(piece)), self._peer):
+                    await self._stream.send_all(piece)
 
     async def _acquire_send(self) -> None:
         if self._sending:
@@ -727,13 +753,13 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             if self._closed:
                 raise trio.ClosedResourceError(f"connection to {self._peer} is closed")
             sock = self._stream.socket if isinstance(self._stream, trio.SocketStream) else None
-            send_deadline = self._send_deadline()
+            began = self._now()
             try:
                 if sock is not None and fd is not None:
-                    async for n in self._sendfile(sock, fd, offset, count, send_deadline):
+                    async for n in self._sendfile(sock, fd, offset, count, began):
                         sent += n
                 else:
-                    async for n in self._send_chunks(f, fd, offset, count, send_deadline):
+                    async for n in self._send_chunks(f, fd, offset, count, began):
                         sent += n
             except (trio.BrokenResourceError, BrokenPipeError, ConnectionError) as exc:
                 await self.abort()
@@ -752,16 +778,16 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         return sent
 
     async def _sendfile(
-        self, sock: trio.socket.SocketType, fd: int, offset: int, count: int, send_deadline: float
+        self, sock: trio.socket.SocketType, fd: int, offset: int, count: int, began: float
     ) -> Any:
         sockfd = sock.fileno()
-        end = offset + count
+        start, end = offset, offset + count
         await trio.lowlevel.checkpoint()
         while offset < end:
             try:
                 n = os.sendfile(sockfd, fd, offset, min(end - offset, 1 << 30))
             except BlockingIOError:
-                await self._wait_writable(sock, send_deadline)
+                await self._wait_writable(sock, began, offset - start)
                 continue
             if n == 0:
                 raise CommError(
@@ -771,9 +797,9 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             yield n
 
     async def _send_chunks(
-        self, f: IO[bytes], fd: int | None, offset: int, count: int, send_deadline: float
+        self, f: IO[bytes], fd: int | None, offset: int, count: int, began: float
     ) -> Any:
-        end = offset + count
+        start, end = offset, offset + count
         if fd is None:
             f.seek(offset)
         if count == 0:
@@ -788,7 +814,8 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
                 raise CommError(
                     f"file ended {end - offset} bytes early while sending to {self._peer}"
                 )
-            with PhaseLimit(*self._write_deadline(send_deadline), self._peer):
+            taken = offset - start + len(chunk)  # the chunk counts as taken (see _write_limited)
+            with PhaseLimit(*self._write_deadline(began, taken), self._peer):
                 await self._stream.send_all(chunk)
             offset += len(chunk)
             yield len(chunk)
@@ -826,16 +853,16 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             unlimited = self._limits.unlimited
             sock = self._sock
             # When this call began (read from the clock only if a deadline
-            # needs it), and the message's deadline once its first byte is in.
+            # needs it), and when the message began once its first byte is in.
             started = _INF
-            message_deadline = _INF
+            message_began = _INF
             data: bytes | bytearray | None
             while True:
-                if message_deadline is _INF and not unlimited and self._decoder.buffered:
+                if message_began is _INF and not unlimited and self._decoder.buffered:
                     started = min(started, self._now())
-                    message_deadline = self._message_deadline(started)
+                    message_began = self._message_began(started)
                 if sock is None:
-                    data = await self._read_stream(started, message_deadline)
+                    data = await self._read_stream(started, message_began)
                 else:
                     await trio.lowlevel.checkpoint_if_cancelled()
                     waited = False
@@ -844,7 +871,7 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
                         if self._on_wait is not None:
                             self._on_wait()
                         started = min(started, self._now())
-                        deadline, phase, limit = self._read_deadline(started, message_deadline)
+                        deadline, phase, limit = self._read_deadline(started, message_began)
                         if self._arm_wait(deadline):
                             try:
                                 await trio.lowlevel.wait_readable(sock)
@@ -857,7 +884,8 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
                         with PhaseLimit(deadline, phase, limit, self._peer):
                             await trio.lowlevel.wait_readable(sock)
                     if not waited:
-                        self._check_message_deadline(message_deadline)
+                        if message_began is not _INF:
+                            self._check_receive_limit(message_began)
                         if self._yield_on_data:
                             await trio.lowlevel.cancel_shielded_checkpoint()
                 message = self._absorb(data)
@@ -874,13 +902,13 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         finally:
             self._receiving = False
 
-    async def _read_stream(self, started: float, message_deadline: float) -> bytes | bytearray:
+    async def _read_stream(self, started: float, message_began: float) -> bytes | bytearray:
         """One read from a stream that is not a plain socket (TLS, memory), under the limits."""
         if self._on_wait is not None:
             self._on_wait()  # whether it will wait is not known: it counts as a wait
         if self._limits.unlimited:
             return await self._stream.receive_some(RECEIVE_SIZE)
-        deadline = self._read_deadline(min(started, self._now()), message_deadline)
+        deadline = self._read_deadline(min(started, self._now()), message_began)
         with PhaseLimit(*deadline, self._peer):
             return await self._stream.receive_some(RECEIVE_SIZE)
         raise AssertionError("unreachable: the scope raised its timeout")  # pragma: no cover
@@ -961,33 +989,39 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         self._pending = messages
         return first
 
-    def _message_deadline(self, started: float) -> float:
-        """The ``receive`` deadline of a message whose first byte is buffered.
+    def _message_began(self, started: float) -> float:
+        """When a message whose first byte is buffered began, for its limits.
 
-        From that byte, but not before this call began: time the application
+        At that byte, but not before this call began: time the application
         spent elsewhere while the bytes sat buffered is not the peer's delay.
         """
-        receive = self._limits.receive
-        if receive is None:
-            return _INF
-        return max(self._stats.last_receive_at or 0.0, started) + receive
+        return max(self._stats.last_receive_at or 0.0, started)
 
-    def _check_message_deadline(self, message_deadline: float) -> None:
+    def _check_receive_limit(self, message_began: float) -> None:
         # A message that keeps coming but never ends still times out.
-        if message_deadline is not _INF and self._now() >= message_deadline:
-            raise CommTimeout("receive", self._limits.receive or 0.0, self._peer)
+        receive = self._limits.receive
+        if receive is not None and self._now() >= message_began + receive:
+            raise CommTimeout("receive", receive, self._peer)
 
     def _read_deadline(
-        self, started: float, message_deadline: float
+        self, started: float, message_began: float
     ) -> tuple[float, str, float | None]:
         """The deadline of the next read, with the phase and limit that set it."""
         limits = self._limits
-        if message_deadline is _INF and not self._decoder.buffered:
-            # Waiting for the first byte of a message.
+        if message_began is _INF and not self._decoder.buffered:
+            # Waiting for the first byte of a message: no rate applies.
             phase, limit = limits.first_phase, limits.first_timeout
             deadline = _INF if limit is None else started + limit
         else:
-            phase, limit, deadline = "receive", limits.receive, message_deadline
+            phase, limit = "receive", limits.receive
+            deadline = _INF if limit is None else message_began + limit
+            rate = limits.receive_rate
+            if rate is not None:
+                # The bytes of the message so far are what the decoder holds.
+                received = self._decoder.buffered
+                breach = _rate_breach(message_began, received, rate, limits.rate_grace)
+                if breach < deadline:
+                    phase, limit, deadline = "receive_rate", rate, breach
         # A peer that has not started its next request is not stalled, only
         # quiet: the first_request / keepalive limit alone bounds that wait,
         # else inactivity (10 s) would silently cut keep-alive (60 s) short.

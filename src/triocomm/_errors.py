@@ -83,14 +83,19 @@ class CommTimeout(CommError, TimeoutError):
     Attributes:
         phase: which limit: ``"connect"``, ``"send"``, ``"first_response"``,
             ``"receive"``, ``"inactivity"``, ``"pool"``, ``"first_request"``,
-            ``"keepalive"`` or ``"handshake"``.
-        limit: the limit in seconds.
+            ``"keepalive"``, ``"handshake"``, or a service's minimum data
+            rates ``"receive_rate"`` and ``"send_rate"``.
+        limit: the limit in seconds; for the rates, in bytes per second.
         peer: the remote address or target description, if known.
     """
 
     def __init__(self, phase: str, limit: float, peer: object = None) -> None:
         where = f" with {peer}" if peer is not None else ""
-        super().__init__(f"{phase} timeout: no progress within {limit:g}s{where}")
+        if phase.endswith("_rate"):
+            what = f"slower than {limit:g} bytes/s on average"
+        else:
+            what = f"no progress within {limit:g}s"
+        super().__init__(f"{phase} timeout: {what}{where}")
         self.phase = phase
         self.limit = limit
         self.peer = peer

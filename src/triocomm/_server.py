@@ -933,8 +933,13 @@ class Server:
                 logger.debug("closing keep-alive connection from %s: idle for %gs", peer, exc.limit)
                 return False
             errors["timeout"] += 1
+            unit = " bytes/s" if exc.phase.endswith("_rate") else "s"
             logger.warning(
-                "closing connection from %s: %s timeout (limit %gs)", peer, exc.phase, exc.limit
+                "closing connection from %s: %s timeout (limit %g%s)",
+                peer,
+                exc.phase,
+                exc.limit,
+                unit,
             )
         elif isinstance(exc, FrameTooLarge):
             errors["frame_too_large"] += 1

@@ -93,7 +93,7 @@ class Moment(NamedTuple):
 class Span(NamedTuple):
     """The stretch of a timeline that one time limit covers."""
 
-    limit: str  # a field of Timeouts or ServerTimeouts
+    limit: str  # a field of Timeouts or ServerTimeouts (rate_grace is the rates' note)
     start: str  # Moment.name
     end: str  # Moment.name
     note: str = ""
@@ -136,6 +136,8 @@ SERVER_TIMELINE: tuple[tuple[Moment, ...], tuple[Span, ...]] = (
         Span("first_request", "handshake", "first", "the first request only"),
         Span("receive", "first", "request"),
         Span("send", "request", "replied", "the handler's time is not limited"),
+        Span("min_receive_rate", "first", "request", "average, after rate_grace"),
+        Span("min_send_rate", "request", "replied", "average, after rate_grace"),
         Span("keepalive", "replied", "next", "between requests"),
         Span("inactivity", "first", "replied", "each read or write"),
     ),

@@ -1,15 +1,20 @@
 """Fault class: slowloris — peers that trickle bytes, or read them one at a time.
 
-A trickle keeps every progress-based limit happy, so only the whole-message
-limits (``receive``, ``send``) can end it. While such peers hang on, everyone
-else is served.
+A trickle keeps every progress-based limit happy. A service ends it with its
+minimum data rates (on by default), or with the whole-message limits
+(``receive``, ``send``) where they are set; a large, slow but steady transfer
+keeps going. While such peers hang on, everyone else is served.
 """
 
 from __future__ import annotations
 
+import statistics
+import struct
+
 import pytest
 import trio
 
+import triocomm
 from triocomm import CommTimeout, ServerTimeouts, Target, Timeouts, open_client
 from triocomm.testing import Fault, fault_client, fault_server
 
@@ -86,4 +91,100 @@ async def test_stalled_clients_filling_max_connections_only_delay_a_newcomer(
         assert server.stats.errors["timeout"] >= 1
         await invariants.check(servers=[server], extra_fds=5, extra_tasks=5)
     assert server.stats.errors["timeout"] == 5
+    await invariants.check(servers=[server])
+
+
+# -- the minimum data rates, with the default limits (issue 18) ------------------------
+
+TRICKLERS = 200
+TRANSFER = 50 * 1024 * 1024
+PACE = 1024 * 1024  # bytes a second, both ways
+BIG = triocomm.LengthPrefixed(max_frame=TRANSFER)
+# A trickler the service has not closed by then has not been cut at all.
+GIVE_UP = 30.0
+
+
+async def _trickle(port: int, lasted: list[float]) -> None:
+    """Send a request a byte a second until the service closes the connection."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    start = trio.current_time()
+    data = struct.pack("!I", 1000) + b"t" * 1000
+    async with stream:
+        with trio.move_on_after(GIVE_UP):
+            try:
+                for i in range(len(data)):
+                    await stream.send_all(data[i : i + 1])
+                    # The service sends nothing: a read that ends is the close.
+                    with trio.move_on_after(1.0):
+                        await stream.receive_some(1)
+                        break
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            lasted.append(trio.current_time() - start)
+
+
+async def _upload(port: int, results: dict[str, float]) -> None:
+    """50 MiB in one request, sent at 1 MiB/s; the reply is its size."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    conn = triocomm.Connection(stream, BIG)
+    start = trio.current_time()
+    async with conn:
+        await stream.send_all(struct.pack("!I", TRANSFER))
+        chunk = b"u" * (64 * 1024)
+        for sent in range(0, TRANSFER, len(chunk)):
+            await trio.sleep_until(start + sent / PACE)
+            await stream.send_all(chunk)
+        assert await conn.receive() == str(TRANSFER).encode()
+    results["upload"] = trio.current_time() - start
+
+
+async def _download(port: int, results: dict[str, float]) -> None:
+    """Ask for 50 MiB and read it at 1 MiB/s."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    start = trio.current_time()
+    received = 0
+    async with stream:
+        await stream.send_all(struct.pack("!I", 8) + b"download")
+        while received < TRANSFER + 4:
+            await trio.sleep_until(start + received / PACE)
+            data = await stream.receive_some(64 * 1024)
+            assert data, f"the service closed the download after {received} bytes"
+            received += len(data)
+    assert received == TRANSFER + 4
+    results["download"] = trio.current_time() - start
+
+
+async def test_default_rates_cut_tricklers_and_keep_slow_steady_transfers(
+    start_server, invariants, serves
+) -> None:
+    payload = b"d" * TRANSFER
+
+    async def handler(request: bytes, conn: triocomm.Connection[bytes, bytes]) -> bytes:
+        if request == b"download":
+            return payload
+        return str(len(request)).encode() if len(request) == TRANSFER else request
+
+    server = await start_server(handler, codec=BIG)  # the default ServerTimeouts
+    await invariants.mark()
+    lasted: list[float] = []
+    results: dict[str, float] = {}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_upload, server.port, results)
+        nursery.start_soon(_download, server.port, results)
+        for _ in range(TRICKLERS):
+            nursery.start_soon(_trickle, server.port, lasted)
+        await serves(server)  # while they all trickle
+    grace = ServerTimeouts().rate_grace
+    print(
+        f"\n{TRICKLERS} tricklers lasted min {min(lasted):.2f} s, median "
+        f"{statistics.median(lasted):.2f} s, max {max(lasted):.2f} s (rate_grace {grace} s); "
+        f"upload {results['upload']:.1f} s, download {results['download']:.1f} s "
+        f"for {TRANSFER >> 20} MiB each at {PACE >> 20} MiB/s"
+    )
+    # Every trickler was cut by the service, none before its grace ended.
+    assert len(lasted) == TRICKLERS
+    assert min(lasted) >= grace
+    assert max(lasted) < GIVE_UP
+    assert set(results) == {"upload", "download"}
+    assert server.stats.errors == {"timeout": TRICKLERS}
     await invariants.check(servers=[server])
