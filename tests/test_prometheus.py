@@ -4,6 +4,7 @@ with prometheus_client's own parser: the numbers match ``Server.stats``."""
 from __future__ import annotations
 
 import copy
+import pickle
 import re
 import struct
 import subprocess
@@ -204,3 +205,12 @@ def test_a_registry_takes_one_observer(registry: CollectorRegistry) -> None:
     PrometheusObserver(registry)
     with pytest.raises(ValueError, match="Duplicated"):
         PrometheusObserver(registry)
+
+
+def test_the_observer_refuses_to_pickle_rather_than_count_apart(
+    registry: CollectorRegistry,
+) -> None:
+    # serve_workers pickles its options: a copy in each worker would count
+    # apart from the registry the parent exposes.
+    with pytest.raises(TypeError):
+        pickle.dumps(PrometheusObserver(registry))

@@ -54,8 +54,8 @@ class PrometheusObserver(Observer):
             takes one ``PrometheusObserver`` (the metric names are fixed);
             one observer may watch any number of clients and services.
 
-    With ``serve_workers``, each worker process has its own copy, which
-    counts that worker only.
+    It does not pickle (it holds a lock and its registry), so it cannot be
+    handed to ``serve_workers``, whose options travel to each worker process.
 
     The events only add to plain integers (no lock, no label lookup per
     session); the metrics are built from them when Prometheus scrapes, in
