@@ -1,0 +1,374 @@
+"""A service at the edge of a network: PROXY headers, admission, and listeners given to it.
+
+Every client is a raw Trio stream writing headers and frames by hand. The
+parser itself is fuzzed in ``test_proxy.py``; here the headers travel over
+real loopback sockets (whole, split, trickled, with the first request in the
+same segment).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+import triocomm
+from triocomm import Connection, LengthPrefixed, Server, ServerTimeouts
+from triocomm._proxy import V2_SIGNATURE
+
+CODEC = LengthPrefixed()
+
+
+def _ipv6_loopback_works() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+IPV6 = socket.has_ipv6 and _ipv6_loopback_works()
+LOOPBACK = "127.0.0.1"
+
+
+def frame(payload: bytes) -> bytes:
+    return struct.pack("!I", len(payload)) + payload
+
+
+def v1(source: str, sport: int, destination: str = "10.0.0.1", dport: int = 7000) -> bytes:
+    family = "TCP4" if ipaddress.ip_address(source).version == 4 else "TCP6"
+    return f"PROXY {family} {source} {destination} {sport} {dport}\r\n".encode()
+
+
+def v2(source: str, sport: int, *, command: int = 1, tlvs: bytes = b"") -> bytes:
+    a = ipaddress.ip_address(source)
+    b = ipaddress.ip_address("10.0.0.1" if a.version == 4 else "fd00::1")
+    body = a.packed + b.packed + struct.pack("!HH", sport, 7000) + tlvs
+    family = 0x11 if a.version == 4 else 0x21
+    return V2_SIGNATURE + bytes([0x20 | command, family]) + struct.pack("!H", len(body)) + body
+
+
+class Seen:
+    """What the handler saw of each connection."""
+
+    def __init__(self) -> None:
+        self.requests: list[bytes] = []
+        self.remote: list[object] = []
+        self.proxied_by: list[object] = []
+        self.peers: list[str] = []
+
+    async def handler(self, request: bytes, conn: Connection[bytes, bytes]) -> bytes:
+        self.requests.append(request)
+        self.remote.append(conn.remote_address)
+        self.proxied_by.append(conn.proxied_by)
+        self.peers.append(conn.peer)
+        return request
+
+
+@asynccontextmanager
+async def running(handler: Callable[..., Awaitable[Any]], **options: Any) -> AsyncIterator[Server]:
+    options.setdefault("codec", CODEC)
+    if "listeners" not in options and "path" not in options:
+        options.setdefault("host", LOOPBACK)
+        options.setdefault("port", 0)
+    async with trio.open_nursery() as nursery:
+        server: Server = await nursery.start(partial(triocomm.serve, handler, **options))
+        try:
+            yield server
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def read_replies(stream: trio.abc.Stream, count: int) -> list[bytes]:
+    data = b""
+    replies: list[bytes] = []
+    while len(replies) < count:
+        if len(data) >= 4 and len(data) >= 4 + struct.unpack("!I", data[:4])[0]:
+            size = struct.unpack("!I", data[:4])[0]
+            replies.append(data[4 : 4 + size])
+            data = data[4 + size :]
+            continue
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            raise EOFError(f"closed after {replies!r} and {data!r}")
+        data += chunk
+    assert not data
+    return replies
+
+
+async def read_reply(stream: trio.abc.Stream) -> bytes:
+    (reply,) = await read_replies(stream, 1)
+    return reply
+
+
+async def closed_by_server(stream: trio.abc.Stream) -> bool:
+    """True when the server closed (EOF or reset) without sending anything."""
+    try:
+        with trio.fail_after(30):
+            data = await stream.receive_some(65536)
+    except trio.BrokenResourceError:
+        return True
+    return data == b""
+
+
+async def settled(server: Server, open_connections: int = 0) -> None:
+    """Wait until the service's connection tasks caught up with the closes."""
+    with trio.fail_after(5):
+        while server.stats.connections_open != open_connections:
+            await trio.sleep(0.005)
+
+
+async def send_quietly(stream: trio.abc.Stream, data: bytes) -> None:
+    # The service may have closed already (that is what the test checks).
+    try:
+        await stream.send_all(data)
+    except trio.BrokenResourceError:
+        pass
+
+
+# -- PROXY protocol --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("header", [v1("192.0.2.7", 51234), v2("192.0.2.7", 51234)])
+async def test_the_client_named_by_the_header_is_the_remote_address(header: bytes) -> None:
+    seen = Seen()
+    async with (
+        running(seen.handler, proxy_protocol=True) as server,
+        await trio.open_tcp_stream(LOOPBACK, server.port) as stream,
+    ):
+        # The first request rides in the same segment as the header.
+        await stream.send_all(header + frame(b"one") + frame(b"two"))
+        assert await read_replies(stream, 2) == [b"one", b"two"]
+        balancer = stream.socket.getsockname()
+    assert seen.requests == [b"one", b"two"]
+    assert seen.remote == [("192.0.2.7", 51234)] * 2
+    assert seen.proxied_by == [balancer] * 2
+    assert seen.peers == ["192.0.2.7:51234"] * 2
+    assert not server.stats.errors
+
+
+async def test_an_ipv6_client_behind_an_ipv4_balancer() -> None:
+    seen = Seen()
+    async with (
+        running(seen.handler, proxy_protocol=True) as server,
+        await trio.open_tcp_stream(LOOPBACK, server.port) as stream,
+    ):
+        await stream.send_all(v2("2001:db8::5", 4242, tlvs=b"\x05\x00\x02ab") + frame(b"x"))
+        assert await read_reply(stream) == b"x"
+    assert seen.remote == [("2001:db8::5", 4242, 0, 0)]
+    assert seen.peers == ["[2001:db8::5]:4242"]
+
+
+@pytest.mark.parametrize("header", [b"PROXY UNKNOWN\r\n", v2("192.0.2.9", 1, command=0)])
+async def test_a_header_naming_no_client_leaves_the_socket_address(header: bytes) -> None:
+    # v1 UNKNOWN, v2 LOCAL (a balancer's health check): the balancer is the peer.
+    seen = Seen()
+    async with (
+        running(seen.handler, proxy_protocol=True) as server,
+        await trio.open_tcp_stream(LOOPBACK, server.port) as stream,
+    ):
+        await stream.send_all(header + frame(b"ping"))
+        assert await read_reply(stream) == b"ping"
+        balancer = stream.socket.getsockname()
+    assert seen.remote == [balancer]
+    assert seen.proxied_by == [balancer]
+
+
+async def test_without_the_protocol_nothing_is_proxied() -> None:
+    seen = Seen()
+    async with (
+        running(seen.handler) as server,
+        await trio.open_tcp_stream(LOOPBACK, server.port) as stream,
+    ):
+        await stream.send_all(frame(b"plain"))
+        assert await read_reply(stream) == b"plain"
+        me = stream.socket.getsockname()
+    assert seen.remote == [me]
+    assert seen.proxied_by == [None]
+
+
+@pytest.mark.parametrize("header", [v1("192.0.2.7", 51234), v2("192.0.2.7", 51234)])
+async def test_a_header_split_at_every_byte(header: bytes) -> None:
+    seen = Seen()
+    async with running(seen.handler, proxy_protocol=True) as server:
+        for split in range(1, len(header)):
+            async with await trio.open_tcp_stream(LOOPBACK, server.port) as stream:
+                stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                await stream.send_all(header[:split])
+                await trio.testing.wait_all_tasks_blocked()  # the service takes that part
+                await stream.send_all(header[split:] + frame(b"%d" % split))
+                assert await read_reply(stream) == b"%d" % split
+        await settled(server)
+    assert seen.remote == [("192.0.2.7", 51234)] * (len(header) - 1)
+    assert not server.stats.errors
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        frame(b"no header at all"),
+        b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n" + frame(b"x"),
+        b"PROXY TCP4 1.2.3.4 5.6.7.8 99999 2\r\n" + frame(b"x"),
+        b"\x00" * 200,
+        b"PROXY " + b"A" * 200,
+        V2_SIGNATURE + b"\x21\x11\xff\xff" + b"\x00" * 100,  # past the size bound
+    ],
+    ids=["none", "lf", "port", "zeros", "long-v1", "big-v2"],
+)
+async def test_a_bad_header_closes_the_connection_before_the_handler(
+    data: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen = Seen()
+    async with (
+        running(seen.handler, proxy_protocol=True) as server,
+        await trio.open_tcp_stream(LOOPBACK, server.port) as stream,
+    ):
+        await send_quietly(stream, data)
+        assert await closed_by_server(stream)
+        await settled(server)
+    assert seen.requests == []
+    assert server.stats.errors == {"proxy_protocol": 1}
+    assert server.stats.sessions == 0
+    (line,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "bad PROXY header" in line
+    assert "127.0.0.1:" in line
+
+
+@pytest.mark.parametrize("header", [v1("192.0.2.7", 51234), v2("192.0.2.7", 51234)])
+async def test_a_truncated_header_closes(header: bytes) -> None:
+    seen = Seen()
+    async with running(seen.handler, proxy_protocol=True) as server:
+        for cut in (0, 1, len(header) // 2, len(header) - 1):
+            stream = await trio.open_tcp_stream(LOOPBACK, server.port)
+            async with stream:
+                await stream.send_all(header[:cut])
+                await stream.send_eof()
+                assert await closed_by_server(stream)
+        await settled(server)
+    assert seen.requests == []
+    assert server.stats.errors == {"proxy_protocol": 4}
+
+
+async def test_a_trickled_header_is_cut_off_by_first_request(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    seen = Seen()
+    header = v1("192.0.2.7", 51234)
+    async with running(
+        seen.handler, proxy_protocol=True, timeouts=ServerTimeouts(first_request=5.0)
+    ) as server:
+        async with await trio.open_tcp_stream(LOOPBACK, server.port) as stream:
+            started = trio.current_time()
+            closed = False
+            for byte in header:  # one byte a second: each read makes progress
+                await send_quietly(stream, bytes([byte]))
+                with trio.move_on_after(1.0):
+                    closed = await closed_by_server(stream)
+                if closed:
+                    break
+            assert closed
+            # Cut off when the whole header was due, not when it stopped moving.
+            assert 5.0 <= trio.current_time() - started < 6.0
+        await settled(server)
+    assert seen.requests == []
+    assert server.stats.errors == {"proxy_protocol": 1}
+
+
+async def test_a_slow_first_request_after_a_prompt_header_is_a_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    seen = Seen()
+    async with running(
+        seen.handler, proxy_protocol=True, timeouts=ServerTimeouts(first_request=5.0)
+    ) as server:
+        async with await trio.open_tcp_stream(LOOPBACK, server.port) as stream:
+            await stream.send_all(v2("192.0.2.7", 1))
+            assert await closed_by_server(stream)
+        await settled(server)
+    assert server.stats.errors == {"timeout": 1}
+
+
+async def test_proxy_protocol_over_tls(server_ssl_context: Any, client_ssl_context: Any) -> None:
+    # The header comes first, in clear, as HAProxy sends it; then the handshake.
+    seen = Seen()
+    async with running(seen.handler, proxy_protocol=True, ssl_context=server_ssl_context) as server:
+        tcp = await trio.open_tcp_stream(LOOPBACK, server.port)
+        await tcp.send_all(v1("192.0.2.7", 51234))
+        stream = trio.SSLStream(tcp, client_ssl_context, server_hostname="localhost")
+        async with stream:
+            await stream.send_all(frame(b"secure"))
+            assert await read_reply(stream) == b"secure"
+    assert seen.remote == [("192.0.2.7", 51234)]
+
+
+async def test_proxy_protocol_over_a_unix_socket(short_tmp: str) -> None:
+    seen = Seen()
+    path = f"{short_tmp}/s"
+    async with (
+        running(seen.handler, path=path, proxy_protocol=True),
+        await trio.open_unix_socket(path) as stream,
+    ):
+        await stream.send_all(v1("192.0.2.7", 51234) + frame(b"u"))
+        assert await read_reply(stream) == b"u"
+    assert seen.remote == [("192.0.2.7", 51234)]
+
+
+async def test_serve_connections_takes_the_options_too() -> None:
+    got: list[object] = []
+
+    async def handler(conn: Connection[bytes, bytes]) -> None:
+        got.append(conn.remote_address)
+        await conn.send(await conn.receive())
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(
+            partial(
+                triocomm.serve_connections,
+                handler,
+                0,
+                host=LOOPBACK,
+                codec=CODEC,
+                proxy_protocol=True,
+                deny=["198.51.100.0/24"],
+            )
+        )
+        async with await trio.open_tcp_stream(LOOPBACK, server.port) as stream:
+            await stream.send_all(v2("192.0.2.1", 9) + frame(b"c"))
+            assert await read_reply(stream) == b"c"
+        async with await trio.open_tcp_stream(LOOPBACK, server.port) as stream:
+            await stream.send_all(v2("198.51.100.1", 9) + frame(b"c"))
+            assert await closed_by_server(stream)
+        await settled(server)
+        assert server.stats.errors == {"denied": 1}
+        nursery.cancel_scope.cancel()
+    assert got == [("192.0.2.1", 9)]
+
+
+@pytest.mark.skipif(not IPV6, reason="no IPv6 loopback")
+async def test_over_ipv6_the_balancer_address_is_a_v6_one() -> None:
+    seen = Seen()
+    async with (
+        running(seen.handler, host="::1", proxy_protocol=True) as server,
+        await trio.open_tcp_stream("::1", server.port) as stream,
+    ):
+        await stream.send_all(v1("192.0.2.7", 5) + frame(b"6"))
+        assert await read_reply(stream) == b"6"
+    assert seen.remote == [("192.0.2.7", 5)]
+    (by,) = seen.proxied_by
+    assert isinstance(by, tuple)
+    assert by[0] == "::1"
+
+
+async def test_proxy_protocol_must_be_a_bool() -> None:
+    with pytest.raises(TypeError, match="proxy_protocol"):
+        await triocomm.serve(Seen().handler, 0, codec=CODEC, proxy_protocol="yes")  # type: ignore[arg-type]
