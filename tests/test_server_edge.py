@@ -372,3 +372,208 @@ async def test_over_ipv6_the_balancer_address_is_a_v6_one() -> None:
 async def test_proxy_protocol_must_be_a_bool() -> None:
     with pytest.raises(TypeError, match="proxy_protocol"):
         await triocomm.serve(Seen().handler, 0, codec=CODEC, proxy_protocol="yes")  # type: ignore[arg-type]
+
+
+# -- admission ---------------------------------------------------------------------
+
+
+async def open_from(source: str, port: int) -> trio.SocketStream:
+    """A TCP connection to the service from the loopback address ``source``."""
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        await sock.bind((source, 0))
+        await sock.connect((LOOPBACK, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
+async def served(stream: trio.abc.Stream, payload: bytes = b"hi") -> bool:
+    """True if the service answers a request on ``stream``, False if it closed it."""
+    async with stream:
+        await send_quietly(stream, frame(payload))
+        try:
+            return await read_reply(stream) == payload
+        except (EOFError, trio.BrokenResourceError):
+            return False
+
+
+async def test_allow_and_deny_by_the_socket_address() -> None:
+    seen = Seen()
+    async with running(
+        seen.handler, allow=["127.0.0.0/29"], deny=[ipaddress.ip_address("127.0.0.2")]
+    ) as server:
+        assert await served(await open_from("127.0.0.1", server.port))
+        assert not await served(await open_from("127.0.0.2", server.port))  # deny wins
+        assert not await served(await open_from("127.0.0.9", server.port))  # not allowed
+        assert await served(await open_from("127.0.0.3", server.port))
+        await settled(server)
+    assert server.stats.errors == {"denied": 2}
+    assert server.stats.sessions == 2
+    assert seen.proxied_by == [None, None]
+
+
+async def test_deny_applies_to_the_proxied_address() -> None:
+    seen = Seen()
+    async with running(
+        seen.handler, proxy_protocol=True, deny=["192.0.2.0/24", "2001:db8::/32"]
+    ) as server:
+        for header, ok in [
+            (v1("192.0.2.7", 1), False),
+            (v2("198.51.100.7", 1), True),
+            (v2("2001:db8::1", 1), False),
+            (v2("2001:db9::1", 1), True),
+            (b"PROXY UNKNOWN\r\n", True),  # no client named: the balancer's own address
+        ]:
+            stream = await trio.open_tcp_stream(LOOPBACK, server.port)
+            await stream.send_all(header)
+            assert await served(stream) is ok, header
+        await settled(server)
+    assert server.stats.errors == {"denied": 2}
+
+
+async def test_a_unix_socket_peer_is_never_filtered(short_tmp: str) -> None:
+    path = f"{short_tmp}/s"
+    async with running(
+        Seen().handler, path=path, allow=["10.0.0.0/8"], max_connections_per_ip=1
+    ) as server:
+        first = await trio.open_unix_socket(path)
+        assert await served(await trio.open_unix_socket(path))
+        await first.aclose()
+        await settled(server)
+    assert not server.stats.errors
+
+
+async def test_max_connections_per_ip() -> None:
+    async with running(Seen().handler, max_connections_per_ip=2) as server:
+        one = await open_from("127.0.0.1", server.port)
+        two = await open_from("127.0.0.1", server.port)
+        await one.send_all(frame(b"1"))
+        await two.send_all(frame(b"2"))
+        assert await read_reply(one) == b"1"
+        assert await read_reply(two) == b"2"
+        assert not await served(await open_from("127.0.0.1", server.port))
+        assert await served(await open_from("127.0.0.4", server.port))  # another address
+        await one.aclose()
+        await settled(server, 1)
+        assert await served(await open_from("127.0.0.1", server.port))  # room again
+        await two.aclose()
+        await settled(server)
+    assert server.stats.errors == {"per_ip_limit": 1}
+
+
+async def test_max_connections_per_ip_counts_proxied_clients() -> None:
+    async with running(Seen().handler, proxy_protocol=True, max_connections_per_ip=1) as server:
+        held = []
+        for client in ("192.0.2.1", "192.0.2.2"):
+            stream = await trio.open_tcp_stream(LOOPBACK, server.port)
+            await stream.send_all(v2(client, 1) + frame(b"x"))
+            assert await read_reply(stream) == b"x"
+            held.append(stream)
+        again = await trio.open_tcp_stream(LOOPBACK, server.port)
+        await again.send_all(v1("192.0.2.1", 2))
+        assert not await served(again)
+        for stream in held:
+            await stream.aclose()
+        await settled(server)
+    assert server.stats.errors == {"per_ip_limit": 1}
+
+
+async def test_per_ip_counts_are_given_back_on_every_end(
+    server_ssl_context: Any, client_ssl_context: Any
+) -> None:
+    """With a limit of one connection, a new connection is admitted after each way one ends."""
+
+    async def handler(request: bytes, conn: Connection[bytes, bytes]) -> bytes:
+        if request == b"raise":
+            raise RuntimeError("the handler fails")
+        if request == b"close":
+            await conn.aclose()
+        return request
+
+    async with running(
+        handler,
+        max_connections_per_ip=1,
+        timeouts=ServerTimeouts(handshake=0.05, first_request=None, keepalive=None),
+    ) as server:
+
+        async def end(how: str) -> None:
+            stream = await open_from("127.0.0.1", server.port)
+            if how == "clean":
+                assert await served(stream)
+            elif how in ("raise", "close"):
+                assert not await served(stream, how.encode())
+            elif how == "bad frame":
+                await stream.send_all(b"\xff\xff\xff\xff")
+                assert await closed_by_server(stream)
+                await stream.aclose()
+            elif how == "reset":
+                stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                await stream.aclose()
+            await settled(server)
+
+        for how in ("clean", "raise", "close", "bad frame", "reset"):
+            await end(how)
+        # A TLS handshake that fails, on a TLS service with the same limit.
+        assert await served(await open_from("127.0.0.1", server.port))
+    async with running(
+        handler, max_connections_per_ip=1, ssl_context=server_ssl_context
+    ) as tls_server:
+        for _ in range(2):
+            stream = await open_from("127.0.0.1", tls_server.port)
+            await stream.send_all(b"not a TLS hello" * 10)
+            assert await closed_by_server(stream)
+            await stream.aclose()
+            await settled(tls_server)
+        tls = trio.SSLStream(
+            await open_from("127.0.0.1", tls_server.port),
+            client_ssl_context,
+            server_hostname="localhost",
+        )
+        assert await served(tls)
+        await settled(tls_server)
+    assert server.stats.errors == {"handler": 1, "frame_too_large": 1, "connection_lost": 1}
+    assert tls_server.stats.errors == {"handshake": 2}
+    assert server._admission is not None
+    assert server._admission.connections_from("127.0.0.1") == 0
+
+
+async def test_per_ip_counts_are_given_back_at_shutdown_and_on_timeouts(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running(
+        Seen().handler, max_connections_per_ip=1, timeouts=ServerTimeouts(first_request=5.0)
+    ) as server:
+        admission = server._admission
+        assert admission is not None
+        quiet = await open_from("127.0.0.1", server.port)
+        assert await closed_by_server(quiet)  # first_request ran out
+        await quiet.aclose()
+        await settled(server)
+        assert admission.connections_from("127.0.0.1") == 0
+        held = await open_from("127.0.0.1", server.port)
+        await held.send_all(frame(b"x"))
+        assert await read_reply(held) == b"x"
+        assert admission.connections_from("127.0.0.1") == 1
+        await server.shutdown()
+        assert admission.connections_from("127.0.0.1") == 0
+        await held.aclose()
+    assert server.stats.errors == {"timeout": 1}
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"allow": "10.0.0.0/8"}, TypeError),  # a string, not a list of them
+        ({"deny": [42]}, TypeError),
+        ({"deny": ["10.0.0.1/8"]}, ValueError),  # host bits set
+        ({"allow": ["nonsense"]}, ValueError),
+        ({"max_connections_per_ip": 0}, ValueError),
+        ({"max_connections_per_ip": 1.5}, TypeError),
+        ({"max_connections_per_ip": True}, TypeError),
+    ],
+)
+async def test_bad_admission_options(options: dict[str, Any], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        await triocomm.serve(Seen().handler, 0, codec=CODEC, **options)
