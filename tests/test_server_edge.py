@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import socket
 import struct
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -577,3 +580,152 @@ async def test_per_ip_counts_are_given_back_at_shutdown_and_on_timeouts(
 async def test_bad_admission_options(options: dict[str, Any], error: type[Exception]) -> None:
     with pytest.raises(error):
         await triocomm.serve(Seen().handler, 0, codec=CODEC, **options)
+
+
+# -- listeners given to the service ------------------------------------------------
+
+
+def listening_socket(family: socket.AddressFamily = socket.AF_INET) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.bind((LOOPBACK, 0))
+    sock.listen()
+    return sock
+
+
+async def test_serves_on_a_given_socket_and_closes_it_at_the_end() -> None:
+    sock = listening_socket()
+    address = sock.getsockname()
+    async with running(Seen().handler, listeners=[sock]) as server:
+        assert server.addresses == [address]
+        assert server.port == address[1]
+        assert await served(await trio.open_tcp_stream(LOOPBACK, server.port))
+    assert sock.fileno() == -1  # the service owned it
+
+
+async def test_serves_on_given_trio_listeners_and_a_unix_socket(short_tmp: str) -> None:
+    tcp = trio.SocketListener(trio.socket.from_stdlib_socket(listening_socket()))
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    unix.bind(f"{short_tmp}/s")
+    unix.listen()
+    async with running(Seen().handler, listeners=(tcp, unix), proxy_protocol=True) as server:
+        stream = await trio.open_tcp_stream(LOOPBACK, server.port)
+        await stream.send_all(v1("192.0.2.1", 1))
+        assert await served(stream)
+        stream = await trio.open_unix_socket(f"{short_tmp}/s")
+        await stream.send_all(v1("192.0.2.1", 1))
+        assert await served(stream)
+        await settled(server)
+    assert not server.stats.errors
+
+
+@pytest.mark.parametrize(
+    ("where", "error", "message"),
+    [
+        ({"port": 0}, TypeError, "leave out port, host and path"),
+        ({"host": LOOPBACK}, TypeError, "leave out"),
+        ({"path": "/tmp/x"}, TypeError, "leave out"),
+        ({"one": True}, TypeError, "a list of listeners"),
+        ({"empty": True}, ValueError, "at least one"),
+        ({"unbound": True}, ValueError, "not listening"),
+        ({"udp": True}, ValueError, "SOCK_STREAM"),
+        ({"junk": True}, TypeError, "neither"),
+    ],
+)
+async def test_bad_listeners_are_refused_and_left_to_the_caller(
+    where: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    good = listening_socket()
+    other = socket.socket(
+        socket.AF_INET, socket.SOCK_DGRAM if "udp" in where else socket.SOCK_STREAM
+    )
+    try:
+        given: Any = [good]
+        if where.pop("one", False):
+            given = good
+        elif where.pop("empty", False):
+            given = []
+        elif where.pop("unbound", False) or where.pop("udp", False):
+            given = [good, other]
+        elif where.pop("junk", False):
+            given = [good, "0.0.0.0:80"]
+        with pytest.raises(error, match=message):
+            await triocomm.serve(Seen().handler, codec=CODEC, listeners=given, **where)
+        assert good.fileno() != -1  # still the caller's, still open
+    finally:
+        good.close()
+        other.close()
+
+
+SYSTEMD_CHILD = r"""
+import os, socket, sys
+from functools import partial
+import trio, triocomm
+
+def systemd_sockets():
+    # sd_listen_fds(): the sockets start at fd 3, for this very process only.
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    return [socket.socket(fileno=3 + i) for i in range(int(os.environ["LISTEN_FDS"]))]
+
+async def main():
+    stop = trio.Event()
+
+    async def handler(request, conn):
+        if request == b"stop":
+            stop.set()
+        return b"%d %s" % (os.getpid(), request)
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(partial(
+            triocomm.serve, handler, codec=triocomm.LengthPrefixed(), listeners=systemd_sockets()))
+        print("ready", server.port, flush=True)
+        await stop.wait()
+        await server.shutdown()
+
+trio.run(main)
+"""
+
+
+async def test_a_socket_inherited_the_systemd_way() -> None:
+    """A child process gets the listening socket as fd 3 with LISTEN_FDS/LISTEN_PID, and serves."""
+    sock = listening_socket()
+    port = sock.getsockname()[1]
+    fd = sock.fileno()
+    # As systemd does: the socket becomes fd 3 of the exec'd service, whose pid
+    # (the launcher's, kept across exec) is in LISTEN_PID.
+    launcher = (
+        "import os, sys\n"
+        f"os.dup2({fd}, 3)\n"
+        "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1')\n"
+        "os.execv(sys.executable, [sys.executable, '-c', sys.argv[1]])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-c", launcher, SYSTEMD_CHILD],
+        pass_fds=(fd,),
+        stdout=subprocess.PIPE,
+        env=env,
+    )
+    sock.close()  # only the child holds the socket now
+    try:
+        assert process.stdout is not None
+        line = b""
+        with trio.fail_after(30):
+            while not line.endswith(b"\n"):
+                chunk = await process.stdout.receive_some(100)
+                assert chunk, "the child exited before serving"
+                line += chunk
+        assert line == b"ready %d\n" % port
+        stream = await trio.open_tcp_stream(LOOPBACK, port)
+        async with stream:
+            await stream.send_all(frame(b"hello") + frame(b"stop"))
+            replies = await read_replies(stream, 2)
+        assert replies == [b"%d hello" % process.pid, b"%d stop" % process.pid]
+        with trio.fail_after(30):
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        if process.stdout is not None:
+            await process.stdout.aclose()
