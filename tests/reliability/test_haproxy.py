@@ -223,6 +223,11 @@ async def _check_stopping_one(
         stopped.set()
 
     nursery.start_soon(stop_a)
+    # Once a has closed its listener (what shutdown does first): a connection
+    # HAProxy made to a before that would be a's to answer, not b's.
+    await trio.testing.wait_all_tasks_blocked()
+    with pytest.raises(OSError):
+        await trio.open_tcp_stream(LOOPBACK, a.server.port)
     answered_by_a = len(a.seen)
     # a no longer accepts: HAProxy routes every new connection to b.
     replies = [(await request(b"after %d" % n, port))[0] for n in range(20)]
