@@ -69,12 +69,14 @@ class Seen:
         self.remote: list[object] = []
         self.proxied_by: list[object] = []
         self.peers: list[str] = []
+        self.fields: list[set[str]] = []
 
     async def handler(self, request: bytes, conn: Connection[bytes, bytes]) -> bytes:
         self.requests.append(request)
         self.remote.append(conn.remote_address)
         self.proxied_by.append(conn.proxied_by)
         self.peers.append(conn.peer)
+        self.fields.append(set(vars(conn)))
         return request
 
 
@@ -198,6 +200,8 @@ async def test_without_the_protocol_nothing_is_proxied() -> None:
         me = stream.socket.getsockname()
     assert seen.remote == [me]
     assert seen.proxied_by == [None]
+    # Memory: a connection without the protocol has no field for it.
+    assert "_proxied_by" not in seen.fields[0]
 
 
 @pytest.mark.parametrize("header", [v1("192.0.2.7", 51234), v2("192.0.2.7", 51234)])
@@ -729,3 +733,38 @@ async def test_a_socket_inherited_the_systemd_way() -> None:
             await process.wait()
         if process.stdout is not None:
             await process.stdout.aclose()
+
+
+# -- serve_workers -----------------------------------------------------------------
+
+
+async def who_handler(request: bytes, conn: Connection[bytes, bytes]) -> bytes:
+    """Module level, so that a worker process can unpickle it."""
+    return repr((conn.remote_address, conn.proxied_by is not None)).encode()
+
+
+async def test_serve_workers_passes_the_options_on() -> None:
+    from triocomm._workers import serve_workers
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            group = await nursery.start(
+                partial(
+                    serve_workers,
+                    who_handler,
+                    0,
+                    workers=1,
+                    host=LOOPBACK,
+                    codec=CODEC,
+                    proxy_protocol=True,
+                    deny=["192.0.2.0/24"],
+                    grace=1.0,
+                )
+            )
+            async with await trio.open_tcp_stream(LOOPBACK, group.port) as stream:
+                await stream.send_all(v1("198.51.100.1", 7) + frame(b"x"))
+                assert await read_reply(stream) == repr((("198.51.100.1", 7), True)).encode()
+            async with await trio.open_tcp_stream(LOOPBACK, group.port) as stream:
+                await send_quietly(stream, v1("192.0.2.1", 7) + frame(b"x"))
+                assert await closed_by_server(stream)
+            nursery.cancel_scope.cancel()
