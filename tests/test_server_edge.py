@@ -452,6 +452,22 @@ async def test_a_unix_socket_peer_is_never_filtered(short_tmp: str) -> None:
     assert not server.stats.errors
 
 
+@pytest.mark.skipif(not IPV6, reason="no IPv6 loopback")
+async def test_an_ipv4_client_of_a_dual_stack_socket_is_judged_as_ipv4() -> None:
+    # The socket shows the client as ::ffff:127.0.0.2; the rules name 127.0.0.2.
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind(("::", 0))
+    sock.listen()
+    seen = Seen()
+    async with running(seen.handler, listeners=[sock], deny=["127.0.0.2"]) as server:
+        assert not await served(await open_from("127.0.0.2", server.port))
+        assert await served(await open_from("127.0.0.3", server.port))
+        await settled(server)
+    assert server.stats.errors == {"denied": 1}
+    assert seen.remote[0][0] == "::ffff:127.0.0.3"  # type: ignore[index]
+
+
 async def test_max_connections_per_ip() -> None:
     async with running(Seen().handler, max_connections_per_ip=2) as server:
         one = await open_from("127.0.0.1", server.port)
