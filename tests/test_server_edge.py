@@ -784,3 +784,27 @@ async def test_serve_workers_passes_the_options_on() -> None:
                 await send_quietly(stream, v1("192.0.2.1", 7) + frame(b"x"))
                 assert await closed_by_server(stream)
             nursery.cancel_scope.cancel()
+
+
+async def test_shutdown_lets_a_header_in_progress_finish_with_its_request() -> None:
+    seen = Seen()
+    header = v1("192.0.2.7", 51234)
+    async with running(seen.handler, proxy_protocol=True) as server:
+        done = trio.Event()
+
+        async def stop() -> None:
+            await server.shutdown(grace=None)
+            done.set()
+
+        async with await trio.open_tcp_stream(LOOPBACK, server.port) as stream:
+            await stream.send_all(header[:10])
+            await trio.testing.wait_all_tasks_blocked()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stop)
+                await trio.testing.wait_all_tasks_blocked()
+                assert not done.is_set()  # the connection is still the service's
+                await stream.send_all(header[10:] + frame(b"last"))
+                assert await read_reply(stream) == b"last"
+                assert await closed_by_server(stream)
+        assert done.is_set()
+    assert seen.requests == [b"last"]
