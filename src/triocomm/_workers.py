@@ -23,12 +23,13 @@ import multiprocessing.connection
 import os
 import signal
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import trio
 
+from ._admission import IPAddress, Network
 from ._connection import Idle
 from ._framing import Codec
 from ._server import (
@@ -185,6 +186,10 @@ async def serve_workers(
     idle: Mapping[Idle, float] | None = None,
     on_idle: IdleCallback | None = None,
     tcp_keepalive: float | None = None,
+    proxy_protocol: bool = False,
+    allow: Iterable[str | Network | IPAddress] | None = None,
+    deny: Iterable[str | Network | IPAddress] | None = None,
+    max_connections_per_ip: int | None = None,
     grace: float = 5.0,
     restart: bool = True,
     task_status: trio.TaskStatus[WorkerGroup] = trio.TASK_STATUS_IGNORED,
@@ -198,8 +203,10 @@ async def serve_workers(
     built-in codecs are (an :class:`ssl.SSLContext` is not, hence a factory
     that each worker calls). A program that calls this from its own
     ``__main__`` module needs the usual ``if __name__ == "__main__":`` guard,
-    as with :mod:`multiprocessing`. ``max_connections`` applies per worker;
-    ``tcp_keepalive`` is :func:`serve`'s.
+    as with :mod:`multiprocessing`. ``max_connections`` applies per worker,
+    and so does ``max_connections_per_ip`` (each worker counts its own
+    connections); ``tcp_keepalive``, ``proxy_protocol``, ``allow`` and
+    ``deny`` are :func:`serve`'s.
 
     Start it with ``group = await nursery.start(partial(serve_workers, ...))``;
     it returns once every worker listens. Cancelling it, or
@@ -211,8 +218,9 @@ async def serve_workers(
     """
     if not hasattr(socket, "SO_REUSEPORT"):
         raise RuntimeError("serve_workers needs SO_REUSEPORT (Linux)")
+    edge = (proxy_protocol, allow, deny, max_connections_per_ip)
     options = ServiceOptions.build(
-        codec, None, timeouts, max_connections, idle, on_idle, tcp_keepalive=tcp_keepalive
+        codec, None, timeouts, max_connections, idle, on_idle, tcp_keepalive, *edge
     )
     count = workers if workers is not None else (os.cpu_count() or 1)
     if count < 1:
