@@ -38,6 +38,9 @@ import triocomm
 
 #: How long one exchange waits for its answer before the query is sent again.
 ATTEMPT_TIMEOUT = 1.0
+# TCP retransmits what is lost by itself, and dnsmasq answers TCP from a
+# child it forks per connection: that wait is bounded, never resent.
+TCP_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -66,13 +69,21 @@ class Resolver:
         *,
         attempts: int = 3,
         timeout: float = ATTEMPT_TIMEOUT,
+        tcp_timeout: float = TCP_TIMEOUT,
     ) -> None:
-        timeouts = triocomm.Timeouts(first_response=timeout, connect=5.0)
         self.client = client
         self.attempts = attempts
         # Raw: one datagram is one DNS message, parsed here (dnswire.py).
-        self.udp = triocomm.Target.udp(host, port, triocomm.Raw(), timeouts=timeouts)
-        self.tcp = triocomm.Target(host, port, triocomm.LengthPrefixed("!H"), timeouts=timeouts)
+        # ``timeout`` is one datagram's wait: a lost one is sent again.
+        self.udp = triocomm.Target.udp(
+            host, port, triocomm.Raw(), timeouts=triocomm.Timeouts(first_response=timeout)
+        )
+        self.tcp = triocomm.Target(
+            host,
+            port,
+            triocomm.LengthPrefixed("!H"),
+            timeouts=triocomm.Timeouts(first_response=tcp_timeout, connect=tcp_timeout),
+        )
 
     async def lookup(self, name: str, type_name: str = "A") -> Answer:
         """Ask for the ``type_name`` records (A, AAAA, TXT) of ``name``.

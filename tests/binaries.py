@@ -1,4 +1,4 @@
-"""External programs that tests drive (redis-server, curl, dnsmasq ...).
+"""External programs that tests drive (redis-server, curl, dnsmasq, haproxy ...).
 
 A test that needs one is marked ``@pytest.mark.needs_binary("name")``
 (``-m "not needs_binary"`` deselects them all); the mark, and fixtures that
@@ -23,7 +23,7 @@ def require_binary(name: str) -> str:
         return path
     message = (
         f"{name} is not installed (Debian: apt-get install redis-server redis-tools curl "
-        "bind9-dnsutils dnsmasq-base)"
+        "bind9-dnsutils dnsmasq-base haproxy)"
     )
     if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
         pytest.fail(f"{message}; CI must run this test, not skip it", pytrace=False)

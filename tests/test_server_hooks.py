@@ -356,3 +356,27 @@ async def test_an_on_close_error_is_logged_and_swallowed(
 async def test_a_hook_that_is_not_callable_is_refused(hook: str) -> None:
     with pytest.raises(TypeError, match=hook):
         await triocomm.serve(echo, 0, host=LOOPBACK, codec=CODEC, **{hook: "nope"})
+
+
+async def test_a_bad_proxy_header_or_a_denied_client_reaches_neither_hook() -> None:
+    hooks = Hooks()
+    async with running(hooks, proxy_protocol=True) as (server, _):
+        async with await connect(server) as garbage:
+            await garbage.send_all(b"GET / HTTP/1.0\r\n\r\n")
+            assert await closed_by_server(garbage)
+        async with await connect(server) as proxied:
+            await proxied.send_all(b"PROXY TCP4 192.0.2.7 127.0.0.1 5000 80\r\n" + frame(b"x"))
+            assert await read_frame(proxied) == b"x"
+        assert await hooks.settled() == [None]
+        assert hooks.connected[0].remote_address == ("192.0.2.7", 5000)
+        assert server.stats.errors == {"proxy_protocol": 1}
+    hooks = Hooks()
+    async with running(hooks, deny=["127.0.0.0/8"]) as (server, _):
+        async with await connect(server) as denied:
+            assert await closed_by_server(denied)
+        with trio.fail_after(5):
+            while server.stats.connections_open:
+                await trio.sleep(0.01)
+        assert hooks.connected == []
+        assert hooks.closes == []
+        assert server.stats.errors == {"denied": 1}

@@ -307,6 +307,8 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
     # The requests of the passive round in progress that the request loop has
     # not taken yet (see _take_burst): seq counts those taken.
     _round: list[Any] = _NO_PENDING
+    # The load balancer a PROXY header came through (see proxied_by).
+    _proxied_by: object = None
 
     def __init__(self, stream: trio.abc.Stream, codec: Codec[In, Out]) -> None:
         self._stream = stream
@@ -400,6 +402,12 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
     def remote_address(self) -> object:
         """The peer's socket address, or ``None`` for a non-socket stream."""
         return self._remote
+
+    @property
+    def proxied_by(self) -> object:
+        """The load balancer's address when a PROXY protocol header named the
+        client (:attr:`remote_address` is then the client's), else ``None``."""
+        return self._proxied_by
 
     @property
     def peer(self) -> str:
@@ -1147,14 +1155,21 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         label: str | None = None,
         on_wait: Callable[[], None] | None = None,
         request_loop: bool = False,
+        proxied: tuple[object, object] | None = None,
     ) -> None:
         """Join a client or service: its timers time the reads, its name for the peer.
 
         ``on_wait``: called when a read must wait (see ``_on_wait``).
         ``request_loop``: reads are made by a loop that has a schedule point
         of its own in every round, so a read that finds data skips one.
+        ``proxied``: the client's address and the balancer's, from a PROXY
+        header; the client's becomes the remote address and the peer's name.
         """
         self._timers = timers
+        if proxied is not None:
+            self._remote, self._proxied_by = proxied
+            self._peer = format_address(self._remote)
+            logger.info("connection #%d is from %s (PROXY header)", self._id, self._peer)
         if label is not None:
             self._peer = label
         if on_wait is not None:

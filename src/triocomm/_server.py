@@ -31,6 +31,7 @@ import trio
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found, unused-ignore]
 
+from ._admission import Admission, Arrival, IPAddress, Network, Refused, parse_networks
 from ._connection import Connection, ConnState, Idle, ReplyRefused, format_address, socket_of
 from ._errors import CommError, CommTimeout, ConnectionLost, FrameTooLarge, ProtocolError
 from ._framing import Codec
@@ -82,7 +83,10 @@ class ServerStats:
             ``"slow_consumer"`` (closed by :meth:`Server.broadcast`),
             ``"handshake"`` (TLS failed or timed out), ``"connection_lost"``
             (reset or closed mid-message), ``"on_idle"`` (the idle callback
-            raised) and ``"accept"`` (accept failed for lack of resources);
+            raised), ``"accept"`` (accept failed for lack of resources),
+            ``"proxy_protocol"`` (a PROXY header missing, bad or late),
+            ``"denied"`` (an address ``allow``/``deny`` refuses) and
+            ``"per_ip_limit"`` (past ``max_connections_per_ip``);
             :func:`~triocomm.serve_datagrams` adds ``"overload"`` (a datagram
             dropped because ``max_in_flight`` handlers were running) and
             ``"send"`` (the kernel refused a reply datagram).
@@ -151,6 +155,11 @@ class ServiceOptions:
     idle: Mapping[Idle, float] = field(default_factory=dict)
     on_idle: IdleCallback | None = None
     tcp_keepalive: float | None = None
+    # Admission (see _admission.py): allow/deny are turned into networks here.
+    proxy_protocol: bool = False
+    allow: tuple[Network, ...] | None = None
+    deny: tuple[Network, ...] | None = None
+    max_connections_per_ip: int | None = None
     on_connect: ConnectHook | None = None
     on_close: CloseHook | None = None
     observers: tuple[Observer, ...] = ()
@@ -164,8 +173,11 @@ class ServiceOptions:
         max_connections: int = 2000,
         idle: Mapping[Idle, float] | None = None,
         on_idle: IdleCallback | None = None,
-        *,
         tcp_keepalive: float | None = None,
+        proxy_protocol: bool = False,
+        allow: Any = None,
+        deny: Any = None,
+        max_connections_per_ip: int | None = None,
         on_connect: ConnectHook | None = None,
         on_close: CloseHook | None = None,
         observers: Iterable[Observer] | None = None,
@@ -178,10 +190,21 @@ class ServiceOptions:
             max_connections,
             idle or {},
             on_idle,
-            tcp_keepalive,
-            on_connect,
-            on_close,
-            check_observers(observers),
+            tcp_keepalive=tcp_keepalive,
+            proxy_protocol=proxy_protocol,
+            allow=allow,
+            deny=deny,
+            max_connections_per_ip=max_connections_per_ip,
+            on_connect=on_connect,
+            on_close=on_close,
+            observers=check_observers(observers),
+        )
+
+    @property
+    def admits_all(self) -> bool:
+        """No PROXY header to read and nobody to refuse: connections skip admission."""
+        return not self.proxy_protocol and (
+            self.allow is None and self.deny is None and self.max_connections_per_ip is None
         )
 
     def __post_init__(self) -> None:
@@ -207,6 +230,19 @@ class ServiceOptions:
         object.__setattr__(self, "idle", idle)
         check_tcp_keepalive(self.tcp_keepalive)
         object.__setattr__(self, "observers", check_observers(self.observers))
+        self._check_admission()
+
+    def _check_admission(self) -> None:
+        if not isinstance(self.proxy_protocol, bool):
+            raise TypeError(f"proxy_protocol must be True or False, got {self.proxy_protocol!r}")
+        object.__setattr__(self, "allow", parse_networks("allow", self.allow))
+        object.__setattr__(self, "deny", parse_networks("deny", self.deny))
+        limit = self.max_connections_per_ip
+        if limit is not None:
+            if isinstance(limit, bool) or not isinstance(limit, int):
+                raise TypeError(f"max_connections_per_ip must be an int or None, got {limit!r}")
+            if limit < 1:
+                raise ValueError(f"max_connections_per_ip must be >= 1, got {limit}")
 
 
 def _check_idle_period(status: object, period: object) -> None:
@@ -327,13 +363,22 @@ def _interrupt_as_itself() -> Iterator[None]:
         raise interrupt from None
 
 
-def _peer_of(stream: trio.abc.Stream) -> str:
+def _peer_of(stream: trio.abc.Stream, arrival: Arrival | None = None) -> str:
+    if arrival is not None and arrival.proxied_by is not None:
+        return format_address(arrival.remote)
     if not isinstance(stream, trio.SocketStream):
         return "unknown peer"
     try:
         return format_address(stream.socket.getpeername())
     except OSError:
         return "unknown peer"
+
+
+def _proxied(arrival: Arrival | None) -> tuple[object, object] | None:
+    """The client's and the balancer's addresses, if a PROXY header named them."""
+    if arrival is None or arrival.proxied_by is None:
+        return None
+    return arrival.remote, arrival.proxied_by
 
 
 # -- listeners ---------------------------------------------------------------
@@ -462,6 +507,18 @@ class Server:
         self._closed_io = [0, 0, 0, 0]
         self._options = options
         self._max = options.max_connections
+        # None unless the service reads PROXY headers or refuses some clients.
+        self._admission = (
+            None
+            if options.admits_all
+            else Admission(
+                options.proxy_protocol,
+                options.allow,
+                options.deny,
+                options.max_connections_per_ip,
+                options.timeouts.first_request,
+            )
+        )
         self._idle_periods = options.idle
         # Tested once per connection: a service without hooks pays nothing more.
         self._hooked = (
@@ -779,19 +836,28 @@ class Server:
     async def _connection_task(self, stream: trio.abc.Stream) -> None:
         entry = _Entry(self)
         self._entries.add(entry)
+        admission = self._admission
+        arrival: Arrival | None = None
         try:
+            if admission is not None:
+                arrival = await self._arrive(admission, stream)
+                if arrival is None:
+                    return
             transport: trio.abc.Stream = stream
             if self._options.tcp_keepalive is not None:
                 with contextlib.suppress(OSError):  # the peer may be gone already
                     set_tcp_keepalive(stream, self._options.tcp_keepalive)
             if self._options.ssl_context is not None:
-                secure = await self._handshake(stream, _peer_of(stream))
+                secure = await self._handshake(stream, _peer_of(stream, arrival))
                 if secure is None:
                     return
                 transport = secure
             conn: Connection[Any, Any] = Connection(transport, self._options.codec)
             conn._attach(
-                self._timers, on_wait=entry.went_quiet, request_loop=self._body.request_loop
+                self._timers,
+                on_wait=entry.went_quiet,
+                request_loop=self._body.request_loop,
+                proxied=_proxied(arrival),
             )
             entry.conn = conn
             if _SHUT_RD_WAKES_READERS:
@@ -828,6 +894,9 @@ class Server:
                     if hooked:
                         self._closed(conn, error)
         finally:
+            if arrival is not None:
+                assert admission is not None
+                admission.leave(arrival)
             self._forget(entry)
 
     async def _opened(self, conn: Connection[Any, Any]) -> None:
@@ -860,6 +929,23 @@ class Server:
                 )
         if self._observers is not None:
             self._observers.connection_closed(conn, error)
+
+    async def _arrive(self, admission: Admission, stream: trio.abc.Stream) -> Arrival | None:
+        """Learn who a new connection is from and admit it, or close it and say None.
+
+        The one place a connection is looked at before its TLS handshake and
+        its first message: the PROXY header (within ``first_request`` of the
+        accept), then ``allow``/``deny`` and ``max_connections_per_ip``.
+        """
+        assert isinstance(stream, trio.SocketStream)
+        try:
+            return await admission.arrive(stream, trio.current_time())
+        except Refused as refusal:
+            self._stats.errors[refusal.kind] += 1
+            log = logger.warning if refusal.kind == "proxy_protocol" else logger.info
+            log("closing connection from %s: %s", _peer_of(stream), refusal)
+        await trio.aclose_forcefully(stream)
+        return None
 
     def _forget(self, entry: _Entry) -> None:
         stats = self._stats
@@ -1216,6 +1302,50 @@ async def run_service(
     await server._run(task_status)
 
 
+def _where(
+    port: int | None,
+    host: str | bytes | None,
+    path: str | os.PathLike[str] | None,
+    listeners: Iterable[trio.SocketListener | socket.socket] | None,
+) -> dict[str, Any]:
+    """Where a service listens, as ``run_service`` takes it: an address, or the caller's sockets.
+
+    Every given socket is checked before the service takes any of them, so
+    a bad one leaves the caller's sockets open and still the caller's.
+    """
+    if listeners is None:
+        return {"port": port, "host": host, "path": path}
+    if port is not None or host is not None or path is not None:
+        raise TypeError("listeners= serves on the given sockets: leave out port, host and path")
+    if isinstance(listeners, (trio.SocketListener, socket.socket)):
+        raise TypeError("listeners must be a list of listeners, e.g. listeners=[sock]")
+    given = list(listeners)
+    if not given:
+        raise ValueError("listeners= needs at least one listening socket")
+    for listener in given:
+        _check_listening(listener)
+    return {"listeners": [_as_listener(listener) for listener in given]}
+
+
+def _check_listening(listener: object) -> None:
+    if isinstance(listener, trio.SocketListener):
+        return  # trio checked it when it was made
+    if not isinstance(listener, socket.socket):
+        raise TypeError(
+            f"listeners: {listener!r} is neither a trio.SocketListener nor a socket.socket"
+        )
+    if listener.type != socket.SOCK_STREAM:
+        raise ValueError(f"listeners: {listener!r} is not a stream (SOCK_STREAM) socket")
+    if not listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        raise ValueError(f"listeners: {listener!r} is not listening (call listen() first)")
+
+
+def _as_listener(listener: trio.SocketListener | socket.socket) -> trio.SocketListener:
+    if isinstance(listener, trio.SocketListener):
+        return listener
+    return trio.SocketListener(trio.socket.from_stdlib_socket(listener))
+
+
 async def serve(
     handler: RequestHandler[In, Out],
     port: int | None = None,
@@ -1229,6 +1359,11 @@ async def serve(
     idle: Mapping[Idle, float] | None = None,
     on_idle: IdleCallback | None = None,
     tcp_keepalive: float | None = None,
+    proxy_protocol: bool = False,
+    allow: Iterable[str | Network | IPAddress] | None = None,
+    deny: Iterable[str | Network | IPAddress] | None = None,
+    max_connections_per_ip: int | None = None,
+    listeners: Iterable[trio.SocketListener | socket.socket] | None = None,
     on_connect: ConnectHook | None = None,
     on_close: CloseHook | None = None,
     observers: Iterable[Observer] | None = None,
@@ -1264,37 +1399,33 @@ async def serve(
         on_idle: ``async def on_idle(conn, status)``, e.g. a heartbeat; a
             connection has at most one running, and a slow one delays no other.
         tcp_keepalive: seconds of silence before the kernel probes an accepted
-            TCP connection, to find vanished clients (``None``: not set).
-        on_connect: ``async def on_connect(conn)``, run after accept and TLS,
-            before the first request: greet, handshake, or reject the peer.
-        on_close: ``def on_close(conn, error)``, called once after the close
-            of every connection that reached ``on_connect``, whatever ended
-            it (``error`` is ``None`` for a routine end; see ``observing``).
-        observers: :class:`Observer` objects told of connections and sessions.
+            TCP connection (as ``Target(tcp_keepalive=)``); ``None``: untouched.
+        proxy_protocol: connections start with a PROXY header (v1, v2): see
+            ``conn.remote_address`` and ``conn.proxied_by``.
+        allow, deny, max_connections_per_ip: who may connect, how many at once.
+        listeners: listening sockets to serve on (e.g. from systemd), not ``port``.
+        on_connect, on_close, observers: ``async def on_connect(conn)`` before
+            the first request, ``def on_close(conn, error)`` once after the
+            close, :class:`Observer` objects (see "Observing a service").
 
     Failures are isolated: a handler exception, bad input, an oversized frame,
-    a timeout or a failed TLS handshake closes that one connection, logs one
-    line naming the peer and the cause, and counts in ``Server.stats.errors``.
-    Accept failures for lack of file descriptors or memory make the service
-    wait 0.1 s and try again, never stop.
+    a timeout, a failed TLS handshake or a refused client closes that one
+    connection, logs one line on the ``triocomm.server`` logger naming the
+    peer and the cause, and counts in ``Server.stats.errors``. Accept failures
+    for lack of descriptors or memory make the service wait 0.1 s and retry.
 
     Raises:
         ValueError, TypeError: bad options (before anything is bound).
         OSError: the address cannot be bound.
     """
+    edge = (proxy_protocol, allow, deny, max_connections_per_ip)
+    hooks = (on_connect, on_close, observers)
     options = ServiceOptions.build(
-        codec,
-        ssl_context,
-        timeouts,
-        max_connections,
-        idle,
-        on_idle,
-        tcp_keepalive=tcp_keepalive,
-        on_connect=on_connect,
-        on_close=on_close,
-        observers=observers,
+        codec, ssl_context, timeouts, max_connections, idle, on_idle, tcp_keepalive, *edge, *hooks
     )
-    await run_service(RequestLoop(handler), options, task_status, port=port, host=host, path=path)
+    await run_service(
+        RequestLoop(handler), options, task_status, **_where(port, host, path, listeners)
+    )
 
 
 async def serve_connections(
@@ -1310,6 +1441,11 @@ async def serve_connections(
     idle: Mapping[Idle, float] | None = None,
     on_idle: IdleCallback | None = None,
     tcp_keepalive: float | None = None,
+    proxy_protocol: bool = False,
+    allow: Iterable[str | Network | IPAddress] | None = None,
+    deny: Iterable[str | Network | IPAddress] | None = None,
+    max_connections_per_ip: int | None = None,
+    listeners: Iterable[trio.SocketListener | socket.socket] | None = None,
     on_connect: ConnectHook | None = None,
     on_close: CloseHook | None = None,
     observers: Iterable[Observer] | None = None,
@@ -1337,18 +1473,11 @@ async def serve_connections(
     ``"handler"``). If the peer closes cleanly, ``receive`` raises
     :class:`trio.EndOfChannel`; letting it escape the handler is fine.
     """
+    edge = (proxy_protocol, allow, deny, max_connections_per_ip)
+    hooks = (on_connect, on_close, observers)
     options = ServiceOptions.build(
-        codec,
-        ssl_context,
-        timeouts,
-        max_connections,
-        idle,
-        on_idle,
-        tcp_keepalive=tcp_keepalive,
-        on_connect=on_connect,
-        on_close=on_close,
-        observers=observers,
+        codec, ssl_context, timeouts, max_connections, idle, on_idle, tcp_keepalive, *edge, *hooks
     )
     await run_service(
-        ConnectionBody(handler), options, task_status, port=port, host=host, path=path
+        ConnectionBody(handler), options, task_status, **_where(port, host, path, listeners)
     )

@@ -29,6 +29,7 @@ from typing import Any
 
 import trio
 
+from ._admission import IPAddress, Network
 from ._connection import Idle
 from ._framing import Codec
 from ._observe import Observer
@@ -188,6 +189,10 @@ async def serve_workers(
     idle: Mapping[Idle, float] | None = None,
     on_idle: IdleCallback | None = None,
     tcp_keepalive: float | None = None,
+    proxy_protocol: bool = False,
+    allow: Iterable[str | Network | IPAddress] | None = None,
+    deny: Iterable[str | Network | IPAddress] | None = None,
+    max_connections_per_ip: int | None = None,
     on_connect: ConnectHook | None = None,
     on_close: CloseHook | None = None,
     observers: Iterable[Observer] | None = None,
@@ -205,7 +210,10 @@ async def serve_workers(
     :class:`ssl.SSLContext` is not, hence a factory that each worker calls).
     Each worker has its own copy of the observers. A program that calls this
     from its own ``__main__`` module needs the ``if __name__ == "__main__":``
-    guard of :mod:`multiprocessing`. ``max_connections`` applies per worker.
+    guard of :mod:`multiprocessing`. ``max_connections`` applies per worker,
+    and so does ``max_connections_per_ip`` (each worker counts its own
+    connections); ``tcp_keepalive``, ``proxy_protocol``, ``allow`` and
+    ``deny`` are :func:`serve`'s.
 
     Start it with ``group = await nursery.start(partial(serve_workers, ...))``;
     it returns once every worker listens. Cancelling it, or
@@ -217,17 +225,10 @@ async def serve_workers(
     """
     if not hasattr(socket, "SO_REUSEPORT"):
         raise RuntimeError("serve_workers needs SO_REUSEPORT (Linux)")
+    edge = (proxy_protocol, allow, deny, max_connections_per_ip)
+    hooks = (on_connect, on_close, observers)
     options = ServiceOptions.build(
-        codec,
-        None,
-        timeouts,
-        max_connections,
-        idle,
-        on_idle,
-        tcp_keepalive=tcp_keepalive,
-        on_connect=on_connect,
-        on_close=on_close,
-        observers=observers,
+        codec, None, timeouts, max_connections, idle, on_idle, tcp_keepalive, *edge, *hooks
     )
     count = workers if workers is not None else (os.cpu_count() or 1)
     if count < 1:
