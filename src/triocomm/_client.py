@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -32,6 +32,7 @@ from ._connection import Connection, Idle, PhaseLimit
 from ._errors import CommError, CommTimeout, ConnectError, ConnectionLost, UpstreamUnavailable
 from ._idle import IdleWatch, check_idle_options
 from ._keepalive import check_tcp_keepalive, set_tcp_keepalive
+from ._observe import Observer, ObserverSet
 from ._pool import KeepAlivePool, PooledConnection, PoolStats
 from ._retry import (
     RetryKind,
@@ -445,9 +446,17 @@ class Client:
     _udp: UdpExchanges | None = None
 
     def __init__(
-        self, nursery: trio.Nursery, timeouts: Timeouts | None, retries: RetryPolicy
+        self,
+        nursery: trio.Nursery,
+        timeouts: Timeouts | None,
+        retries: RetryPolicy,
+        observers: ObserverSet | None = None,
     ) -> None:
         self._nursery = nursery
+        # None without observers: one test per connection event, per session.
+        self._observers = observers
+        # With observers: why a session closed a connection, for connection_closed.
+        self._failures: dict[int, BaseException] = {}
         self._timeouts = timeouts
         self._retries = retries
         self._pools: dict[Target[Any, Any], KeepAlivePool] = {}
@@ -713,8 +722,12 @@ class Client:
         A pooled connection due for its health check is checked first; one
         that fails it is closed and the next is taken (or one is opened).
         """
+        observers = self._observers
         while True:
-            entry = await pool.acquire(timeouts.pool, fresh=fresh)
+            if observers is None:
+                entry = await pool.acquire(timeouts.pool, fresh=fresh)
+            else:
+                entry = await self._observed_acquire(observers, target, pool, timeouts, fresh)
             if entry is None:
                 break
             if not entry.check_due or await self._health_check(target, pool, entry, timeouts):
@@ -735,7 +748,11 @@ class Client:
         started: list[PooledConnection] = []
         try:
             result = await self._nursery.start(
-                pool.connection_task, lambda: self._open(target, timeouts), started
+                pool.connection_task
+                if self._observers is None
+                else functools.partial(self._observed_connection_task, pool),
+                lambda: self._open(target, timeouts),
+                started,
             )
         except BaseException:
             if started:
@@ -825,7 +842,53 @@ class Client:
             await conn.abort()
         return ok
 
+    async def _observed_acquire(
+        self,
+        observers: ObserverSet,
+        target: Target[Any, Any],
+        pool: KeepAlivePool,
+        timeouts: Timeouts,
+        fresh: bool,
+    ) -> PooledConnection | None:
+        """``pool.acquire``, telling ``observers`` how long a session queued for a slot."""
+        stats = pool.stats()
+        queued = stats.waiting > 0 or stats.open + stats.connecting >= pool.max_connections
+        started = trio.current_time()
+        try:
+            return await pool.acquire(timeouts.pool, fresh=fresh)
+        finally:
+            if queued:
+                observers.pool_wait(target, trio.current_time() - started)
+
+    async def _observed_connection_task(
+        self,
+        pool: KeepAlivePool,
+        open_connection: Callable[[], Awaitable[Connection[Any, Any]]],
+        started: list[PooledConnection],
+        *,
+        task_status: trio.TaskStatus[PooledConnection | Exception] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """The pool's connection task, telling the observers when its connection closed."""
+        try:
+            await pool.connection_task(open_connection, started, task_status=task_status)
+        finally:
+            if started and self._observers is not None:
+                conn = started[0].conn
+                self._observers.connection_closed(conn, self._failures.pop(conn.id, None))
+
     async def _open(self, target: Target[Any, Any], timeouts: Timeouts) -> Connection[Any, Any]:
+        if self._observers is None:
+            return await self._connect(target, timeouts)
+        try:
+            conn = await self._connect(target, timeouts)
+        except Exception as exc:
+            address = target.path if target.path is not None else (target.host, target.port)
+            self._observers.connect_failed(address, exc)  # type: ignore[arg-type]
+            raise
+        self._observers.connection_opened(conn)
+        return conn
+
+    async def _connect(self, target: Target[Any, Any], timeouts: Timeouts) -> Connection[Any, Any]:
         limit = timeouts.connect
         deadline = _INF if limit is None else trio.current_time() + limit
         with PhaseLimit(deadline, "connect", limit, target.address):
@@ -894,7 +957,8 @@ class Client:
             _start_session(conn, timeouts)
             result: R
             try:
-                result = await (conn._exchange(data) if body is None else body(conn))
+                work = conn._exchange(data) if body is None else body(conn)
+                result = await (work if self._observers is None else self._observed(conn, work))
             except BaseException as exc:
                 # Bookkeeping first: the close below may be cancelled.
                 pool.release(entry, reusable=False)
@@ -918,6 +982,26 @@ class Client:
             self._finish(entry, pool, timeouts)
             self._report(attempt, True)
             return result
+
+    async def _observed(self, conn: Connection[Any, Any], work: Awaitable[R]) -> R:
+        """``await work``, one session on ``conn``, reported to the observers."""
+        observers = self._observers
+        assert observers is not None
+        began = observers.session_started(conn)
+        try:
+            result = await work
+        except BaseException as exc:
+            self._session_failed(observers, conn, exc, began)
+            raise
+        observers.session_ended(conn, None, began)
+        return result
+
+    def _session_failed(
+        self, observers: ObserverSet, conn: Connection[Any, Any], exc: BaseException, began: float
+    ) -> None:
+        """A session failed and closes its connection: tell the observers, keep why."""
+        self._failures[conn.id] = exc
+        observers.session_ended(conn, exc, began)
 
     def _attempts(self, retries: int | RetryPolicy | None, idempotent: bool) -> SessionAttempts:
         """The retry state of a session whose first attempt just failed."""
@@ -963,9 +1047,8 @@ class Client:
             attempts.annotate(error)
             return False
         count_retry()  # PoolStats.retries of the target that failed
-        # OBSERVER: the one place a retry begins, for every session method:
-        # observer.retry(target, attempts.number, error) goes here
-        # (attempts.number is the attempt about to start: 2 for the first retry).
+        if self._observers is not None:
+            self._observers.retry(target, attempts.number, error)
         logger.debug("retrying with attempt %d after %s failed: %r", attempts.number, target, error)
         return True
 
@@ -1059,6 +1142,8 @@ class Client:
                     raise
         conn = entry.conn
         _start_session(conn, timeouts)
+        observers = self._observers
+        began = 0.0 if observers is None else observers.session_started(conn)
         watch = None
         if on_idle is not None:
             watch = IdleWatch(conn, idle, on_idle, self._nursery.start_soon, self._timers)
@@ -1069,6 +1154,8 @@ class Client:
                 watch.stop()
             pool.release(entry, reusable=False)
             pool.record_failure()
+            if observers is not None:
+                self._session_failed(observers, conn, exc, began)
             await conn.abort()
             self._report(attempt, _address_failed(exc))
             raise
@@ -1076,6 +1163,8 @@ class Client:
         interrupted = watch is not None and watch.stop()
         self._finish(entry, pool, timeouts, interrupted)
         self._report(attempt, True)
+        if observers is not None:
+            observers.session_ended(conn, None, began)
 
     async def _udp_request(
         self,
@@ -1121,9 +1210,12 @@ class Client:
 class _ClientContext(AbstractAsyncContextManager[Client]):
     """What :func:`open_client` returns: enters a nursery, yields a :class:`Client`."""
 
-    def __init__(self, timeouts: Timeouts | None, retries: RetryPolicy) -> None:
+    def __init__(
+        self, timeouts: Timeouts | None, retries: RetryPolicy, observers: ObserverSet | None
+    ) -> None:
         self._timeouts = timeouts
         self._retries = retries
+        self._observers = observers
         self._nursery_manager: Any = None
         self._client: Client | None = None
 
@@ -1132,7 +1224,9 @@ class _ClientContext(AbstractAsyncContextManager[Client]):
             raise RuntimeError("an open_client() context can be entered only once")
         self._nursery_manager = trio.open_nursery()
         nursery = await self._nursery_manager.__aenter__()
-        self._client = Client(nursery, self._timeouts, self._retries)
+        self._client = Client(nursery, self._timeouts, self._retries, self._observers)
+        if self._observers is not None:
+            self._observers.attached(self._client)
         # start_soon, not start: no checkpoint between entering the nursery
         # and returning (a cancel there would leave the nursery entered).
         # Reads that wait before it runs use a cancel scope instead.
@@ -1150,12 +1244,19 @@ class _ClientContext(AbstractAsyncContextManager[Client]):
         # The body's exception is not handed to the nursery: it would come out
         # wrapped in an ExceptionGroup. The connection tasks never raise, so
         # the nursery ends cleanly and the exception propagates as itself.
-        await self._nursery_manager.__aexit__(None, None, None)
+        try:
+            await self._nursery_manager.__aexit__(None, None, None)
+        finally:
+            if self._observers is not None:
+                self._observers.detached(self._client)
         return False
 
 
 def open_client(
-    *, timeouts: Timeouts | None = None, retries: int | RetryPolicy = 1
+    *,
+    timeouts: Timeouts | None = None,
+    retries: int | RetryPolicy = 1,
+    observers: Iterable[Observer] | None = None,
 ) -> AbstractAsyncContextManager[Client]:
     """Open a :class:`Client`: ``async with triocomm.open_client() as client: ...``.
 
@@ -1169,6 +1270,8 @@ def open_client(
             connection was found closed or reset before any reply byte
             arrived (0 disables); a failed connect is then not retried to
             the same target.
+        observers: :class:`Observer` objects told of this client's
+            connections, sessions, pool waits and retries.
 
     Every connection is a task in the client's nursery. Leaving the block
     closes every connection and waits for every task: no task, socket or file
@@ -1176,4 +1279,4 @@ def open_client(
     """
     if timeouts is not None and not isinstance(timeouts, Timeouts):
         raise TypeError(f"timeouts must be a Timeouts, got {timeouts!r}")
-    return _ClientContext(timeouts, as_policy(retries))
+    return _ClientContext(timeouts, as_policy(retries), ObserverSet.of(observers))
