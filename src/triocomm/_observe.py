@@ -44,7 +44,9 @@ class Observer:
     """Watches a client's or a service's connections and sessions; subclass it.
 
     Pass instances as ``observers=[...]`` to :func:`open_client`,
-    :func:`serve`, :func:`serve_connections` or :func:`serve_workers`.
+    :func:`serve`, :func:`serve_connections`, :func:`serve_workers` or
+    :func:`serve_datagrams` (which has no connections: each datagram it
+    handles is a session, with its :class:`DatagramPeer` as ``conn``).
     Every method does nothing unless overridden. They are plain functions,
     called in the task where the event happens and never awaited, so keep
     them quick (count, record, hand over to a channel). An exception from
@@ -76,13 +78,14 @@ class Observer:
     def session_started(self, conn: Connection[Any, Any]) -> None:
         """A session begins: client ``request``, ``run`` or ``connection``;
         service: a request handed to the handler, or a connection to a
-        connection handler."""
+        connection handler; datagram service: a datagram handed to the
+        handler, ``conn`` being its :class:`DatagramPeer`."""
 
     def session_ended(
         self, conn: Connection[Any, Any], error: BaseException | None, duration: float
     ) -> None:
         """That session ended after ``duration`` seconds (a service: when its
-        handler returned)."""
+        handler returned; a datagram service: once the reply is sent)."""
 
     def pool_wait(self, target: Any, duration: float) -> None:
         """Client: a session waited ``duration`` seconds for a pool slot of ``target``."""
@@ -160,15 +163,14 @@ class ObserverSet:
         calls = self._calls["connect_failed"]
         self._call(calls, "connect_failed", format_address(address), address, error)
 
-    def session_started(self, conn: Connection[Any, Any]) -> float:
-        """See :meth:`Observer.session_started`; returns the start for :meth:`session_ended`."""
+    def session_started(self, conn: object) -> float:
+        """See :meth:`Observer.session_started` (``conn``: a :class:`Connection`, or a
+        datagram service's ``DatagramPeer``); returns the start for :meth:`session_ended`."""
         if self._session_started:
             self._call(self._session_started, "session_started", conn, conn)
         return trio.current_time()
 
-    def session_ended(
-        self, conn: Connection[Any, Any], error: BaseException | None, started: float
-    ) -> None:
+    def session_ended(self, conn: object, error: BaseException | None, started: float) -> None:
         """See :meth:`Observer.session_ended`; ``started`` from :meth:`session_started`."""
         if self._session_ended:
             duration = trio.current_time() - started
