@@ -70,7 +70,9 @@ class Observer:
         service: after accept and TLS, just before ``on_connect``)."""
 
     def connection_closed(self, conn: Connection[Any, Any], error: BaseException | None) -> None:
-        """A connection opened above is closed (a service: after ``on_close``)."""
+        """A connection opened above is closed (a service: after ``on_close``;
+        a client: ``error`` is also what failed in the target's ``on_connect``
+        or health check, when that closed it)."""
 
     def connect_failed(self, address: tuple[str, int] | str, error: BaseException) -> None:
         """Client: a connect attempt failed; ``address`` is ``(host, port)`` or a Unix path."""
