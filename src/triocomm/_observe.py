@@ -13,8 +13,8 @@ only when an observer watches sessions).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 __all__ = ["Observer", "ObserverSet"]
 
 logger = logging.getLogger("triocomm.observe")
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 _EVENTS = (
     "attached",
@@ -135,14 +137,7 @@ class ObserverSet:
             try:
                 call(*args)
             except Exception as exc:
-                logger.error(
-                    "observer %s.%s for %s raised %r",
-                    type(getattr(call, "__self__", call)).__name__,
-                    event,
-                    _name_of(subject),
-                    exc,
-                    exc_info=exc,
-                )
+                _report(call, event, subject, exc)
 
     def attached(self, source: object) -> None:
         """Tell every observer that ``source`` (a server or client) started."""
@@ -178,6 +173,43 @@ class ObserverSet:
             duration = trio.current_time() - started
             self._call(self._session_ended, "session_ended", conn, conn, error, duration)
 
+    def watch_handler(self, handler: F) -> F:
+        """``handler`` (a service's; the connection is its last argument), reporting
+        each call as a session. Made once per service, in its Trio run.
+
+        It runs for every request, so it does the least it can: the run's clock
+        is looked up here, not per call (``trio.current_time`` costs several
+        times the clock's own read), it is read only when an observer wants the
+        duration, and a handler that returned calls the observers in a loop of
+        its own (the generic dispatch costs as much as the calls).
+        """
+        starts = self._session_started
+        ends = self._session_ended
+        now = trio.lowlevel.current_clock().current_time
+        call = self._call
+
+        async def observed(*args: Any) -> Any:
+            conn = args[-1]
+            if starts:
+                call(starts, "session_started", conn, conn)
+            if not ends:
+                return await handler(*args)
+            started = now()
+            try:
+                result = await handler(*args)
+            except BaseException as exc:
+                call(ends, "session_ended", conn, conn, exc, now() - started)
+                raise
+            duration = now() - started
+            for end in ends:
+                try:
+                    end(conn, None, duration)
+                except Exception as exc:
+                    _report(end, "session_ended", conn, exc)
+            return result
+
+        return observed  # type: ignore[return-value]
+
     def pool_wait(self, target: Any, duration: float) -> None:
         """See :meth:`Observer.pool_wait`."""
         self._call(self._calls["pool_wait"], "pool_wait", target, target, duration)
@@ -185,6 +217,18 @@ class ObserverSet:
     def retry(self, target: Any, attempt: int, error: BaseException) -> None:
         """See :meth:`Observer.retry`."""
         self._call(self._calls["retry"], "retry", target, target, attempt, error)
+
+
+def _report(call: Callable[..., object], event: str, subject: object, exc: Exception) -> None:
+    """Log what an observer's method raised, naming the observer and what the event was about."""
+    logger.error(
+        "observer %s.%s for %s raised %r",
+        type(getattr(call, "__self__", call)).__name__,
+        event,
+        _name_of(subject),
+        exc,
+        exc_info=exc,
+    )
 
 
 def _name_of(subject: object) -> object:
