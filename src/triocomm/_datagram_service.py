@@ -329,14 +329,12 @@ class DatagramFront:
         observers = self._observers
         assert observers is not None
         started = observers.session_started(peer)
-        error: BaseException | None = None
         try:
             error = await self._handle(sock, request, address, peer)
         except BaseException as exc:  # cancelled when the grace period ran out
-            error = exc
+            observers.session_ended(peer, exc, started)
             raise
-        finally:
-            observers.session_ended(peer, error, started)
+        observers.session_ended(peer, error, started)
 
     def _failed(self, kind: str, address: Any, what: str, exc: Exception) -> None:
         self._stats.errors[kind] += 1
