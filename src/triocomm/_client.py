@@ -728,10 +728,12 @@ class Client:
         still have connections; for an SRV target the keys are the records'
         ``(host, port)``. A numeric host has its one address; a Unix or UDP
         target, or one never used, gives ``{}``. ``open``, ``idle``,
-        ``in_use``, ``connecting``, ``created``, ``reused``, ``closed`` and
+        ``in_use``, ``created``, ``reused``, ``closed`` and
         ``health_checks_failed`` add up to :meth:`stats`'s (but for the
-        counts of addresses no longer listed); ``failed`` counts the failed
-        connects to the address and the failed sessions on its connections;
+        counts of addresses no longer listed); ``connecting`` counts the
+        connects to the address under way (one still waiting for the
+        resolver has no address yet); ``failed`` counts the failed connects
+        to the address and the failed sessions on its connections;
         ``waiting`` and ``retries`` are the target's and 0 here.
         """
         pool = self._pools.get(target)
@@ -1076,7 +1078,7 @@ class Client:
         """Connect to one address of a named target (an SRV record's host is resolved)."""
         host, port = address
         if not target.srv_lookup or _is_ip(host):
-            return await _open_stream(target, host, port)
+            return await _open_stream(target, host, port, record_host=host)
         where = _address_text(host, port)
         try:
             answer = await resolve_with_expiry(self._resolver, host, port)
