@@ -415,3 +415,32 @@ async def test_udp_targets_resolve_through_the_client_resolver() -> None:
                 reply = await client.request(Target.udp("udp.test", 9, CODEC), b"ping")
     assert reply == b"ping"
     assert resolver.calls == 1
+
+
+async def test_health_checks_count_per_address(
+    services: Services,
+    table: TableResolver,
+    mock_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+) -> None:
+    async def check(conn: triocomm.Connection[bytes, bytes]) -> None:
+        if conn.remote_address[0] == "127.0.0.3":  # type: ignore[index]
+            raise RuntimeError("unhealthy")
+
+    target = Target(NAME, services.port, CODEC, health_check=check, health_check_after=1.0)
+    async with triocomm.open_client() as client:
+        holder = Holder(client, target)
+        await holder.start(3, nursery)
+        await holder.release()
+        mock_clock.jump(2.0)
+        # Three sessions at once: each idle connection is checked before it is
+        # lent; the one to .3 fails and is replaced by a new connection.
+        holder = Holder(client, target)
+        await holder.start(3, nursery)
+        stats = by_ip(client.address_stats(target))
+        assert stats["127.0.0.3"].health_checks_failed == 1
+        assert client.stats(target).health_checks_failed == 1
+        assert client.stats(target).created == 4
+        assert client.stats(target).reused == 2
+        assert_sums(client, target)
+        await holder.release()
