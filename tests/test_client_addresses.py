@@ -444,3 +444,14 @@ async def test_health_checks_count_per_address(
         assert client.stats(target).reused == 2
         assert_sums(client, target)
         await holder.release()
+
+
+async def test_a_udp_target_whose_name_fails_is_a_connect_error() -> None:
+    resolver = FixedResolver()
+    resolver.addresses["empty.test"] = []
+    async with triocomm.open_client(resolver=resolver) as client:
+        for name in ("missing.test", "empty.test"):
+            with pytest.raises(triocomm.ConnectError) as info:
+                await client.request(Target.udp(name, 9, CODEC), b"ping")
+            assert info.value.address == f"{name}:9"
+            assert isinstance(info.value.__cause__, socket.gaierror)

@@ -243,11 +243,14 @@ async def _open(target: Target[Any, Any], timeouts: Timeouts, resolver: Resolver
         try:
             ip, port = target.host, target.port
             if not _is_numeric(ip):
-                ip, port = (await resolve_with_expiry(resolver, ip, port)).records[0]
+                records = (await resolve_with_expiry(resolver, ip, port)).records
+                if not records:
+                    raise socket.gaierror(socket.EAI_NONAME, "the resolver gave no address")
+                ip, port = records[0]
             infos = await trio.socket.getaddrinfo(
                 ip, port, type=socket.SOCK_DGRAM, flags=socket.AI_NUMERICHOST
             )
-        except (OSError, IndexError) as exc:
+        except OSError as exc:
             raise ConnectError(f"cannot resolve {address}: {exc}", address=address) from exc
     family, kind, proto, _, sockaddr = infos[0]
     sock = socket.socket(family, kind, proto)
