@@ -276,6 +276,8 @@ async def test_a_refresh_drops_an_address_idle_close_busy_finish(
         assert stats["127.0.0.2"].idle >= 1
         await holder.release()
         assert sorted(by_ip(client.address_stats(target))) == ["127.0.0.2"]
+        # The ledgers of the addresses gone, and without connections, are forgotten.
+        assert len(client._pools[target]._ledgers) == 1
         assert_sums_live(client, target)
 
 

@@ -618,6 +618,7 @@ class KeepAlivePool:
             self._connecting -= 1
             if entry.ledger is not None:
                 entry.ledger.connecting -= 1
+                self._forget_if_gone(entry.ledger)
             entry.state = _State.CLOSED
             entry.graceful = False
             entry.wake()
@@ -705,6 +706,7 @@ class KeepAlivePool:
             self._connecting -= 1
             if entry.ledger is not None:
                 entry.ledger.connecting -= 1
+                self._forget_if_gone(entry.ledger)
             entry.state = _State.CLOSED
             entry.wake()
             if regrant:
@@ -719,6 +721,7 @@ class KeepAlivePool:
         if ledger is not None:
             ledger.closed += 1
             ledger.entries.discard(entry)
+            self._forget_if_gone(ledger)
         entry.wake()
         if regrant:
             self._slot_freed()
@@ -779,6 +782,17 @@ class KeepAlivePool:
                 entry.expires_at = -_INF
                 if entry.state is _State.IDLE:
                     self._retire(entry, f"{ledger.address} left the answer of {self.name}")
+            self._forget_if_gone(ledger)
+
+    def _forget_if_gone(self, ledger: AddressLedger) -> None:
+        """Drop the ledger of an address that left the answer once it has no connection.
+
+        So that a name whose addresses keep changing (pods coming and going)
+        keeps ledgers only for the addresses it has now or still uses.
+        """
+        gone = ledger.dropped and not ledger.entries and not ledger.connecting
+        if gone and self._ledgers.get(ledger.address) is ledger:
+            del self._ledgers[ledger.address]
 
     def address_stats(self, connecting: Mapping[Any, int]) -> dict[Any, PoolStats]:
         """One :class:`PoolStats` per address: those in the answer, and others still open.
