@@ -141,6 +141,7 @@ class TargetAddresses:
             for address in known - ranks.keys():
                 fuses.remove(address)  # an address dropped and added back starts afresh
         self.ranks = ranks
+        self._picked = {a: n for a, n in self._picked.items() if a in ranks}
 
     def connecting(self) -> dict[Address, int]:
         """Connects under way per address (counted by the fuses' attempts)."""
