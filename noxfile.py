@@ -221,14 +221,14 @@ def _pytest_args(posargs: list[str]) -> list[str]:
 @nox.session(python=PYTHONS)
 def tests(session: nox.Session) -> None:
     """The test suite with the newest trio, on every supported Python."""
-    session.install(".[test,examples,dns]")
+    session.install(".[test,examples,dns,prometheus]")
     session.run(*PYTEST, *_pytest_args(session.posargs))
 
 
 @nox.session(python=OLDEST_PYTHON)
 def tests_oldest_trio(session: nox.Session) -> None:
     """The test suite with the oldest trio that pyproject.toml allows."""
-    session.install(".[test,examples,dns]", OLDEST_TRIO, OLDEST_DNSPYTHON)
+    session.install(".[test,examples,dns,prometheus]", OLDEST_TRIO, OLDEST_DNSPYTHON)
     session.run("python", "-c", "import trio; print('trio', trio.__version__)")
     session.run(*PYTEST, *_pytest_args(session.posargs))
 
@@ -236,7 +236,7 @@ def tests_oldest_trio(session: nox.Session) -> None:
 @nox.session(python=TOOLS_PYTHON)
 def reliability(session: nox.Session) -> None:
     """The fault-injection suite under tests/reliability (resets, stalls, garbage, churn)."""
-    session.install(".[test,examples,dns]")
+    session.install(".[test,examples,dns,prometheus]")
     session.run(*PYTEST, RELIABILITY_DIR, *session.posargs)
 
 
@@ -257,7 +257,7 @@ def typecheck(session: nox.Session) -> None:
     would: strictly, against the public API only.
     """
     # dnspython: DnsResolver's imports are type-checked too.
-    session.install(".[examples,dns]", MYPY)
+    session.install(".[examples,dns,prometheus]", MYPY)
     session.run("python", "-c", NO_TRIO_TYPING)
     session.run("mypy", "--strict", *session.posargs, "src")
     session.run("mypy", "--strict", *session.posargs, "examples")
@@ -282,7 +282,7 @@ def docs(session: nox.Session) -> None:
     """
     if shutil.which("dot") is None:
         session.error("the diagrams need Graphviz's dot: apt-get install graphviz")
-    session.install(".", "-r", DOCS_REQUIREMENTS)
+    session.install(".[prometheus]", "-r", DOCS_REQUIREMENTS)
     session.run(
         "sphinx-build", "-W", "--keep-going", "-b", "html", *session.posargs,
         "docs", "docs/_build/html",
@@ -332,12 +332,12 @@ def package(session: nox.Session) -> None:
 @nox.session(python=TOOLS_PYTHON, default=False)
 def bench(session: nox.Session) -> None:
     """Benchmarks (benchmarks/run.py), with uvloop for the asyncio baselines."""
-    session.install(".[examples]", "uvloop")
+    session.install(".[examples,prometheus]", "uvloop")
     session.run("python", "benchmarks/run.py", *session.posargs)
 
 
 @nox.session(python=TOOLS_PYTHON, default=False)
 def soak(session: nox.Session) -> None:
     """The long-running soak test; pass its options after `--`."""
-    session.install(".[test,examples]")
+    session.install(".[test,examples,prometheus]")
     session.run("python", "-m", "tests.reliability.soak", *session.posargs)

@@ -457,3 +457,23 @@ async def test_a_udp_target_whose_name_fails_is_a_connect_error() -> None:
                 await client.request(Target.udp(name, 9, CODEC), b"ping")
             assert info.value.address == f"{name}:9"
             assert isinstance(info.value.__cause__, socket.gaierror)
+
+
+async def test_observers_hear_of_each_failed_address(
+    services: Services, table: TableResolver
+) -> None:
+    class Failures(triocomm.Observer):
+        def __init__(self) -> None:
+            self.addresses: list[object] = []
+
+        def connect_failed(self, address: Any, error: BaseException) -> None:
+            self.addresses.append(address)
+
+    failures = Failures()
+    await services.stop("127.0.0.2")
+    target = Target(NAME, services.port, CODEC)
+    async with triocomm.open_client(observers=[failures]) as client:
+        assert await client.request(target, b"q") == b"127.0.0.3:q"
+        with pytest.raises(triocomm.ConnectError):
+            await client.request(Target("missing.test", 7, CODEC), b"q")
+    assert failures.addresses == [("127.0.0.2", services.port), ("missing.test", 7)]

@@ -126,3 +126,30 @@ def test_builtin_codecs_pickle(codec: object) -> None:
     assert copy == codec
     assert hash(copy) == hash(codec)
     assert copy.decoder().feed(codec.encode(b"abc")) == [b"abc"]  # type: ignore[attr-defined]
+
+
+async def greet(conn: triocomm.Connection[bytes, bytes]) -> None:
+    await conn.send(b"hello from %d" % os.getpid())
+
+
+async def test_hooks_reach_the_workers() -> None:
+    # on_connect (like on_close and observers) is pickled into each worker.
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            group: WorkerGroup = await nursery.start(
+                functools.partial(
+                    serve_workers,
+                    pid_handler,
+                    0,
+                    workers=1,
+                    host="127.0.0.1",
+                    codec=triocomm.LengthPrefixed(),
+                    on_connect=greet,
+                    grace=1.0,
+                )
+            )
+            stream = await trio.open_tcp_stream("127.0.0.1", group.port)
+            async with triocomm.Connection(stream, triocomm.LengthPrefixed()) as conn:
+                assert await conn.receive() == b"hello from %d" % group.pids[0]
+            await group.shutdown()
+            nursery.cancel_scope.cancel()

@@ -25,6 +25,7 @@ from ._framing import Decoder as Decoder
 from ._framing import LengthPrefixed as LengthPrefixed
 from ._framing import Lines as Lines
 from ._framing import Raw as Raw
+from ._observe import Observer as Observer
 from ._pool import PoolStats as PoolStats
 from ._resolve import CachingResolver as CachingResolver
 from ._resolve import DnsResolver as DnsResolver
@@ -63,6 +64,7 @@ __all__ = [
     "Idle",
     "LengthPrefixed",
     "Lines",
+    "Observer",
     "PoolStats",
     "ProtocolError",
     "Raw",

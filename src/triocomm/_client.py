@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -33,6 +33,7 @@ from ._connection import Connection, Idle, PhaseLimit
 from ._errors import CommError, CommTimeout, ConnectError, ConnectionLost, UpstreamUnavailable
 from ._idle import IdleWatch, check_idle_options
 from ._keepalive import check_tcp_keepalive, set_tcp_keepalive
+from ._observe import Observer, ObserverSet
 from ._pool import KeepAlivePool, PooledConnection, PoolStats
 from ._resolve import CachingResolver, Resolver, SrvResolver, resolve_with_expiry
 from ._retry import (
@@ -553,9 +554,14 @@ class Client:
         nursery: trio.Nursery,
         timeouts: Timeouts | None,
         retries: RetryPolicy,
+        observers: ObserverSet | None = None,
         resolver: Resolver | None = None,
     ) -> None:
         self._nursery = nursery
+        # None without observers: one test per connection event, per session.
+        self._observers = observers
+        # With observers: why a session closed a connection, for connection_closed.
+        self._failures: dict[int, BaseException] = {}
         self._timeouts = timeouts
         self._retries = retries
         self._resolver: Resolver = CachingResolver() if resolver is None else resolver
@@ -886,8 +892,12 @@ class Client:
         ``avoid``: the addresses this session tried already (a new connection
         goes elsewhere if it can); those that fail now are added.
         """
+        observers = self._observers
         while True:
-            entry = await pool.acquire(timeouts.pool, fresh=fresh)
+            if observers is None:
+                entry = await pool.acquire(timeouts.pool, fresh=fresh)
+            else:
+                entry = await self._observed_acquire(observers, target, pool, timeouts, fresh)
             if entry is None:
                 break
             if not entry.check_due or await self._health_check(target, pool, entry, timeouts):
@@ -912,7 +922,11 @@ class Client:
         started: list[PooledConnection] = []
         try:
             result = await self._nursery.start(
-                pool.connection_task, lambda: self._open(target, timeouts, pool, avoid), started
+                pool.connection_task
+                if self._observers is None
+                else functools.partial(self._observed_connection_task, pool),
+                lambda: self._open(target, timeouts, pool, avoid),
+                started,
             )
         except BaseException:
             if started:
@@ -1002,6 +1016,40 @@ class Client:
             await conn.abort()
         return ok
 
+    async def _observed_acquire(
+        self,
+        observers: ObserverSet,
+        target: Target[Any, Any],
+        pool: KeepAlivePool,
+        timeouts: Timeouts,
+        fresh: bool,
+    ) -> PooledConnection | None:
+        """``pool.acquire``, telling ``observers`` how long a session queued for a slot."""
+        stats = pool.stats()
+        queued = stats.waiting > 0 or stats.open + stats.connecting >= pool.max_connections
+        started = trio.current_time()
+        try:
+            return await pool.acquire(timeouts.pool, fresh=fresh)
+        finally:
+            if queued:
+                observers.pool_wait(target, trio.current_time() - started)
+
+    async def _observed_connection_task(
+        self,
+        pool: KeepAlivePool,
+        open_connection: Callable[[], Awaitable[tuple[Connection[Any, Any], Address | None]]],
+        started: list[PooledConnection],
+        *,
+        task_status: trio.TaskStatus[PooledConnection | Exception] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """The pool's connection task, telling the observers when its connection closed."""
+        try:
+            await pool.connection_task(open_connection, started, task_status=task_status)
+        finally:
+            if started and self._observers is not None:
+                conn = started[0].conn
+                self._observers.connection_closed(conn, self._failures.pop(conn.id, None))
+
     async def _open(
         self,
         target: Target[Any, Any],
@@ -1010,6 +1058,26 @@ class Client:
         avoid: list[Address] | None,
     ) -> tuple[Connection[Any, Any], Address | None]:
         """A new connection, and the address it went to (None: the target's only one)."""
+        if self._observers is None:
+            return await self._connect(target, timeouts, pool, avoid)
+        try:
+            conn, address = await self._connect(target, timeouts, pool, avoid)
+        except Exception as exc:
+            # A named target's connects are told per address (_connect_named).
+            if target.path is not None or target not in self._named:
+                where = target.path if target.path is not None else (target.host, target.port)
+                self._observers.connect_failed(where, exc)  # type: ignore[arg-type]
+            raise
+        self._observers.connection_opened(conn)
+        return conn, address
+
+    async def _connect(
+        self,
+        target: Target[Any, Any],
+        timeouts: Timeouts,
+        pool: KeepAlivePool,
+        avoid: list[Address] | None,
+    ) -> tuple[Connection[Any, Any], Address | None]:
         limit = timeouts.connect
         deadline = _INF if limit is None else trio.current_time() + limit
         with PhaseLimit(deadline, "connect", limit, target.address):
@@ -1039,10 +1107,19 @@ class Client:
         """Connect to the best address of a named target, trying the others in turn.
 
         Looks the name up first if its answer has expired. Each failed
-        connect counts toward that address's fuse.
+        connect counts toward that address's fuse, and is told to the
+        observers with that address (a failed lookup with the target's).
         """
-        if named.expired() and await named.refresh(self._resolver):
-            pool.keep_addresses(named.addresses)
+        observers = self._observers
+        if named.expired():
+            try:
+                refreshed = await named.refresh(self._resolver)
+            except ConnectError as exc:
+                if observers is not None:
+                    observers.connect_failed((named.host, named.port), exc)
+                raise
+            if refreshed:
+                pool.keep_addresses(named.addresses)
         errors: list[ConnectError] = []
         for address in named.candidates(pool.address_load(), avoid or ()):
             attempt = named.begin(address)
@@ -1053,6 +1130,8 @@ class Client:
             except ConnectError as exc:
                 attempt.settle(False)
                 pool.record_connect_failure(address)
+                if observers is not None:
+                    observers.connect_failed(address, exc)
                 if avoid is not None:
                     avoid.append(address)
                 errors.append(exc)
@@ -1111,8 +1190,7 @@ class Client:
         """
         request = body is None
         tried: list[Target[Any, Any]] = []
-        # Made when an attempt first fails (a session that succeeds never builds it).
-        attempts: SessionAttempts | None = None
+        attempts: SessionAttempts | None = None  # made when an attempt first fails
         fresh = False
         avoid: list[Address] | None = None  # addresses tried (made on first need)
         while True:
@@ -1147,7 +1225,8 @@ class Client:
             _start_session(conn, timeouts)
             result: R
             try:
-                result = await (conn._exchange(data) if body is None else body(conn))
+                work = conn._exchange(data) if body is None else body(conn)
+                result = await (work if self._observers is None else self._observed(conn, work))
             except BaseException as exc:
                 # Bookkeeping first: the close below may be cancelled.
                 pool.release(entry, reusable=False)
@@ -1172,6 +1251,26 @@ class Client:
             self._finish(entry, pool, timeouts)
             self._report(attempt, True)
             return result
+
+    async def _observed(self, conn: Connection[Any, Any], work: Awaitable[R]) -> R:
+        """``await work``, one session on ``conn``, reported to the observers."""
+        observers = self._observers
+        assert observers is not None
+        began = observers.session_started(conn)
+        try:
+            result = await work
+        except BaseException as exc:
+            self._session_failed(observers, conn, exc, began)
+            raise
+        observers.session_ended(conn, None, began)
+        return result
+
+    def _session_failed(
+        self, observers: ObserverSet, conn: Connection[Any, Any], exc: BaseException, began: float
+    ) -> None:
+        """A session failed and closes its connection: tell the observers, keep why."""
+        self._failures[conn.id] = exc
+        observers.session_ended(conn, exc, began)
 
     def _attempts(self, retries: int | RetryPolicy | None, idempotent: bool) -> SessionAttempts:
         """The retry state of a session whose first attempt just failed."""
@@ -1217,9 +1316,8 @@ class Client:
             attempts.annotate(error)
             return False
         count_retry()  # PoolStats.retries of the target that failed
-        # OBSERVER: the one place a retry begins, for every session method:
-        # observer.retry(target, attempts.number, error) goes here
-        # (attempts.number is the attempt about to start: 2 for the first retry).
+        if self._observers is not None:
+            self._observers.retry(target, attempts.number, error)
         logger.debug("retrying with attempt %d after %s failed: %r", attempts.number, target, error)
         return True
 
@@ -1314,6 +1412,8 @@ class Client:
                     raise
         conn = entry.conn
         _start_session(conn, timeouts)
+        observers = self._observers
+        began = 0.0 if observers is None else observers.session_started(conn)
         watch = None
         if on_idle is not None:
             watch = IdleWatch(conn, idle, on_idle, self._nursery.start_soon, self._timers)
@@ -1324,6 +1424,8 @@ class Client:
                 watch.stop()
             pool.release(entry, reusable=False)
             pool.record_failure(entry)
+            if observers is not None:
+                self._session_failed(observers, conn, exc, began)
             await conn.abort()
             self._report(attempt, _address_failed(exc))
             raise
@@ -1331,6 +1433,8 @@ class Client:
         interrupted = watch is not None and watch.stop()
         self._finish(entry, pool, timeouts, interrupted)
         self._report(attempt, True)
+        if observers is not None:
+            observers.session_ended(conn, None, began)
 
     async def _udp_request(
         self,
@@ -1377,10 +1481,15 @@ class _ClientContext(AbstractAsyncContextManager[Client]):
     """What :func:`open_client` returns: enters a nursery, yields a :class:`Client`."""
 
     def __init__(
-        self, timeouts: Timeouts | None, retries: RetryPolicy, resolver: Resolver | None
+        self,
+        timeouts: Timeouts | None,
+        retries: RetryPolicy,
+        observers: ObserverSet | None,
+        resolver: Resolver | None,
     ) -> None:
         self._timeouts = timeouts
         self._retries = retries
+        self._observers = observers
         self._resolver = resolver
         # The default resolver, made, entered and left by the client itself.
         self._own_resolver: CachingResolver | None = None
@@ -1397,7 +1506,11 @@ class _ClientContext(AbstractAsyncContextManager[Client]):
             # Neither enter checkpoints: a cancel cannot fall between them.
             await self._own_resolver.__aenter__()
         nursery = await self._nursery_manager.__aenter__()
-        self._client = Client(nursery, self._timeouts, self._retries, resolver)
+        self._client = Client(
+            nursery, self._timeouts, self._retries, self._observers, resolver=resolver
+        )
+        if self._observers is not None:
+            self._observers.attached(self._client)
         # start_soon, not start: no checkpoint between entering the nursery
         # and returning (a cancel there would leave the nursery entered).
         # Reads that wait before it runs use a cancel scope instead.
@@ -1418,6 +1531,8 @@ class _ClientContext(AbstractAsyncContextManager[Client]):
         try:
             await self._nursery_manager.__aexit__(None, None, None)
         finally:
+            if self._observers is not None:
+                self._observers.detached(self._client)
             if self._own_resolver is not None:
                 await self._own_resolver.__aexit__(None, None, None)
         return False
@@ -1427,6 +1542,7 @@ def open_client(
     *,
     timeouts: Timeouts | None = None,
     retries: int | RetryPolicy = 1,
+    observers: Iterable[Observer] | None = None,
     resolver: Resolver | None = None,
 ) -> AbstractAsyncContextManager[Client]:
     """Open a :class:`Client`: ``async with triocomm.open_client() as client: ...``.
@@ -1441,6 +1557,8 @@ def open_client(
             connection was found closed or reset before any reply byte
             arrived (0 disables); a failed connect is then not retried to
             the same target.
+        observers: :class:`Observer` objects told of this client's
+            connections, sessions, pool waits and retries.
         resolver: what turns the host names of targets into addresses (a
             :class:`Resolver`; :meth:`Target.srv` needs one with
             ``resolve_srv``, such as :class:`DnsResolver`). ``None``: a
@@ -1459,4 +1577,4 @@ def open_client(
         raise TypeError(f"timeouts must be a Timeouts, got {timeouts!r}")
     if resolver is not None and not isinstance(resolver, Resolver):
         raise TypeError(f"resolver must have an async resolve(host, port), got {resolver!r}")
-    return _ClientContext(timeouts, as_policy(retries), resolver)
+    return _ClientContext(timeouts, as_policy(retries), ObserverSet.of(observers), resolver)

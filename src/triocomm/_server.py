@@ -36,7 +36,8 @@ from ._connection import Connection, ConnState, Idle, ReplyRefused, format_addre
 from ._errors import CommError, CommTimeout, ConnectionLost, FrameTooLarge, ProtocolError
 from ._framing import Codec
 from ._keepalive import check_tcp_keepalive, set_tcp_keepalive
-from ._timeouts import ServerTimeouts, passive_limits
+from ._observe import Observer, ObserverSet, check_observers
+from ._timeouts import Limits, ServerTimeouts, passive_limits
 from ._timers import Timers
 
 __all__ = ["Server", "ServerStats", "serve", "serve_connections"]
@@ -59,6 +60,8 @@ _SHUT_RD_WAKES_READERS = sys.platform != "win32"
 RequestHandler = Callable[[In, Connection[In, Out]], Awaitable[Out | None]]
 ConnectionHandler = Callable[[Connection[In, Out]], Awaitable[object]]
 IdleCallback = Callable[[Connection[Any, Any], Idle], Awaitable[object]]
+ConnectHook = Callable[[Connection[Any, Any]], Awaitable[object]]
+CloseHook = Callable[[Connection[Any, Any], "BaseException | None"], object]
 
 
 @dataclass(slots=True)
@@ -76,6 +79,8 @@ class ServerStats:
             returned a reply the codec cannot encode), ``"protocol"`` (bytes
             the codec rejected), ``"frame_too_large"``, ``"timeout"`` (any
             phase except ``keepalive``, whose expiry is routine),
+            ``"on_connect"`` (the ``on_connect`` hook raised),
+            ``"slow_consumer"`` (closed by :meth:`Server.broadcast`),
             ``"handshake"`` (TLS failed or timed out), ``"connection_lost"``
             (reset or closed mid-message), ``"on_idle"`` (the idle callback
             raised), ``"accept"`` (accept failed for lack of resources),
@@ -85,6 +90,12 @@ class ServerStats:
             :func:`~triocomm.serve_datagrams` adds ``"overload"`` (a datagram
             dropped because ``max_in_flight`` handlers were running) and
             ``"send"`` (the kernel refused a reply datagram).
+        connections_peak: the most connections open at once.
+        bytes_received, bytes_sent, messages_received, messages_sent: the
+            sums of every connection's :class:`ConnectionStats` (closed ones
+            and open ones; bytes as the connections count them, so the
+            plaintext under TLS). Brought up to date each time
+            :attr:`Server.stats` is read, not per message.
 
     A datagram service (:func:`~triocomm.serve_datagrams`) has no connections:
     ``connections_open`` and ``connections_total`` stay 0 and ``sessions``
@@ -95,6 +106,11 @@ class ServerStats:
     connections_total: int = 0
     sessions: int = 0
     errors: Counter[str] = field(default_factory=Counter)
+    connections_peak: int = 0
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    messages_received: int = 0
+    messages_sent: int = 0
 
 
 _UNENCODABLE = "the handler returned a reply the codec cannot encode"
@@ -107,6 +123,21 @@ class _HandlerFailed(Exception):
         super().__init__(what)
         self.error = error
         self.what = what
+
+
+class _HookFailed(Exception):
+    """The service's ``on_connect`` hook raised."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__("on_connect raised")
+        self.error = error
+
+
+def _cause(exc: Exception) -> BaseException:
+    """The exception a user sees for a failure: their own, not the service's wrapper."""
+    if isinstance(exc, (_HandlerFailed, _HookFailed, ReplyRefused)):
+        return exc.error
+    return exc
 
 
 @dataclass(frozen=True)
@@ -129,6 +160,9 @@ class ServiceOptions:
     allow: tuple[Network, ...] | None = None
     deny: tuple[Network, ...] | None = None
     max_connections_per_ip: int | None = None
+    on_connect: ConnectHook | None = None
+    on_close: CloseHook | None = None
+    observers: tuple[Observer, ...] = ()
 
     @classmethod
     def build(
@@ -144,6 +178,9 @@ class ServiceOptions:
         allow: Any = None,
         deny: Any = None,
         max_connections_per_ip: int | None = None,
+        on_connect: ConnectHook | None = None,
+        on_close: CloseHook | None = None,
+        observers: Iterable[Observer] | None = None,
     ) -> ServiceOptions:
         """The options as the service functions take them (``None``: the defaults)."""
         return cls(
@@ -158,6 +195,9 @@ class ServiceOptions:
             allow=allow,
             deny=deny,
             max_connections_per_ip=max_connections_per_ip,
+            on_connect=on_connect,
+            on_close=on_close,
+            observers=check_observers(observers),
         )
 
     @property
@@ -183,8 +223,13 @@ class ServiceOptions:
             raise ValueError("idle= needs on_idle=, the callback to call when a connection is idle")
         if not idle and self.on_idle is not None:
             raise ValueError("on_idle= needs idle=, e.g. idle={Idle.READ: 30.0}")
+        for name in ("on_connect", "on_close"):
+            hook = getattr(self, name)
+            if hook is not None and not callable(hook):
+                raise TypeError(f"{name} must be a function or None, got {hook!r}")
         object.__setattr__(self, "idle", idle)
         check_tcp_keepalive(self.tcp_keepalive)
+        object.__setattr__(self, "observers", check_observers(self.observers))
         self._check_admission()
 
     def _check_admission(self) -> None:
@@ -447,7 +492,10 @@ class Server:
         unix_path: str | None,
     ) -> None:
         self._listeners = listeners
+        self._observers = ObserverSet.of(options.observers)
         if isinstance(body, (RequestLoop, ConnectionBody)):
+            if self._observers is not None and self._observers.watches_sessions:
+                body = body.observed(self._observers)
             self._body = body
             self._stats = ServerStats()
             self._addresses = [listener.socket.getsockname() for listener in listeners]
@@ -455,6 +503,8 @@ class Server:
             self._front = body
             self._stats = body.stats
             self._addresses = body.addresses
+        # The I/O counters of the connections closed so far (see ``stats``).
+        self._closed_io = [0, 0, 0, 0]
         self._options = options
         self._max = options.max_connections
         # None unless the service reads PROXY headers or refuses some clients.
@@ -470,6 +520,12 @@ class Server:
             )
         )
         self._idle_periods = options.idle
+        # Tested once per connection: a service without hooks pays nothing more.
+        self._hooked = (
+            options.on_connect is not None
+            or options.on_close is not None
+            or self._observers is not None
+        )
         self._unix_path = unix_path
         self._unix_identity = _socket_identity(unix_path) if unix_path else None
         self._entries: set[_Entry] = set()
@@ -509,8 +565,80 @@ class Server:
 
     @property
     def stats(self) -> ServerStats:
-        """Live :class:`ServerStats`."""
-        return self._stats
+        """Live :class:`ServerStats` (its I/O sums brought up to date now)."""
+        stats = self._stats
+        received, sent, messages_in, messages_out = self._closed_io
+        # A copy first: an exporter may read the stats from another thread.
+        for entry in tuple(self._entries):
+            if entry.conn is not None:
+                io = entry.conn.stats
+                received += io.bytes_received
+                sent += io.bytes_sent
+                messages_in += io.messages_received
+                messages_out += io.messages_sent
+        stats.bytes_received, stats.bytes_sent = received, sent
+        stats.messages_received, stats.messages_sent = messages_in, messages_out
+        return stats
+
+    @property
+    def connections(self) -> list[Connection[Any, Any]]:
+        """A snapshot of the service's open connections (accepted, TLS done), oldest first."""
+        found = [entry.conn for entry in self._entries if entry.conn is not None]
+        return sorted((conn for conn in found if not conn.is_closed), key=lambda conn: conn.id)
+
+    async def broadcast(self, message: Any) -> int:
+        """Send ``message`` to every open connection at once; return how many got it.
+
+        Only for :func:`serve_connections` services: on a :func:`serve`
+        service an unsolicited message would desynchronise the replies
+        (:class:`RuntimeError`). The message is sent to all connections
+        concurrently; each send is bounded by ``ServerTimeouts.send`` (or,
+        if that is ``None``, by ``inactivity``) as well as by the
+        connection's own limits. A connection that cannot take it in time is
+        closed as a slow consumer (logged, counted ``"slow_consumer"``)
+        without delaying the others; one that is closing or lost is skipped.
+        Nothing is queued: the call returns when every send is done or cut.
+
+        Raises:
+            RuntimeError: the service is a :func:`serve` service.
+            TypeError (or the codec's own error): the codec refused ``message``;
+                nothing was sent.
+        """
+        if self._body.request_loop:
+            raise RuntimeError(
+                "broadcast needs a serve_connections service: on a serve service, "
+                "an unsolicited message would desynchronise the replies"
+            )
+        self._options.codec.encode(message)  # refuse it before anything is sent
+        timeouts = self._options.timeouts
+        limit = timeouts.send if timeouts.send is not None else timeouts.inactivity
+        delivered = [0]
+        async with trio.open_nursery() as nursery:
+            for conn in self.connections:
+                nursery.start_soon(self._deliver, conn, message, limit, delivered)
+        return delivered[0]
+
+    async def _deliver(
+        self, conn: Connection[Any, Any], message: Any, limit: float | None, delivered: list[int]
+    ) -> None:
+        """One connection's part of :meth:`broadcast`."""
+        with trio.move_on_after(math.inf if limit is None else limit):
+            try:
+                await conn.send(message)
+            except CommTimeout:
+                pass  # the connection's own send or inactivity limit: a slow consumer
+            except (trio.ClosedResourceError, trio.BrokenResourceError, ConnectionLost):
+                return  # closing or gone: its own task reports why
+            else:
+                delivered[0] += 1
+                return
+        self._stats.errors["slow_consumer"] += 1
+        logger.warning(
+            "closing connection from %s: slow consumer (a broadcast not taken within %s)",
+            conn.peer,
+            "its limits" if limit is None else f"{limit:g}s",
+        )
+        await conn.abort()
 
     @property
     def shutting_down(self) -> bool:
@@ -561,10 +689,15 @@ class Server:
     # -- running -------------------------------------------------------------
 
     async def _run(self, task_status: trio.TaskStatus[Server]) -> None:
+        observers = self._observers
+        if observers is not None:
+            observers.attached(self)
         try:
             with _interrupt_as_itself():
                 await self._serve(task_status)
         finally:
+            if observers is not None:
+                observers.detached(self)
             with trio.CancelScope(shield=True):
                 for listener in self._listeners:
                     await trio.aclose_forcefully(listener)
@@ -649,6 +782,8 @@ class Server:
                 raise
             stats.connections_open += 1
             stats.connections_total += 1
+            if stats.connections_open > stats.connections_peak:
+                stats.connections_peak = stats.connections_open
             assert self._service is not None
             self._service.start_soon(self._connection_task, stream)
 
@@ -728,23 +863,72 @@ class Server:
             if _SHUT_RD_WAKES_READERS:
                 entry.sock = socket_of(transport)
             self._start_idle_detection(entry)
+            # The on_connect point: from here on, on_close follows the close
+            # exactly once, whatever ends the connection. Inline, not a
+            # function: a waiting connection's frames are memory per connection.
+            hooked = self._hooked
+            error: BaseException | None = None
             try:
-                await self._body(self, conn, entry)
+                if hooked:
+                    await self._opened(conn)
+                if not conn.is_closed:  # on_connect may reject the peer by closing it
+                    await self._body(self, conn, entry)
             except Exception as exc:
                 if entry.closing and isinstance(exc, trio.BrokenResourceError):
                     pass  # TLS reports the read side we shut as a ragged EOF
                 elif self._report(conn, exc):
+                    error = _cause(exc)
                     await conn.abort()  # failed: ERROR, like a connection error
+            except BaseException as exc:
+                # Cancelled (or interrupted): routine while it waited for a request.
+                if not (conn.between_messages and _waiting(conn, self._body)):
+                    error = exc
+                raise
             finally:
                 if entry.idle_callback is not None:
                     entry.idle_callback.cancel()
-                with trio.move_on_after(_CLOSE_LIMIT):
-                    await conn.aclose()
+                try:
+                    with trio.move_on_after(_CLOSE_LIMIT):
+                        await conn.aclose()
+                finally:
+                    if hooked:
+                        self._closed(conn, error)
         finally:
             if arrival is not None:
                 assert admission is not None
                 admission.leave(arrival)
             self._forget(entry)
+
+    async def _opened(self, conn: Connection[Any, Any]) -> None:
+        """The ``on_connect`` point: the connection exists and may be greeted."""
+        if self._observers is not None:
+            self._observers.connection_opened(conn)
+        on_connect = self._options.on_connect
+        if on_connect is None:
+            return
+        first, _ = passive_limits(self._options.timeouts)
+        _enter(conn, ConnState.CONNECTED, first)
+        try:
+            await on_connect(conn)
+        except Exception as exc:
+            if _from_connection(conn, exc) or (
+                isinstance(exc, (trio.ClosedResourceError, trio.EndOfChannel))
+            ):
+                raise  # the connection's own end: reported as such
+            raise _HookFailed(exc) from exc
+
+    def _closed(self, conn: Connection[Any, Any], error: BaseException | None) -> None:
+        """After the close: ``on_close``, whose exceptions are logged and swallowed."""
+        on_close = self._options.on_close
+        if on_close is not None:
+            try:
+                on_close(conn, error)
+            except Exception as exc:
+                logger.error(
+                    "on_close for the connection from %s raised %r", conn.peer, exc, exc_info=exc
+                )
+        if self._observers is not None:
+            self._observers.connection_closed(conn, error)
 
     async def _arrive(self, admission: Admission, stream: trio.abc.Stream) -> Arrival | None:
         """Learn who a new connection is from and admit it, or close it and say None.
@@ -765,6 +949,12 @@ class Server:
 
     def _forget(self, entry: _Entry) -> None:
         stats = self._stats
+        if entry.conn is not None:
+            io, closed = entry.conn.stats, self._closed_io
+            closed[0] += io.bytes_received
+            closed[1] += io.bytes_sent
+            closed[2] += io.messages_received
+            closed[3] += io.messages_sent
         stats.connections_open -= 1
         self._entries.discard(entry)
         self._keepalive.pop(entry, None)
@@ -799,7 +989,15 @@ class Server:
         peer = conn.peer
         if isinstance(exc, ReplyRefused):
             exc = _HandlerFailed(exc.error, _UNENCODABLE)
-        if isinstance(exc, _HandlerFailed):
+        if isinstance(exc, _HookFailed):
+            errors["on_connect"] += 1
+            logger.error(
+                "closing connection from %s: on_connect raised %r",
+                peer,
+                exc.error,
+                exc_info=exc.error,
+            )
+        elif isinstance(exc, _HandlerFailed):
             errors["handler"] += 1
             logger.error(
                 "closing connection from %s: %s: %r", peer, exc.what, exc.error, exc_info=exc.error
@@ -935,6 +1133,10 @@ class RequestLoop:
     def __init__(self, handler: RequestHandler[Any, Any]) -> None:
         self.handler = handler
 
+    def observed(self, observers: ObserverSet) -> RequestLoop:
+        """This loop with each request reported to ``observers`` as a session."""
+        return RequestLoop(_observed(self.handler, observers))
+
     async def __call__(self, server: Server, conn: Connection[Any, Any], entry: _Entry) -> None:
         # Locals, not attributes: a connection waiting for its next request
         # holds this frame, and what it refers to is memory per idle connection.
@@ -986,6 +1188,16 @@ class RequestLoop:
             del burst, request, reply
 
 
+def _waiting(conn: Connection[Any, Any], body: Body) -> bool:
+    """Is the connection's task waiting for a request, as far as the service can tell?"""
+    return not body.request_loop or conn.state in (ConnState.CONNECTED, ConnState.KEEPALIVE)
+
+
+def _enter(conn: Connection[Any, Any], state: ConnState, limits: Limits) -> None:
+    """Set a connection's state and limits outside the request loop's hot path."""
+    conn._set_state(state, limits)
+
+
 async def _deliver_accepted(conn: Connection[Any, Any]) -> None:
     """Write the replies accepted before a failure, as far as the peer takes them."""
     with trio.move_on_after(_CLOSE_LIMIT):
@@ -1022,11 +1234,15 @@ class ConnectionBody:
     def __init__(self, handler: ConnectionHandler[Any, Any]) -> None:
         self.handler = handler
 
+    def observed(self, observers: ObserverSet) -> ConnectionBody:
+        """This body with the connection reported to ``observers`` as a session."""
+        return ConnectionBody(_observed(self.handler, observers))
+
     async def __call__(self, server: Server, conn: Connection[Any, Any], entry: _Entry) -> None:
         # The handler decides when to read, so every wait for a message is a
         # wait between messages: keepalive bounds it.
         _, keepalive = passive_limits(server._options.timeouts)
-        conn._set_state(ConnState.RECEIVING, keepalive)
+        _enter(conn, ConnState.RECEIVING, keepalive)
         server._stats.sessions += 1
         await self.handler(conn)
         # Closed straight after, before any other task runs: SUCCESS, which
@@ -1034,6 +1250,27 @@ class ConnectionBody:
 
 
 Body = RequestLoop | ConnectionBody
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def _observed(handler: F, observers: ObserverSet) -> F:
+    """``handler`` (of either body; the connection is its last argument), reporting
+    each call to ``observers`` as a session. Only made when an observer watches
+    sessions, so a service without one runs the user's handler as it is."""
+
+    async def observed(*args: Any) -> Any:
+        conn = args[-1]
+        started = observers.session_started(conn)
+        try:
+            result = await handler(*args)
+        except BaseException as exc:
+            observers.session_ended(conn, exc, started)
+            raise
+        observers.session_ended(conn, None, started)
+        return result
+
+    return observed  # type: ignore[return-value]
 
 
 # -- entry points ------------------------------------------------------------
@@ -1127,6 +1364,9 @@ async def serve(
     deny: Iterable[str | Network | IPAddress] | None = None,
     max_connections_per_ip: int | None = None,
     listeners: Iterable[trio.SocketListener | socket.socket] | None = None,
+    on_connect: ConnectHook | None = None,
+    on_close: CloseHook | None = None,
+    observers: Iterable[Observer] | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a request/reply service until it is shut down or cancelled.
@@ -1139,38 +1379,34 @@ async def serve(
     ``conn.context`` is a dict for per-connection data.
 
     Start it with ``server = await nursery.start(functools.partial(serve,
-    handler, port, codec=...))``: the listeners are bound when ``start``
-    returns, and the :class:`Server` it returns gives the port, the stats and
-    :meth:`Server.shutdown`.
+    handler, port, codec=...))``: the listeners are then bound, and the
+    :class:`Server` gives the port, the stats and :meth:`Server.shutdown`.
 
     Args:
         handler: ``async def handler(request, conn) -> reply | None``.
         port: TCP port; 0 asks the OS for a free one (see ``Server.port``).
-        host: address to bind; ``None`` binds every interface (IPv4 and IPv6),
-            as :func:`trio.serve_tcp` does.
-        path: serve on this Unix socket path instead of a port. A leftover
-            socket file that nobody listens on is replaced; the file is removed
-            when the service ends.
+        host: address to bind; ``None``: every interface (IPv4 and IPv6).
+        path: serve on this Unix socket path instead of a port (a stale socket
+            file is replaced; the file is removed when the service ends).
         codec: the wire format of requests and replies.
-        ssl_context: serve TLS; each handshake runs in its connection's own
-            task under ``timeouts.handshake``.
+        ssl_context: serve TLS (each handshake bounded by ``timeouts.handshake``).
         timeouts: a :class:`ServerTimeouts`; the defaults when ``None``.
         max_connections: at most this many open connections. At the limit, a
-            new client makes the service close the keep-alive connection that
-            has been idle the longest; if none is idle, accepting pauses until
-            a connection closes.
-        idle: idle periods, e.g. ``{Idle.READ: 30.0}``; ``on_idle`` is called
-            when a connection has been idle that long, and again every period
-            while it stays idle.
-        on_idle: ``async def on_idle(conn, status)``, e.g. to send a heartbeat
-            or close the connection. A slow callback does not delay others; a
-            connection has at most one callback running.
+            new client evicts the longest-idle keep-alive connection; if none
+            is idle, accepting pauses until a connection closes.
+        idle: idle periods, e.g. ``{Idle.READ: 30.0}``: ``on_idle`` is called
+            when a connection was idle that long, and every period after.
+        on_idle: ``async def on_idle(conn, status)``, e.g. a heartbeat; a
+            connection has at most one running, and a slow one delays no other.
         tcp_keepalive: seconds of silence before the kernel probes an accepted
             TCP connection (as ``Target(tcp_keepalive=)``); ``None``: untouched.
         proxy_protocol: connections start with a PROXY header (v1, v2): see
             ``conn.remote_address`` and ``conn.proxied_by``.
         allow, deny, max_connections_per_ip: who may connect, how many at once.
         listeners: listening sockets to serve on (e.g. from systemd), not ``port``.
+        on_connect, on_close, observers: ``async def on_connect(conn)`` before
+            the first request, ``def on_close(conn, error)`` once after the
+            close, :class:`Observer` objects (see "Observing a service").
 
     Failures are isolated: a handler exception, bad input, an oversized frame,
     a timeout, a failed TLS handshake or a refused client closes that one
@@ -1183,8 +1419,9 @@ async def serve(
         OSError: the address cannot be bound.
     """
     edge = (proxy_protocol, allow, deny, max_connections_per_ip)
+    hooks = (on_connect, on_close, observers)
     options = ServiceOptions.build(
-        codec, ssl_context, timeouts, max_connections, idle, on_idle, tcp_keepalive, *edge
+        codec, ssl_context, timeouts, max_connections, idle, on_idle, tcp_keepalive, *edge, *hooks
     )
     await run_service(
         RequestLoop(handler), options, task_status, **_where(port, host, path, listeners)
@@ -1209,6 +1446,9 @@ async def serve_connections(
     deny: Iterable[str | Network | IPAddress] | None = None,
     max_connections_per_ip: int | None = None,
     listeners: Iterable[trio.SocketListener | socket.socket] | None = None,
+    on_connect: ConnectHook | None = None,
+    on_close: CloseHook | None = None,
+    observers: Iterable[Observer] | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a service that hands each connection to ``await handler(conn)``.
@@ -1225,13 +1465,18 @@ async def serve_connections(
     not apply); and ``max_connections`` can only pause accepting, since no
     connection is ever "idle between requests" for the service to evict.
 
+    ``on_connect`` runs before the handler, ``on_close`` after the
+    connection is closed, as with :func:`serve`; for ``observers`` the whole
+    connection is one session.
+
     A handler exception closes only its connection (logged, counted as
     ``"handler"``). If the peer closes cleanly, ``receive`` raises
     :class:`trio.EndOfChannel`; letting it escape the handler is fine.
     """
     edge = (proxy_protocol, allow, deny, max_connections_per_ip)
+    hooks = (on_connect, on_close, observers)
     options = ServiceOptions.build(
-        codec, ssl_context, timeouts, max_connections, idle, on_idle, tcp_keepalive, *edge
+        codec, ssl_context, timeouts, max_connections, idle, on_idle, tcp_keepalive, *edge, *hooks
     )
     await run_service(
         ConnectionBody(handler), options, task_status, **_where(port, host, path, listeners)

@@ -32,7 +32,10 @@ import trio
 from ._admission import IPAddress, Network
 from ._connection import Idle
 from ._framing import Codec
+from ._observe import Observer
 from ._server import (
+    CloseHook,
+    ConnectHook,
     ConnectionBody,
     IdleCallback,
     RequestLoop,
@@ -190,6 +193,9 @@ async def serve_workers(
     allow: Iterable[str | Network | IPAddress] | None = None,
     deny: Iterable[str | Network | IPAddress] | None = None,
     max_connections_per_ip: int | None = None,
+    on_connect: ConnectHook | None = None,
+    on_close: CloseHook | None = None,
+    observers: Iterable[Observer] | None = None,
     grace: float = 5.0,
     restart: bool = True,
     task_status: trio.TaskStatus[WorkerGroup] = trio.TASK_STATUS_IGNORED,
@@ -198,12 +204,13 @@ async def serve_workers(
 
     Each worker is a fresh interpreter running :func:`serve` (or
     :func:`serve_connections` with ``connections=True``) in its own
-    :func:`trio.run`, so ``handler``, ``codec``, ``on_idle`` and
-    ``ssl_context_factory`` must be picklable: module-level functions and the
-    built-in codecs are (an :class:`ssl.SSLContext` is not, hence a factory
-    that each worker calls). A program that calls this from its own
-    ``__main__`` module needs the usual ``if __name__ == "__main__":`` guard,
-    as with :mod:`multiprocessing`. ``max_connections`` applies per worker,
+    :func:`trio.run`, so ``handler``, ``codec``, ``on_idle``, ``on_connect``,
+    ``on_close``, ``observers`` and ``ssl_context_factory`` must be
+    picklable: module-level functions and the built-in codecs are (an
+    :class:`ssl.SSLContext` is not, hence a factory that each worker calls).
+    Each worker has its own copy of the observers. A program that calls this
+    from its own ``__main__`` module needs the ``if __name__ == "__main__":``
+    guard of :mod:`multiprocessing`. ``max_connections`` applies per worker,
     and so does ``max_connections_per_ip`` (each worker counts its own
     connections); ``tcp_keepalive``, ``proxy_protocol``, ``allow`` and
     ``deny`` are :func:`serve`'s.
@@ -219,8 +226,9 @@ async def serve_workers(
     if not hasattr(socket, "SO_REUSEPORT"):
         raise RuntimeError("serve_workers needs SO_REUSEPORT (Linux)")
     edge = (proxy_protocol, allow, deny, max_connections_per_ip)
+    hooks = (on_connect, on_close, observers)
     options = ServiceOptions.build(
-        codec, None, timeouts, max_connections, idle, on_idle, tcp_keepalive, *edge
+        codec, None, timeouts, max_connections, idle, on_idle, tcp_keepalive, *edge, *hooks
     )
     count = workers if workers is not None else (os.cpu_count() or 1)
     if count < 1:

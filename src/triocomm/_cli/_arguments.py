@@ -268,6 +268,13 @@ def _add_serve(commands: _Commands, codec_help: str) -> None:
         "--tls-key", metavar="FILE", type=_existing_file, help="private key for --tls-cert (PEM)"
     )
     serve.add_argument(
+        "--metrics-port",
+        type=functools.partial(parse_port, allow_zero=True),
+        metavar="PORT",
+        help="also serve Prometheus metrics over HTTP on this port, at /metrics, on the "
+        "--host interface (needs triocomm[prometheus]; 0 lets the system pick)",
+    )
+    serve.add_argument(
         "--grace",
         type=_non_negative_seconds,
         default=DEFAULT_GRACE,

@@ -9,7 +9,7 @@ import ssl
 
 import trio
 
-from .. import Codec, Server, serve
+from .. import Codec, Observer, Server, serve
 from ._arguments import TcpAddress
 from ._failure import CliFailure, leaf
 
@@ -40,13 +40,21 @@ async def start_echo_service(
     host: str | None = None,
     path: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    observers: list[Observer] | None = None,
 ) -> Server:
     """Start ``triocomm.serve`` with the echo handler in ``nursery``; return its Server."""
     where = path if path is not None else str(TcpAddress(host or "*", port or 0))
     try:
         server: Server = await nursery.start(
             functools.partial(
-                serve, _echo, port, host=host, path=path, codec=codec, ssl_context=ssl_context
+                serve,
+                _echo,
+                port,
+                host=host,
+                path=path,
+                codec=codec,
+                ssl_context=ssl_context,
+                observers=observers,
             )
         )
         return server

@@ -4,16 +4,20 @@ it down gracefully; ``-v`` shows triocomm's log on stderr."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
+import threading
+from collections.abc import Iterator
 from typing import IO, Any
 
 import trio
 
+from .. import Observer
 from ._arguments import CODECS
 from ._echo_service import server_ssl_context, start_echo_service
-from ._failure import EXIT_OK
+from ._failure import EXIT_OK, CliFailure
 from ._formatting import PROG, format_address, say
 
 # Names the handler -v adds, so a second configuration (main called twice in
@@ -53,18 +57,30 @@ async def serve_command(args: argparse.Namespace) -> int:
     configure_logging(args.verbose)
     choice = CODECS[args.codec]
     ssl_context = server_ssl_context(args.tls_cert, args.tls_key) if args.tls_cert else None
+    host = None if args.host == "*" else args.host
     # The receiver is open before the service announces itself, so a signal
     # sent as soon as the "listening" line is read is never missed.
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with (
+        trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
+        _metrics(args.metrics_port, host) as observers,
+    ):
         async with trio.open_nursery() as nursery:
             if args.unix is not None:
                 server = await start_echo_service(
-                    nursery, codec=choice.make(), path=args.unix, ssl_context=ssl_context
+                    nursery,
+                    codec=choice.make(),
+                    path=args.unix,
+                    ssl_context=ssl_context,
+                    observers=observers,
                 )
             else:
-                host = None if args.host == "*" else args.host
                 server = await start_echo_service(
-                    nursery, codec=choice.make(), port=args.port, host=host, ssl_context=ssl_context
+                    nursery,
+                    codec=choice.make(),
+                    port=args.port,
+                    host=host,
+                    ssl_context=ssl_context,
+                    observers=observers,
                 )
             where = ", ".join(format_address(address) for address in server.addresses)
             tls = ", TLS" if ssl_context else ""
@@ -85,6 +101,41 @@ async def serve_command(args: argparse.Namespace) -> int:
         f"({stats.connections_total} connections, {stats.sessions} requests served)"
     )
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def _metrics(port: int | None, host: str | None) -> Iterator[list[Observer]]:
+    """With ``--metrics-port``: a Prometheus observer and its HTTP endpoint, for the block."""
+    if port is None:
+        yield []
+        return
+    try:
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        from ..contrib.prometheus import PrometheusObserver
+    except ImportError:
+        raise CliFailure(
+            "--metrics-port needs prometheus_client: pip install 'triocomm[prometheus]'"
+        ) from None
+    registry = CollectorRegistry()
+    observer = PrometheusObserver(registry)
+    address = host or "0.0.0.0"
+    try:
+        httpd, thread = start_http_server(port, addr=address, registry=registry)
+    except OSError as exc:
+        raise CliFailure(f"cannot serve metrics on {address}:{port}: {exc.strerror}") from None
+    shown = f"[{address}]" if ":" in address else address
+    say(f"{PROG}: metrics on http://{shown}:{httpd.server_port}/metrics")
+    try:
+        yield [observer]
+    finally:
+        _stop_http(httpd, thread)
+
+
+def _stop_http(httpd: Any, thread: threading.Thread) -> None:
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join()
 
 
 async def _cancel_on_signal(signals: Any, scope: trio.CancelScope) -> None:
