@@ -28,12 +28,14 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import trio
 
+from ._addresses import Address, TargetAddresses
 from ._connection import Connection, Idle, PhaseLimit
 from ._errors import CommError, CommTimeout, ConnectError, ConnectionLost, UpstreamUnavailable
 from ._idle import IdleWatch, check_idle_options
 from ._keepalive import check_tcp_keepalive, set_tcp_keepalive
 from ._observe import Observer, ObserverSet
 from ._pool import KeepAlivePool, PooledConnection, PoolStats
+from ._resolve import CachingResolver, Resolver, SrvResolver, resolve_with_expiry
 from ._retry import (
     RetryKind,
     RetryPolicy,
@@ -86,9 +88,12 @@ class Target(Generic[In, Out]):
 
     ``Target(host, port, codec)`` is a TCP address: ``host`` is a name, an
     IPv4 address or an IPv6 address (``"::1"``; brackets are accepted and
-    dropped). Names resolving to several addresses are tried with happy
-    eyeballs (:func:`trio.open_tcp_stream`). ``Target.unix(path, codec)`` is a
-    Unix socket; ``Target.udp(host, port, codec)`` a UDP address.
+    dropped). A name is resolved through the client's resolver
+    (``open_client(resolver=)``), and a name with several addresses gets one
+    pool per address under the one target (see ``max_fails``).
+    ``Target.unix(path, codec)`` is a Unix socket; ``Target.udp(host, port,
+    codec)`` a UDP address; ``Target.srv(name, codec)`` a service found
+    through SRV records.
 
     Args:
         host: host name or address literal.
@@ -145,6 +150,15 @@ class Target(Generic[In, Out]):
             is lent or closes; never beyond ``max_connections``. A failed
             background connect is tried again after a pause that doubles up
             to 30 s.
+        max_fails: for a target whose host is a name: an address whose
+            connects fail this many times in a row is fused (default 3):
+            no connection goes there for ``fuse_time`` seconds, then one
+            trial connect is let through (success ends the fuse, failure
+            fuses it again), as for an :class:`Upstream` address. When every
+            address is fused, a new connection fails at once with
+            :class:`ConnectError`. A numeric host is never fused.
+        fuse_time: seconds an address stays fused (default 10).
+        srv_lookup: set by :meth:`srv` only: ``host`` is an SRV service name.
 
     Targets are immutable and hashable; equal targets share one pool in a
     client. ``str(target)`` is its address, as used in error messages.
@@ -169,6 +183,9 @@ class Target(Generic[In, Out]):
     tcp_keepalive: float | None = field(default=None, kw_only=True)
     max_lifetime: float | None = field(default=None, kw_only=True)
     min_idle: int = field(default=0, kw_only=True)
+    max_fails: int = field(default=3, kw_only=True)
+    fuse_time: float = field(default=10.0, kw_only=True)
+    srv_lookup: bool = field(default=False, kw_only=True)
 
     def __post_init__(self) -> None:
         if self.max_datagram is not None:
@@ -179,7 +196,10 @@ class Target(Generic[In, Out]):
             if self.host.startswith("[") and self.host.endswith("]"):
                 object.__setattr__(self, "host", self.host[1:-1])
             port = self.port
-            if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            if self.srv_lookup:
+                if port != 0 or self.max_datagram is not None:
+                    raise TypeError("an SRV target takes its ports from the records (port 0, TCP)")
+            elif isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
                 raise ValueError(f"Target port must be an int in 1..65535, got {port!r}")
         elif self.host is not None or self.port != 0:
             raise TypeError("a Unix socket target takes a path, not a host and port")
@@ -219,6 +239,12 @@ class Target(Generic[In, Out]):
         if self.health_check is not None and not callable(self.health_check):
             raise TypeError(f"health_check must be an async function, got {self.health_check!r}")
         check_tcp_keepalive(self.tcp_keepalive)
+        fails = self.max_fails
+        if isinstance(fails, bool) or not isinstance(fails, int) or fails < 1:
+            raise ValueError(f"max_fails must be an int >= 1, got {fails!r}")
+        fuse = self.fuse_time
+        if isinstance(fuse, bool) or not isinstance(fuse, (int, float)) or not 0 <= fuse < math.inf:
+            raise ValueError(f"fuse_time must be a finite number of seconds >= 0, got {fuse!r}")
         lifetime = self.max_lifetime
         if lifetime is not None:
             if isinstance(lifetime, bool) or not isinstance(lifetime, (int, float)):
@@ -319,11 +345,63 @@ class Target(Generic[In, Out]):
             max_datagram=max_datagram,
         )
 
+    @classmethod
+    def srv(
+        cls,
+        name: str,
+        codec: Codec[In, Out],
+        *,
+        ssl_context: ssl.SSLContext | bool | None = None,
+        server_hostname: str | None = None,
+        timeouts: Timeouts | None = None,
+        max_connections: int = 200,
+        on_connect: Callable[[Connection[In, Out]], Awaitable[object]] | None = None,
+        health_check: Callable[[Connection[In, Out]], Awaitable[object]] | None = None,
+        health_check_after: float = 30.0,
+        tcp_keepalive: float | None = None,
+        max_lifetime: float | None = None,
+        min_idle: int = 0,
+        max_fails: int = 3,
+        fuse_time: float = 10.0,
+    ) -> Target[In, Out]:
+        """A TCP target found through the SRV records of ``name`` (``"_svc._tcp.example.com"``).
+
+        The client's resolver must offer ``resolve_srv`` (a
+        :class:`DnsResolver` does; the default :class:`CachingResolver`
+        does not): else the first use raises ``TypeError``. Each record
+        ``(host, port, priority, weight)`` gets a pool of its own: a new
+        connection goes to the lowest priority whose records are not all
+        fused, and within it to the record with the fewest connections in
+        use per unit of weight. A record's host is resolved through the same
+        resolver; TLS verifies it (unless ``server_hostname`` is given).
+        Takes the keyword options of :class:`Target`.
+        """
+        return cls(
+            name,
+            0,
+            codec,
+            ssl_context=ssl_context,
+            server_hostname=server_hostname,
+            timeouts=timeouts,
+            max_connections=max_connections,
+            on_connect=on_connect,
+            health_check=health_check,
+            health_check_after=health_check_after,
+            tcp_keepalive=tcp_keepalive,
+            max_lifetime=max_lifetime,
+            min_idle=min_idle,
+            max_fails=max_fails,
+            fuse_time=fuse_time,
+            srv_lookup=True,
+        )
+
     @property
     def address(self) -> str:
-        """``host:port`` (``[v6]:port`` for an IPv6 address) or the Unix path."""
+        """``host:port`` (``[v6]:port`` for an IPv6 address), the SRV name, or the Unix path."""
         if self.path is not None:
             return self.path
+        if self.srv_lookup:
+            return self.host or ""
         host = self.host or ""
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
@@ -331,10 +409,15 @@ class Target(Generic[In, Out]):
         return self.address
 
 
-def _tls_hostname(target: Target[Any, Any]) -> str | None:
-    """The name a TLS connection to ``target`` verifies and sends as SNI."""
+def _tls_hostname(target: Target[Any, Any], record_host: str | None = None) -> str | None:
+    """The name a TLS connection to ``target`` verifies and sends as SNI.
+
+    ``record_host``: the host of the SRV record connected to, for an SRV target.
+    """
     if target.server_hostname is not None:
         return target.server_hostname
+    if target.srv_lookup:
+        return record_host
     return target.host
 
 
@@ -364,15 +447,27 @@ def _connect_failure_text(exc: OSError) -> str:
     return "; ".join(dict.fromkeys(str(cause) for cause in causes))
 
 
-async def _open_stream(target: Target[Any, Any]) -> trio.abc.Stream:
-    """Connect (and handshake) to ``target``; failures become :class:`ConnectError`."""
-    where = target.address
+def _address_text(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def _open_stream(
+    target: Target[Any, Any], ip: str | None = None, port: int = 0, record_host: str | None = None
+) -> trio.abc.Stream:
+    """Connect (and handshake) to ``target``; failures become :class:`ConnectError`.
+
+    ``ip`` and ``port``: the one address of the target's to connect to (a
+    numeric host is its own). ``record_host``: the SRV record's host, for TLS.
+    """
+    if ip is None:
+        ip, port = target.host, target.port
+    where = target.address if target.path is not None else _address_text(ip or "", port)
     try:
         if target.path is not None:
             stream: trio.SocketStream = await trio.open_unix_socket(target.path)
         else:
-            assert target.host is not None
-            stream = await trio.open_tcp_stream(target.host, target.port)
+            assert ip is not None
+            stream = await trio.open_tcp_stream(ip, port)
     except OSError as exc:
         # Refused, unreachable, unresolvable (socket.gaierror), no such path.
         raise ConnectError(
@@ -393,7 +488,7 @@ async def _open_stream(target: Target[Any, Any]) -> trio.abc.Stream:
         tls = trio.SSLStream(
             stream,
             context,
-            server_hostname=_tls_hostname(target),
+            server_hostname=_tls_hostname(target, record_host),
             https_compatible=False,
         )
         await tls.do_handshake()
@@ -430,6 +525,15 @@ def _address_failed(exc: BaseException) -> bool | None:
     return None
 
 
+def _tried_address(avoid: list[Address] | None, entry: PooledConnection) -> list[Address] | None:
+    """A session failed on ``entry``: its retry prefers another address of the name."""
+    if entry.ledger is None:
+        return avoid
+    avoid = avoid or []
+    avoid.append(entry.ledger.address)  # type: ignore[arg-type]  # the pool keeps it as object
+    return avoid
+
+
 class Client:
     """Sessions with targets over pooled keep-alive connections.
 
@@ -451,6 +555,7 @@ class Client:
         timeouts: Timeouts | None,
         retries: RetryPolicy,
         observers: ObserverSet | None = None,
+        resolver: Resolver | None = None,
     ) -> None:
         self._nursery = nursery
         # None without observers: one test per connection event, per session.
@@ -459,7 +564,10 @@ class Client:
         self._failures: dict[int, BaseException] = {}
         self._timeouts = timeouts
         self._retries = retries
+        self._resolver: Resolver = CachingResolver() if resolver is None else resolver
         self._pools: dict[Target[Any, Any], KeepAlivePool] = {}
+        # The addresses of the named targets among them (one pool per address).
+        self._named: dict[Target[Any, Any], TargetAddresses] = {}
         # Session attempts counted outside the pools: those of dropped pools,
         # and borrows that failed before getting a connection. For the
         # retry budget, made on first use.
@@ -607,14 +715,44 @@ class Client:
     def stats(self, target: Target[Any, Any]) -> PoolStats:
         """A :class:`PoolStats` snapshot of ``target``'s pool.
 
-        Zeros if the target was never used, or if its pool was dropped: a
-        client that has used more than 1,024 targets forgets the pools (and
-        counters) of those it has no connection to.
+        For a name with several addresses, the sum over its per-address
+        pools (:meth:`address_stats`), plus ``waiting``, ``failed`` and
+        ``retries`` of the target as a whole. Zeros if the target was never
+        used, or if its pool was dropped: a client that has used more than
+        1,024 targets forgets the pools (and counters) of those it has no
+        connection to.
         """
         if target.max_datagram is not None:
             return PoolStats() if self._udp is None else self._udp.stats(target)
         pool = self._pools.get(target)
         return PoolStats() if pool is None else pool.stats()
+
+    def address_stats(self, target: Target[Any, Any]) -> dict[tuple[str, int], PoolStats]:
+        """A :class:`PoolStats` per address of ``target``: ``{(ip, port): stats}``.
+
+        The addresses of the current answer, and those dropped from it that
+        still have connections; for an SRV target the keys are the records'
+        ``(host, port)``. A numeric host has its one address; a Unix or UDP
+        target, or one never used, gives ``{}``. ``open``, ``idle``,
+        ``in_use``, ``created``, ``reused``, ``closed`` and
+        ``health_checks_failed`` add up to :meth:`stats`'s (but for the
+        counts of addresses no longer listed); ``connecting`` counts the
+        connects to the address under way (one still waiting for the
+        resolver has no address yet); ``failed`` counts the failed connects
+        to the address and the failed sessions on its connections;
+        ``waiting`` and ``retries`` are the target's and 0 here.
+        """
+        pool = self._pools.get(target)
+        if pool is None or target.path is not None:
+            return {}
+        named = self._named.get(target)
+        if named is None:
+            assert target.host is not None
+            return {(target.host, target.port): pool.stats()}
+        stats = pool.address_stats(dict(named.connecting()))
+        for address in named.addresses:
+            stats.setdefault(address, PoolStats())
+        return stats
 
     # -- the seam for Upstream ----------------------------------------------
     #
@@ -677,6 +815,7 @@ class Client:
                 )
             if len(self._pools) >= self._sweep_at:
                 self._drop_unused_pools()
+            named = self._addresses_of(target, attempt)
             pool = self._pools[target] = KeepAlivePool(
                 target.address,
                 target.max_connections,
@@ -684,9 +823,36 @@ class Client:
                 max_lifetime=target.max_lifetime,
                 min_idle=target.min_idle,
             )
+            if named is not None:
+                self._named[target] = named
             if target.min_idle:
                 self._nursery.start_soon(self._keep_min_idle, target, pool)
         return pool
+
+    def _addresses_of(
+        self, target: Target[Any, Any], attempt: UpstreamAttempt[Target[Any, Any]] | None
+    ) -> TargetAddresses | None:
+        """A new :class:`TargetAddresses` for a target with a name, else None."""
+        if target.path is not None or target.host is None:
+            return None
+        if target.srv_lookup:
+            if not isinstance(self._resolver, SrvResolver):
+                self._report(attempt, None)
+                raise TypeError(
+                    f"{target} is an SRV target, but the client's resolver "
+                    f"{self._resolver!r} has no resolve_srv(): pass "
+                    "open_client(resolver=triocomm.DnsResolver([...])) or one of your own"
+                )
+        elif _is_ip(target.host):
+            return None  # a numeric host is its one address: no lookup, no fuse
+        return TargetAddresses(
+            target.address,
+            target.host,
+            target.port,
+            srv=target.srv_lookup,
+            max_fails=target.max_fails,
+            fuse_time=target.fuse_time,
+        )
 
     def _drop_unused_pools(self) -> None:
         """Forget the pools of targets with no connection, open or coming, and no waiter.
@@ -705,6 +871,7 @@ class Client:
             else:
                 kept[target] = pool
         self._pools = kept
+        self._named = {t: a for t, a in self._named.items() if t in kept}
         # The identity cache must never lend from a pool that is not here:
         # _shutdown closes only the pools in _pools.
         self._last_pool = None
@@ -716,11 +883,14 @@ class Client:
         pool: KeepAlivePool,
         timeouts: Timeouts,
         fresh: bool,
+        avoid: list[Address] | None = None,
     ) -> tuple[PooledConnection, bool]:
         """Borrow a connection: ``(entry, reused)``. Opens one if the pool has none.
 
         A pooled connection due for its health check is checked first; one
         that fails it is closed and the next is taken (or one is opened).
+        ``avoid``: the addresses this session tried already (a new connection
+        goes elsewhere if it can); those that fail now are added.
         """
         observers = self._observers
         while True:
@@ -732,12 +902,16 @@ class Client:
                 break
             if not entry.check_due or await self._health_check(target, pool, entry, timeouts):
                 return entry, True
-        entry = await self._open_new(target, pool, timeouts)
+        entry = await self._open_new(target, pool, timeouts, avoid)
         pool.connected(entry)
         return entry, False
 
     async def _open_new(
-        self, target: Target[Any, Any], pool: KeepAlivePool, timeouts: Timeouts
+        self,
+        target: Target[Any, Any],
+        pool: KeepAlivePool,
+        timeouts: Timeouts,
+        avoid: list[Address] | None = None,
     ) -> PooledConnection:
         """Open a connection in the ``CONNECTING`` slot the caller holds, and run ``on_connect``.
 
@@ -751,7 +925,7 @@ class Client:
                 pool.connection_task
                 if self._observers is None
                 else functools.partial(self._observed_connection_task, pool),
-                lambda: self._open(target, timeouts),
+                lambda: self._open(target, timeouts, pool, avoid),
                 started,
             )
         except BaseException:
@@ -867,7 +1041,7 @@ class Client:
     async def _observed_connection_task(
         self,
         pool: KeepAlivePool,
-        open_connection: Callable[[], Awaitable[Connection[Any, Any]]],
+        open_connection: Callable[[], Awaitable[tuple[Connection[Any, Any], Address | None]]],
         started: list[PooledConnection],
         *,
         task_status: trio.TaskStatus[PooledConnection | Exception] = trio.TASK_STATUS_IGNORED,
@@ -880,23 +1054,43 @@ class Client:
                 conn = started[0].conn
                 self._observers.connection_closed(conn, self._failures.pop(conn.id, None))
 
-    async def _open(self, target: Target[Any, Any], timeouts: Timeouts) -> Connection[Any, Any]:
+    async def _open(
+        self,
+        target: Target[Any, Any],
+        timeouts: Timeouts,
+        pool: KeepAlivePool,
+        avoid: list[Address] | None,
+    ) -> tuple[Connection[Any, Any], Address | None]:
+        """A new connection, and the address it went to (None: the target's only one)."""
         if self._observers is None:
-            return await self._connect(target, timeouts)
+            return await self._connect(target, timeouts, pool, avoid)
         try:
-            conn = await self._connect(target, timeouts)
+            conn, address = await self._connect(target, timeouts, pool, avoid)
         except Exception as exc:
-            address = target.path if target.path is not None else (target.host, target.port)
-            self._observers.connect_failed(address, exc)  # type: ignore[arg-type]
+            # A named target's connects are told per address (_connect_named).
+            if target.path is not None or target not in self._named:
+                where = target.path if target.path is not None else (target.host, target.port)
+                self._observers.connect_failed(where, exc)  # type: ignore[arg-type]
             raise
         self._observers.connection_opened(conn)
-        return conn
+        return conn, address
 
-    async def _connect(self, target: Target[Any, Any], timeouts: Timeouts) -> Connection[Any, Any]:
+    async def _connect(
+        self,
+        target: Target[Any, Any],
+        timeouts: Timeouts,
+        pool: KeepAlivePool,
+        avoid: list[Address] | None,
+    ) -> tuple[Connection[Any, Any], Address | None]:
         limit = timeouts.connect
         deadline = _INF if limit is None else trio.current_time() + limit
         with PhaseLimit(deadline, "connect", limit, target.address):
-            stream = await _open_stream(target)
+            named = self._named.get(target) if target.path is None else None
+            address = None
+            if named is None:
+                stream = await _open_stream(target)
+            else:
+                stream, address = await self._connect_named(target, named, pool, avoid)
             conn: Connection[Any, Any] = Connection(stream, target.codec)
             label = None
             if target.host is not None and not _is_ip(target.host):
@@ -904,8 +1098,82 @@ class Client:
                 label = f"{target.address} ({conn.peer})"
             conn._attach(self._timers, label=label)
             logger.debug("connected to %s", conn.peer)
-            return conn
+            return conn, address
         raise AssertionError("unreachable: the scope raised its timeout")  # pragma: no cover
+
+    async def _connect_named(
+        self,
+        target: Target[Any, Any],
+        named: TargetAddresses,
+        pool: KeepAlivePool,
+        avoid: list[Address] | None,
+    ) -> tuple[trio.abc.Stream, Address]:
+        """Connect to the best address of a named target, trying the others in turn.
+
+        Looks the name up first if its answer has expired. Each failed
+        connect counts toward that address's fuse, and is told to the
+        observers with that address (a failed lookup with the target's).
+        """
+        observers = self._observers
+        if named.expired():
+            try:
+                refreshed = await named.refresh(self._resolver)
+            except ConnectError as exc:
+                if observers is not None:
+                    observers.connect_failed((named.host, named.port), exc)
+                raise
+            if refreshed:
+                pool.keep_addresses(named.addresses)
+        errors: list[ConnectError] = []
+        for address in named.candidates(pool.address_load(), avoid or ()):
+            attempt = named.begin(address)
+            if attempt is None:
+                continue  # fused meanwhile (another task took its trial)
+            try:
+                stream = await self._connect_address(target, address)
+            except ConnectError as exc:
+                attempt.settle(False)
+                pool.record_connect_failure(address)
+                if observers is not None:
+                    observers.connect_failed(address, exc)
+                if avoid is not None:
+                    avoid.append(address)
+                errors.append(exc)
+                continue
+            except BaseException:
+                attempt.settle(None)
+                raise
+            attempt.settle(True)
+            return stream, address
+        where = target.address
+        if not errors:
+            raise ConnectError(
+                f"cannot connect to {where}: every address is fused "
+                f"({named.fused()} of {len(named.addresses)}; fuse_time={target.fuse_time:g}s)",
+                address=where,
+            )
+        reasons = "; ".join(str(error) for error in errors)
+        # Chained to the last address's own cause (the OSError, the SSLError).
+        cause = errors[-1].__cause__ or errors[-1]
+        raise ConnectError(f"cannot connect to {where}: {reasons}", address=where) from cause
+
+    async def _connect_address(self, target: Target[Any, Any], address: Address) -> trio.abc.Stream:
+        """Connect to one address of a named target (an SRV record's host is resolved)."""
+        host, port = address
+        if not target.srv_lookup or _is_ip(host):
+            return await _open_stream(target, host, port, record_host=host)
+        where = _address_text(host, port)
+        try:
+            answer = await resolve_with_expiry(self._resolver, host, port)
+        except OSError as exc:
+            raise ConnectError(f"cannot resolve {where}: {exc}", address=where) from exc
+        error = ConnectError(f"cannot resolve {where}: no address", address=where)
+        for ip, ip_port in answer.records:
+            try:
+                return await _open_stream(target, ip, ip_port, record_host=host)
+            except ConnectError as exc:
+                error = exc
+        raise error
 
     async def _session(
         self,
@@ -926,10 +1194,9 @@ class Client:
         """
         request = body is None
         tried: list[Target[Any, Any]] = []
-        # Made when an attempt first fails: a session that succeeds at once
-        # never builds its retry state.
-        attempts: SessionAttempts | None = None
+        attempts: SessionAttempts | None = None  # made when an attempt first fails
         fresh = False
+        avoid: list[Address] | None = None  # addresses tried (made on first need)
         while True:
             target, attempt = self._resolve(dest, key, tried)
             tried.append(target)
@@ -946,8 +1213,9 @@ class Client:
             entry = None if fresh else pool.lend_idle()
             reused = True
             if entry is None:
+                avoid = avoid or []
                 try:
-                    entry, reused = await self._checkout(target, pool, timeouts, fresh)
+                    entry, reused = await self._checkout(target, pool, timeouts, fresh, avoid)
                 except BaseException as exc:
                     kind = self._connect_failed(exc, pool, attempt)
                     attempts = attempts or self._attempts(retries, idempotent)
@@ -966,7 +1234,8 @@ class Client:
             except BaseException as exc:
                 # Bookkeeping first: the close below may be cancelled.
                 pool.release(entry, reusable=False)
-                pool.record_failure()
+                pool.record_failure(entry)
+                avoid = _tried_address(avoid, entry)
                 await conn.abort()
                 self._report(attempt, _address_failed(exc))
                 error = exc
@@ -1133,13 +1402,14 @@ class Client:
     ) -> AsyncIterator[Connection[Any, Any]]:
         tried: list[Target[Any, Any]] = []
         attempts: SessionAttempts | None = None
+        avoid: list[Address] = []
         while True:
             target, attempt = self._resolve(dest, key, tried)
             tried.append(target)
             timeouts = self._effective_timeouts(target, call_timeouts)
             pool = self._pool(target, attempt)
             try:
-                entry, _ = await self._checkout(target, pool, timeouts, False)
+                entry, _ = await self._checkout(target, pool, timeouts, False, avoid)
                 break
             except BaseException as exc:
                 kind = self._connect_failed(exc, pool, attempt)
@@ -1163,7 +1433,7 @@ class Client:
             if watch is not None:
                 watch.stop()
             pool.release(entry, reusable=False)
-            pool.record_failure()
+            pool.record_failure(entry)
             if observers is not None:
                 self._session_failed(observers, conn, exc, began)
             await conn.abort()
@@ -1190,7 +1460,7 @@ class Client:
         if self._udp is None:
             if self._closed:
                 raise trio.ClosedResourceError("the client is closed")
-            self._udp = UdpExchanges()
+            self._udp = UdpExchanges(self._resolver)
         udp = self._udp
         timeouts = self._effective_timeouts(target, call_timeouts)
         attempts: SessionAttempts | None = None
@@ -1221,11 +1491,18 @@ class _ClientContext(AbstractAsyncContextManager[Client]):
     """What :func:`open_client` returns: enters a nursery, yields a :class:`Client`."""
 
     def __init__(
-        self, timeouts: Timeouts | None, retries: RetryPolicy, observers: ObserverSet | None
+        self,
+        timeouts: Timeouts | None,
+        retries: RetryPolicy,
+        observers: ObserverSet | None,
+        resolver: Resolver | None,
     ) -> None:
         self._timeouts = timeouts
         self._retries = retries
         self._observers = observers
+        self._resolver = resolver
+        # The default resolver, made, entered and left by the client itself.
+        self._own_resolver: CachingResolver | None = None
         self._nursery_manager: Any = None
         self._client: Client | None = None
 
@@ -1233,8 +1510,15 @@ class _ClientContext(AbstractAsyncContextManager[Client]):
         if self._nursery_manager is not None:
             raise RuntimeError("an open_client() context can be entered only once")
         self._nursery_manager = trio.open_nursery()
+        resolver = self._resolver
+        if resolver is None:
+            resolver = self._own_resolver = CachingResolver(ttl=60.0)
+            # Neither enter checkpoints: a cancel cannot fall between them.
+            await self._own_resolver.__aenter__()
         nursery = await self._nursery_manager.__aenter__()
-        self._client = Client(nursery, self._timeouts, self._retries, self._observers)
+        self._client = Client(
+            nursery, self._timeouts, self._retries, self._observers, resolver=resolver
+        )
         if self._observers is not None:
             self._observers.attached(self._client)
         # start_soon, not start: no checkpoint between entering the nursery
@@ -1259,6 +1543,8 @@ class _ClientContext(AbstractAsyncContextManager[Client]):
         finally:
             if self._observers is not None:
                 self._observers.detached(self._client)
+            if self._own_resolver is not None:
+                await self._own_resolver.__aexit__(None, None, None)
         return False
 
 
@@ -1267,6 +1553,7 @@ def open_client(
     timeouts: Timeouts | None = None,
     retries: int | RetryPolicy = 1,
     observers: Iterable[Observer] | None = None,
+    resolver: Resolver | None = None,
 ) -> AbstractAsyncContextManager[Client]:
     """Open a :class:`Client`: ``async with triocomm.open_client() as client: ...``.
 
@@ -1282,6 +1569,15 @@ def open_client(
             the same target.
         observers: :class:`Observer` objects told of this client's
             connections, sessions, pool waits and retries.
+        resolver: what turns the host names of targets into addresses (a
+            :class:`Resolver`; :meth:`Target.srv` needs one with
+            ``resolve_srv``, such as :class:`DnsResolver`). ``None``: a
+            :class:`CachingResolver` with ``ttl=60.0``, made for this client
+            and entered and left with it. A resolver you pass is yours to
+            enter (``async with resolver, open_client(resolver=resolver)``),
+            so that several clients can share one and its cache; using one
+            that is not running raises ``RuntimeError``. A numeric host
+            never reaches the resolver.
 
     Every connection is a task in the client's nursery. Leaving the block
     closes every connection and waits for every task: no task, socket or file
@@ -1289,4 +1585,6 @@ def open_client(
     """
     if timeouts is not None and not isinstance(timeouts, Timeouts):
         raise TypeError(f"timeouts must be a Timeouts, got {timeouts!r}")
-    return _ClientContext(timeouts, as_policy(retries), ObserverSet.of(observers))
+    if resolver is not None and not isinstance(resolver, Resolver):
+        raise TypeError(f"resolver must have an async resolve(host, port), got {resolver!r}")
+    return _ClientContext(timeouts, as_policy(retries), ObserverSet.of(observers), resolver)

@@ -7,7 +7,8 @@ one alarm target of the client's :class:`~triocomm._timers.Timers`: no task
 and no timer of its own. It looks at the connection only when an idle period
 could have ended, so the cost is per period, never per read or write.
 
-Rules kept here (the server's idle detection keeps the same ones):
+Rules kept here (the server's idle detection keeps the same ones, deciding
+what is due with the same :func:`idle_statuses_due`):
 
 * A status idle for its period fires, then again every period while the
   connection stays idle in that way (``idle_time(status)``).
@@ -30,7 +31,7 @@ import trio
 from ._connection import Connection, Idle
 from ._timers import Timers
 
-__all__ = ["IdleCallback", "IdleWatch", "check_idle_options"]
+__all__ = ["IdleCallback", "IdleWatch", "check_idle_options", "idle_statuses_due"]
 
 logger = logging.getLogger("triocomm.client")
 
@@ -54,6 +55,29 @@ def check_idle_options(idle: Mapping[Idle, float] | None, on_idle: object) -> di
     if not periods and on_idle is not None:
         raise ValueError("on_idle= needs idle=, e.g. idle={Idle.READ: 30.0}")
     return periods
+
+
+def idle_statuses_due(
+    conn: Connection[Any, Any], periods: Mapping[Idle, float], fired: dict[Idle, float], now: float
+) -> tuple[list[Idle], float]:
+    """The statuses of ``conn`` idle for their period at ``now``, and when to look next.
+
+    ``fired`` holds when each status last fired; a status due now is marked
+    fired at ``now``, so it fires again only after another whole period of
+    idleness. The client's :class:`IdleWatch` and the server's idle detection
+    both decide with this, then run their callbacks their own way.
+    """
+    due_now = []
+    following = math.inf
+    for status, period in periods.items():
+        quiet_since = max(now - conn.idle_time(status), fired.get(status, -math.inf))
+        due = quiet_since + period
+        if due <= now:
+            fired[status] = now
+            due = now + period
+            due_now.append(status)
+        following = min(following, due)
+    return due_now, following
 
 
 class IdleWatch:
@@ -107,20 +131,13 @@ class IdleWatch:
         conn = self._conn
         if conn is None or conn.is_closed:
             return math.inf
-        fired = self._fired
-        following = math.inf
-        for status, period in self._periods.items():
-            quiet_since = max(now - conn.idle_time(status), fired.get(status, -math.inf))
-            due = quiet_since + period
-            if due <= now:
-                fired[status] = now
-                due = now + period
-                if self._callback is None:
-                    self._callback = (trio.CancelScope(), [])
-                    self._spawn(self._run, conn, status)
-                elif status not in self._callback[1]:
-                    self._callback[1].append(status)
-            following = min(following, due)
+        due_now, following = idle_statuses_due(conn, self._periods, self._fired, now)
+        for status in due_now:
+            if self._callback is None:
+                self._callback = (trio.CancelScope(), [])
+                self._spawn(self._run, conn, status)
+            elif status not in self._callback[1]:
+                self._callback[1].append(status)
         return following
 
     async def _run(self, conn: Connection[Any, Any], status: Idle) -> None:

@@ -40,7 +40,7 @@ import logging
 import math
 import select
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +49,7 @@ import trio
 from ._connection import Connection, ConnState
 from ._errors import CommTimeout
 
-__all__ = ["KeepAlivePool", "PoolStats"]
+__all__ = ["AddressLedger", "KeepAlivePool", "PoolStats"]
 
 logger = logging.getLogger("triocomm.client")
 
@@ -123,6 +123,42 @@ class _State:
     CLOSED = "closed"
 
 
+class AddressLedger:
+    """The per-address part of a pool, for a target whose name has several addresses.
+
+    A named target keeps one :class:`KeepAlivePool` (one slot count for
+    ``max_connections``, one LIFO idle stack, one queue of waiters) and, in
+    it, one ledger per address: which of its connections are to that address
+    and what happened to them. :meth:`KeepAlivePool.address_stats` turns the
+    ledgers into one :class:`PoolStats` per address. Written by the pool only.
+    """
+
+    __slots__ = (
+        "address",
+        "closed",
+        "connecting",
+        "created",
+        "dropped",
+        "entries",
+        "failed",
+        "health_checks_failed",
+        "reused",
+    )
+
+    def __init__(self, address: object) -> None:
+        self.address = address
+        # Connections of this address, open and lent or idle (not CONNECTING).
+        self.entries: set[PooledConnection] = set()
+        self.connecting = 0
+        self.created = 0
+        self.reused = 0
+        self.closed = 0
+        self.failed = 0
+        self.health_checks_failed = 0
+        # The address left the target's answer: its connections close once idle.
+        self.dropped = False
+
+
 def _socket_readable(sock: trio.socket.SocketType) -> bool:
     """Whether the kernel holds bytes (or an EOF) for ``sock``, without blocking."""
     if hasattr(select, "poll"):
@@ -159,6 +195,7 @@ class PooledConnection:
         "expires_at",
         "graceful",
         "idle_deadline",
+        "ledger",
         "poller",
         "pool",
         "scope",
@@ -171,9 +208,13 @@ class PooledConnection:
         "watching",
     )
 
-    def __init__(self, pool: KeepAlivePool, conn: Connection[Any, Any]) -> None:
+    def __init__(
+        self, pool: KeepAlivePool, conn: Connection[Any, Any], ledger: AddressLedger | None = None
+    ) -> None:
         self.pool = pool
         self.conn = conn
+        # The address's ledger, for a target with per-address pools (else None).
+        self.ledger = ledger
         self.state = _State.CONNECTING
         self.idle_deadline = _INF
         self.sock = _raw_socket(conn.stream)
@@ -313,6 +354,8 @@ class KeepAlivePool:
         self._retries = 0
         self._health_checks_failed = 0
         self._closing = False
+        # One ledger per address, for a target with per-address pools.
+        self._ledgers: dict[object, AddressLedger] = {}
         # The run's clock, bound once (cheaper than trio.current_time() on
         # every lend and release; still the MockClock under test).
         self._now = trio.lowlevel.current_clock().current_time
@@ -369,7 +412,7 @@ class KeepAlivePool:
                 entry = self._take_idle(checks=True)
                 if entry is not None:
                     if not entry.check_due:
-                        self._reused += 1
+                        self._count_reuse(entry)
                     return entry
             if not self._waiters and self._slots_taken() < self.max_connections:
                 # No checkpoint from here on: the caller must own the slot
@@ -382,7 +425,7 @@ class KeepAlivePool:
                 continue
             entry = await self._wait(pool_timeout, fresh)
             if entry is not None:
-                self._reused += 1
+                self._count_reuse(entry)
             return entry
 
     def lend_idle(self) -> PooledConnection | None:
@@ -397,7 +440,14 @@ class KeepAlivePool:
         entry = self._take_idle(checks=False)
         if entry is not None:
             self._reused += 1
+            if entry.ledger is not None:
+                entry.ledger.reused += 1
         return entry
+
+    def _count_reuse(self, entry: PooledConnection) -> None:
+        self._reused += 1
+        if entry.ledger is not None:
+            entry.ledger.reused += 1
 
     def _take_idle(self, *, checks: bool) -> PooledConnection | None:
         """Pop the most recently pooled connection that is still sound (LIFO).
@@ -549,6 +599,13 @@ class KeepAlivePool:
         entry.state = _State.IN_USE
         self._in_use += 1
         self._created += 1
+        ledger = entry.ledger
+        if ledger is not None:
+            ledger.connecting -= 1
+            ledger.created += 1
+            ledger.entries.add(entry)
+            if ledger.dropped:
+                entry.expires_at = -_INF  # closed after this session
 
     def cancel_connecting(self) -> None:
         """Give back a ``CONNECTING`` slot whose connection never came to be."""
@@ -559,14 +616,19 @@ class KeepAlivePool:
         """A new connection failed before its first session (e.g. in ``on_connect``)."""
         if entry.state is _State.CONNECTING:
             self._connecting -= 1
+            if entry.ledger is not None:
+                entry.ledger.connecting -= 1
+                self._forget_if_gone(entry.ledger)
             entry.state = _State.CLOSED
             entry.graceful = False
             entry.wake()
             self._slot_freed()
 
-    def record_failure(self) -> None:
-        """Count one failed session attempt."""
+    def record_failure(self, entry: PooledConnection | None = None) -> None:
+        """Count one failed session attempt (on ``entry``'s address, if it has one)."""
         self._failed += 1
+        if entry is not None and entry.ledger is not None:
+            entry.ledger.failed += 1
 
     def record_retry(self) -> None:
         """Count one failed session attempt that is tried again."""
@@ -582,10 +644,12 @@ class KeepAlivePool:
         entry.check_due = False
         if ok:
             entry.check_at = _INF
-            self._reused += 1
+            self._count_reuse(entry)
             return
         if ok is not None:
             self._health_checks_failed += 1
+            if entry.ledger is not None:
+                entry.ledger.health_checks_failed += 1
         entry.graceful = False
         self._retire(entry, "failed its health check" if ok is False else "check cancelled")
 
@@ -609,7 +673,7 @@ class KeepAlivePool:
         entry.idle_deadline = _INF if keepalive is None else now + keepalive
         if self._tuned:
             if now >= entry.expires_at:
-                self._retire(entry, "its max_lifetime is over")
+                self._retire(entry, "its max_lifetime is over, or its address left the answer")
                 return
             entry.idle_deadline = min(entry.idle_deadline, entry.expires_at)
             entry.check_at = now + self.check_after
@@ -640,6 +704,9 @@ class KeepAlivePool:
             self._in_use -= 1
         elif entry.state is _State.CONNECTING:
             self._connecting -= 1
+            if entry.ledger is not None:
+                entry.ledger.connecting -= 1
+                self._forget_if_gone(entry.ledger)
             entry.state = _State.CLOSED
             entry.wake()
             if regrant:
@@ -650,6 +717,11 @@ class KeepAlivePool:
         logger.debug("closing connection to %s: %s", entry.conn.peer, reason)
         entry.state = _State.CLOSED
         self._closed += 1
+        ledger = entry.ledger
+        if ledger is not None:
+            ledger.closed += 1
+            ledger.entries.discard(entry)
+            self._forget_if_gone(ledger)
         entry.wake()
         if regrant:
             self._slot_freed()
@@ -667,11 +739,94 @@ class KeepAlivePool:
         for entry in list(self._idle):
             self._retire(entry, "the client is closing")
 
+    # -- per-address pools ----------------------------------------------------
+
+    def ledger(self, address: object) -> AddressLedger:
+        """The ledger of ``address``, made on first use."""
+        ledger = self._ledgers.get(address)
+        if ledger is None:
+            ledger = self._ledgers[address] = AddressLedger(address)
+        return ledger
+
+    def record_connect_failure(self, address: object) -> None:
+        """A connect to ``address`` failed (counted in that address's ``failed``)."""
+        self.ledger(address).failed += 1
+
+    def address_load(self) -> dict[object, tuple[int, int]]:
+        """``address -> (connections being opened or in use, connections open)``."""
+        idle: dict[object, int] = {}
+        for entry in self._idle:
+            if entry.ledger is not None:
+                address = entry.ledger.address
+                idle[address] = idle.get(address, 0) + 1
+        load = {}
+        for address, ledger in self._ledgers.items():
+            opened = len(ledger.entries)
+            load[address] = (ledger.connecting + opened - idle.get(address, 0), opened)
+        return load
+
+    def keep_addresses(self, addresses: Collection[object]) -> None:
+        """The target's answer is now ``addresses``: the connections of the others go.
+
+        Idle ones are closed now; lent ones when their session ends. An
+        address that comes back is used again at once.
+        """
+        for address in addresses:
+            self.ledger(address).dropped = False
+        for ledger in list(self._ledgers.values()):
+            if ledger.address in addresses or ledger.dropped:
+                continue
+            ledger.dropped = True
+            self._tuned = True  # release() now looks at expires_at
+            for entry in list(ledger.entries):
+                entry.expires_at = -_INF
+                if entry.state is _State.IDLE:
+                    self._retire(entry, f"{ledger.address} left the answer of {self.name}")
+            self._forget_if_gone(ledger)
+
+    def _forget_if_gone(self, ledger: AddressLedger) -> None:
+        """Drop the ledger of an address that left the answer once it has no connection.
+
+        So that a name whose addresses keep changing (pods coming and going)
+        keeps ledgers only for the addresses it has now or still uses.
+        """
+        gone = ledger.dropped and not ledger.entries and not ledger.connecting
+        if gone and self._ledgers.get(ledger.address) is ledger:
+            del self._ledgers[ledger.address]
+
+    def address_stats(self, connecting: Mapping[Any, int]) -> dict[Any, PoolStats]:
+        """One :class:`PoolStats` per address: those in the answer, and others still open.
+
+        ``connecting`` adds the connects under way that have no connection
+        yet (the client counts those). ``waiting`` and ``retries`` belong to
+        the target as a whole and are 0 here; ``failed`` counts failed
+        connects to the address and failed sessions on its connections.
+        """
+        load = self.address_load()
+        result = {}
+        for address, ledger in self._ledgers.items():
+            if ledger.dropped and not ledger.entries and not ledger.connecting:
+                continue
+            busy, opened = load[address]
+            in_use = busy - ledger.connecting
+            result[address] = PoolStats(
+                open=opened,
+                idle=opened - in_use,
+                in_use=in_use,
+                connecting=ledger.connecting + connecting.get(address, 0),
+                created=ledger.created,
+                reused=ledger.reused,
+                closed=ledger.closed,
+                failed=ledger.failed,
+                health_checks_failed=ledger.health_checks_failed,
+            )
+        return result
+
     # -- the connection task -------------------------------------------------
 
     async def connection_task(
         self,
-        open_connection: Callable[[], Awaitable[Connection[Any, Any]]],
+        open_connection: Callable[[], Awaitable[tuple[Connection[Any, Any], object]]],
         started: list[PooledConnection],
         *,
         task_status: trio.TaskStatus[PooledConnection | Exception] = trio.TASK_STATUS_IGNORED,
@@ -685,13 +840,19 @@ class KeepAlivePool:
         becomes an ``ExceptionGroup`` and never reaches the client's nursery.
         ``started`` receives the entry before it is handed over, so the session
         can retire it even if it is cancelled in that very instant.
+        ``open_connection`` returns the connection and the address it went to
+        (its ledger's key), or None for a target without per-address pools.
         """
         try:
-            conn = await open_connection()
+            conn, address = await open_connection()
         except Exception as exc:
             task_status.started(exc)
             return
-        entry = PooledConnection(self, conn)
+        ledger = None
+        if address is not None:
+            ledger = self.ledger(address)
+            ledger.connecting += 1
+        entry = PooledConnection(self, conn, ledger)
         started.append(entry)
         task_status.started(entry)
         try:

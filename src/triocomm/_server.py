@@ -35,6 +35,7 @@ from ._admission import Admission, Arrival, IPAddress, Network, Refused, parse_n
 from ._connection import Connection, ConnState, Idle, ReplyRefused, format_address, socket_of
 from ._errors import CommError, CommTimeout, ConnectionLost, FrameTooLarge, ProtocolError
 from ._framing import Codec
+from ._idle import check_idle_options, idle_statuses_due
 from ._keepalive import check_tcp_keepalive, set_tcp_keepalive
 from ._observe import Observer, ObserverSet, check_observers
 from ._timeouts import Limits, ServerTimeouts, passive_limits
@@ -216,13 +217,7 @@ class ServiceOptions:
             raise TypeError(f"max_connections must be an int, got {max_connections!r}")
         if max_connections < 1:
             raise ValueError(f"max_connections must be >= 1, got {max_connections}")
-        idle = dict(self.idle or {})
-        for status, period in idle.items():
-            _check_idle_period(status, period)
-        if idle and self.on_idle is None:
-            raise ValueError("idle= needs on_idle=, the callback to call when a connection is idle")
-        if not idle and self.on_idle is not None:
-            raise ValueError("on_idle= needs idle=, e.g. idle={Idle.READ: 30.0}")
+        idle = check_idle_options(self.idle, self.on_idle)
         for name in ("on_connect", "on_close"):
             hook = getattr(self, name)
             if hook is not None and not callable(hook):
@@ -243,15 +238,6 @@ class ServiceOptions:
                 raise TypeError(f"max_connections_per_ip must be an int or None, got {limit!r}")
             if limit < 1:
                 raise ValueError(f"max_connections_per_ip must be >= 1, got {limit}")
-
-
-def _check_idle_period(status: object, period: object) -> None:
-    if not isinstance(status, Idle):
-        raise TypeError(f"idle keys must be Idle.READ, Idle.WRITE or Idle.BOTH, got {status!r}")
-    if isinstance(period, bool) or not isinstance(period, (int, float)):
-        raise TypeError(f"idle period for {status.name} must be seconds, got {period!r}")
-    if not period > 0 or math.isinf(period):
-        raise ValueError(f"idle period for {status.name} must be > 0 and finite, got {period!r}")
 
 
 class _Entry:
@@ -1059,19 +1045,13 @@ class Server:
         fired, waiting = entry.idle_fired, entry.idle_due
         assert fired is not None
         assert waiting is not None
-        following = math.inf
-        for status, period in self._idle_periods.items():
-            quiet_since = max(now - conn.idle_time(status), fired.get(status, -math.inf))
-            due = quiet_since + period
-            if due <= now:
-                fired[status] = now
-                due = now + period
-                if entry.idle_callback is None and self._service is not None:
-                    entry.idle_callback = trio.CancelScope()
-                    self._service.start_soon(self._call_on_idle, entry, conn, status)
-                elif status not in waiting:
-                    waiting.append(status)
-            following = min(following, due)
+        due_now, following = idle_statuses_due(conn, self._idle_periods, fired, now)
+        for status in due_now:
+            if entry.idle_callback is None and self._service is not None:
+                entry.idle_callback = trio.CancelScope()
+                self._service.start_soon(self._call_on_idle, entry, conn, status)
+            elif status not in waiting:
+                waiting.append(status)
         return following
 
     async def _call_on_idle(self, entry: _Entry, conn: Connection[Any, Any], status: Idle) -> None:

@@ -16,6 +16,7 @@ the client's retry policy's decision, not this module's.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,7 @@ from ._connection import PhaseLimit
 from ._datagram import check_max_datagram, decode_datagram, encode_datagram
 from ._errors import ConnectError, ProtocolError
 from ._pool import PoolStats
+from ._resolve import Resolver, resolve_with_expiry
 from ._timeouts import Timeouts
 
 if TYPE_CHECKING:
@@ -158,7 +160,9 @@ def _drained(sock: socket.socket) -> bool:
 class UdpExchanges:
     """Every UDP target of one client: their sockets, and the exchange itself."""
 
-    def __init__(self) -> None:
+    def __init__(self, resolver: Resolver) -> None:
+        # The client's resolver: a host name becomes an address through it.
+        self._resolver = resolver
         self._targets: dict[Target[Any, Any], _TargetSockets] = {}
         self._closed = False
 
@@ -206,7 +210,7 @@ class UdpExchanges:
         try:
             sock = record.take_idle()
             if sock is None:
-                sock = await _open(target, timeouts)
+                sock = await _open(target, timeouts, self._resolver)
                 record.created += 1
             else:
                 record.reused += 1
@@ -225,14 +229,27 @@ class UdpExchanges:
             record.slots.release()
 
 
-async def _open(target: Target[Any, Any], timeouts: Timeouts) -> socket.socket:
-    """A non-blocking UDP socket connected to ``target`` (resolved under ``connect``)."""
+async def _open(target: Target[Any, Any], timeouts: Timeouts, resolver: Resolver) -> socket.socket:
+    """A non-blocking UDP socket connected to ``target`` (resolved under ``connect``).
+
+    A host name goes through the client's resolver (its first address is
+    used); the address is then turned into a socket address without a lookup.
+    """
     address = target.address
+    assert target.host is not None
     limit = timeouts.connect
     deadline = _INF if limit is None else trio.current_time() + limit
     with PhaseLimit(deadline, "connect", limit, address):
         try:
-            infos = await trio.socket.getaddrinfo(target.host, target.port, type=socket.SOCK_DGRAM)
+            ip, port = target.host, target.port
+            if not _is_numeric(ip):
+                records = (await resolve_with_expiry(resolver, ip, port)).records
+                if not records:
+                    raise socket.gaierror(socket.EAI_NONAME, "the resolver gave no address")
+                ip, port = records[0]
+            infos = await trio.socket.getaddrinfo(
+                ip, port, type=socket.SOCK_DGRAM, flags=socket.AI_NUMERICHOST
+            )
         except OSError as exc:
             raise ConnectError(f"cannot resolve {address}: {exc}", address=address) from exc
     family, kind, proto, _, sockaddr = infos[0]
@@ -244,6 +261,14 @@ async def _open(target: Target[Any, Any], timeouts: Timeouts) -> socket.socket:
         sock.close()
         raise ConnectError(f"cannot send to {address}: {exc}", address=address) from exc
     return sock
+
+
+def _is_numeric(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 async def _exchange(
