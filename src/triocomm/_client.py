@@ -943,17 +943,16 @@ class Client:
             _start_session(conn, timeouts)  # on_connect is the session with seq == 0
             try:
                 await target.on_connect(conn)
-            except BaseException:
+                if not conn.between_messages:
+                    raise ConnectionLost(
+                        f"on_connect left unread data on the connection to {target}; "
+                        "it cannot be reused safely"
+                    )
+            except BaseException as exc:
+                self._closes_because(conn, exc)
                 pool.abandon_new(entry)
                 await conn.abort()
                 raise
-            if not conn.between_messages:
-                pool.abandon_new(entry)
-                await conn.abort()
-                raise ConnectionLost(
-                    f"on_connect left unread data on the connection to {target}; "
-                    "it cannot be reused safely"
-                )
         return entry
 
     async def _keep_min_idle(self, target: Target[Any, Any], pool: KeepAlivePool) -> None:
@@ -1002,8 +1001,10 @@ class Client:
             await check(conn)
         except Exception as exc:
             logger.debug("health check of %s failed: %r", conn.peer, exc)
+            self._closes_because(conn, exc)
             ok = False
-        except BaseException:
+        except BaseException as exc:
+            self._closes_because(conn, exc)
             pool.check_done(entry, None)  # bookkeeping first: the close may be cancelled
             await conn.abort()
             raise
@@ -1011,6 +1012,9 @@ class Client:
             ok = not entry.peer_spoke()
             if not ok:
                 logger.debug("health check of %s left unread data", conn.peer)
+                self._closes_because(
+                    conn, ConnectionLost(f"the health check left unread data on {conn.peer}")
+                )
         pool.check_done(entry, ok)
         if not ok:
             await conn.abort()
@@ -1264,6 +1268,12 @@ class Client:
             raise
         observers.session_ended(conn, None, began)
         return result
+
+    def _closes_because(self, conn: Connection[Any, Any], exc: BaseException) -> None:
+        """``conn`` is about to be closed by ``exc``: keep it for ``connection_closed``
+        (only with observers, which take it back when the connection's task ends)."""
+        if self._observers is not None:
+            self._failures[conn.id] = exc
 
     def _session_failed(
         self, observers: ObserverSet, conn: Connection[Any, Any], exc: BaseException, began: float

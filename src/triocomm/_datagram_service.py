@@ -13,6 +13,10 @@ an idle one is woken (no task created per datagram), a new one is started
 only when none is idle, and at most ``max_in_flight`` are busy; a datagram
 arriving beyond that is dropped and counted, never queued, so a flood costs
 no memory. This layer never sees a connection: there is none.
+
+Observers see each handled datagram as a session of its :class:`DatagramPeer`
+(no connection events). A worker picks its handling method once, when it
+starts: without an observer of sessions a datagram pays nothing for them.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import errno
 import logging
 import math
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -32,6 +36,7 @@ from ._connection import format_address
 from ._datagram import MAX_DATAGRAM, check_max_datagram, decode_datagram, encode_datagram
 from ._errors import ProtocolError
 from ._framing import Buffer, Codec
+from ._observe import Observer, ObserverSet
 from ._server import Server, ServerStats, ServiceOptions, run_service
 
 __all__ = ["DatagramPeer", "serve_datagrams"]
@@ -173,9 +178,17 @@ class DatagramFront:
     stop it.
     """
 
-    def __init__(self, sockets: list[socket.socket], options: DatagramOptions[Any, Any]) -> None:
+    def __init__(
+        self,
+        sockets: list[socket.socket],
+        options: DatagramOptions[Any, Any],
+        observers: ObserverSet | None = None,
+    ) -> None:
         self._sockets = sockets
         self._options = options
+        # Only observers of sessions hear of datagrams (there are no connections).
+        watched = observers is not None and observers.watches_sessions
+        self._observers = observers if watched else None
         self._addresses = [sock.getsockname() for sock in sockets]
         self._stats = ServerStats()
         self._log = _LogLimit()
@@ -269,12 +282,17 @@ class DatagramFront:
 
     async def _worker(self, work: _Work) -> None:
         idle = self._idle
+        handle = self._handle if self._observers is None else self._handle_observed
+        options = self._options
+        codec, max_datagram = options.codec, options.max_datagram
         while True:
+            sock, request, address = work
+            peer = DatagramPeer(sock, address, codec, max_datagram)
             try:
-                await self._handle(*work)
+                await handle(sock, request, address, peer)
             finally:
                 self._busy -= 1
-            del work  # an idle worker holds no request
+            del work, request, peer  # an idle worker holds no request
             if self._stopping or len(idle) >= _IDLE_KEPT:
                 return
             await idle.park()
@@ -282,22 +300,41 @@ class DatagramFront:
                 return  # woken to leave: the service stopped receiving
             work = self._work.popleft()
 
-    async def _handle(self, sock: socket.socket, request: Any, address: Any) -> None:
+    async def _handle(
+        self, sock: socket.socket, request: Any, address: Any, peer: DatagramPeer[Any]
+    ) -> Exception | None:
+        """Call the handler and send its reply; what failed (counted and logged), or ``None``."""
         options = self._options
         self._stats.sessions += 1
-        peer = DatagramPeer(sock, address, options.codec, options.max_datagram)
         try:
             reply = await options.handler(request, peer)
             if reply is None:
-                return
+                return None
             data = encode_datagram(options.codec, reply, options.max_datagram)
         except Exception as exc:
             self._failed("handler", address, "the handler raised", exc)
-            return
+            return exc
         try:
             await send_to(sock, data, address)
         except OSError as exc:
             self._failed("send", address, "the reply could not be sent", exc)
+            return exc
+        return None
+
+    async def _handle_observed(
+        self, sock: socket.socket, request: Any, address: Any, peer: DatagramPeer[Any]
+    ) -> None:
+        """:meth:`_handle`, reported to the observers as a session of ``peer``
+        that ends once the reply is sent (or the handler was cancelled)."""
+        observers = self._observers
+        assert observers is not None
+        started = observers.session_started(peer)
+        try:
+            error = await self._handle(sock, request, address, peer)
+        except BaseException as exc:  # cancelled when the grace period ran out
+            observers.session_ended(peer, exc, started)
+            raise
+        observers.session_ended(peer, error, started)
 
     def _failed(self, kind: str, address: Any, what: str, exc: Exception) -> None:
         self._stats.errors[kind] += 1
@@ -363,6 +400,7 @@ async def serve_datagrams(
     codec: Codec[In, Out],
     max_datagram: int = MAX_DATAGRAM,
     max_in_flight: int = 1024,
+    observers: Iterable[Observer] | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a datagram (UDP) service until it is shut down or cancelled.
@@ -393,6 +431,13 @@ async def serve_datagrams(
         max_in_flight: the most handlers running at once. A datagram arriving
             while that many run is dropped, not queued: a flood costs no
             memory, and the sender retries as UDP senders do.
+        observers: :class:`Observer` objects. Each handled datagram is a
+            session: ``session_started(peer)`` before the handler,
+            ``session_ended(peer, error, duration)`` once the reply is sent
+            (``error``: what was counted in ``stats.errors``, or ``None``),
+            ``peer`` being the :class:`DatagramPeer`; ``attached`` and
+            ``detached`` as for :func:`serve`. There are no connection
+            events.
 
     Failures never stop the service. What is dropped or fails is counted in
     ``Server.stats.errors`` and logged on the ``triocomm.server`` logger
@@ -406,10 +451,10 @@ async def serve_datagrams(
         OSError: the address cannot be bound.
     """
     options = DatagramOptions(handler, codec, max_datagram, max_in_flight)
-    service = ServiceOptions.build(codec)
+    service = ServiceOptions.build(codec, observers=observers)
     sockets = await _bind(port, host)
     try:
-        front = DatagramFront(sockets, options)
+        front = DatagramFront(sockets, options, ObserverSet.of(service.observers))
         await run_service(front, service, task_status, listeners=[])
     finally:
         for sock in sockets:

@@ -13,8 +13,8 @@ only when an observer watches sessions).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 __all__ = ["Observer", "ObserverSet"]
 
 logger = logging.getLogger("triocomm.observe")
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 _EVENTS = (
     "attached",
@@ -44,7 +46,9 @@ class Observer:
     """Watches a client's or a service's connections and sessions; subclass it.
 
     Pass instances as ``observers=[...]`` to :func:`open_client`,
-    :func:`serve`, :func:`serve_connections` or :func:`serve_workers`.
+    :func:`serve`, :func:`serve_connections`, :func:`serve_workers` or
+    :func:`serve_datagrams` (which has no connections: each datagram it
+    handles is a session, with its :class:`DatagramPeer` as ``conn``).
     Every method does nothing unless overridden. They are plain functions,
     called in the task where the event happens and never awaited, so keep
     them quick (count, record, hand over to a channel). An exception from
@@ -68,7 +72,9 @@ class Observer:
         service: after accept and TLS, just before ``on_connect``)."""
 
     def connection_closed(self, conn: Connection[Any, Any], error: BaseException | None) -> None:
-        """A connection opened above is closed (a service: after ``on_close``)."""
+        """A connection opened above is closed (a service: after ``on_close``;
+        a client: ``error`` is also what failed in the target's ``on_connect``
+        or health check, when that closed it)."""
 
     def connect_failed(self, address: tuple[str, int] | str, error: BaseException) -> None:
         """Client: a connect attempt failed; ``address`` is ``(host, port)`` or a Unix path."""
@@ -76,13 +82,14 @@ class Observer:
     def session_started(self, conn: Connection[Any, Any]) -> None:
         """A session begins: client ``request``, ``run`` or ``connection``;
         service: a request handed to the handler, or a connection to a
-        connection handler."""
+        connection handler; datagram service: a datagram handed to the
+        handler, ``conn`` being its :class:`DatagramPeer`."""
 
     def session_ended(
         self, conn: Connection[Any, Any], error: BaseException | None, duration: float
     ) -> None:
         """That session ended after ``duration`` seconds (a service: when its
-        handler returned)."""
+        handler returned; a datagram service: once the reply is sent)."""
 
     def pool_wait(self, target: Any, duration: float) -> None:
         """Client: a session waited ``duration`` seconds for a pool slot of ``target``."""
@@ -130,14 +137,7 @@ class ObserverSet:
             try:
                 call(*args)
             except Exception as exc:
-                logger.error(
-                    "observer %s.%s for %s raised %r",
-                    type(getattr(call, "__self__", call)).__name__,
-                    event,
-                    _name_of(subject),
-                    exc,
-                    exc_info=exc,
-                )
+                _report(call, event, subject, exc)
 
     def attached(self, source: object) -> None:
         """Tell every observer that ``source`` (a server or client) started."""
@@ -160,19 +160,55 @@ class ObserverSet:
         calls = self._calls["connect_failed"]
         self._call(calls, "connect_failed", format_address(address), address, error)
 
-    def session_started(self, conn: Connection[Any, Any]) -> float:
-        """See :meth:`Observer.session_started`; returns the start for :meth:`session_ended`."""
+    def session_started(self, conn: object) -> float:
+        """See :meth:`Observer.session_started` (``conn``: a :class:`Connection`, or a
+        datagram service's ``DatagramPeer``); returns the start for :meth:`session_ended`."""
         if self._session_started:
             self._call(self._session_started, "session_started", conn, conn)
         return trio.current_time()
 
-    def session_ended(
-        self, conn: Connection[Any, Any], error: BaseException | None, started: float
-    ) -> None:
+    def session_ended(self, conn: object, error: BaseException | None, started: float) -> None:
         """See :meth:`Observer.session_ended`; ``started`` from :meth:`session_started`."""
         if self._session_ended:
             duration = trio.current_time() - started
             self._call(self._session_ended, "session_ended", conn, conn, error, duration)
+
+    def watch_handler(self, handler: F) -> F:
+        """``handler`` (a service's; the connection is its last argument), reporting
+        each call as a session. Made once per service, in its Trio run.
+
+        It runs for every request, so it does the least it can: the run's clock
+        is looked up here, not per call (``trio.current_time`` costs several
+        times the clock's own read), it is read only when an observer wants the
+        duration, and a handler that returned calls the observers in a loop of
+        its own (the generic dispatch costs as much as the calls).
+        """
+        starts = self._session_started
+        ends = self._session_ended
+        now = trio.lowlevel.current_clock().current_time
+        call = self._call
+
+        async def observed(*args: Any) -> Any:
+            conn = args[-1]
+            if starts:
+                call(starts, "session_started", conn, conn)
+            if not ends:
+                return await handler(*args)
+            started = now()
+            try:
+                result = await handler(*args)
+            except BaseException as exc:
+                call(ends, "session_ended", conn, conn, exc, now() - started)
+                raise
+            duration = now() - started
+            for end in ends:
+                try:
+                    end(conn, None, duration)
+                except Exception as exc:
+                    _report(end, "session_ended", conn, exc)
+            return result
+
+        return observed  # type: ignore[return-value]
 
     def pool_wait(self, target: Any, duration: float) -> None:
         """See :meth:`Observer.pool_wait`."""
@@ -181,6 +217,18 @@ class ObserverSet:
     def retry(self, target: Any, attempt: int, error: BaseException) -> None:
         """See :meth:`Observer.retry`."""
         self._call(self._calls["retry"], "retry", target, target, attempt, error)
+
+
+def _report(call: Callable[..., object], event: str, subject: object, exc: Exception) -> None:
+    """Log what an observer's method raised, naming the observer and what the event was about."""
+    logger.error(
+        "observer %s.%s for %s raised %r",
+        type(getattr(call, "__self__", call)).__name__,
+        event,
+        _name_of(subject),
+        exc,
+        exc_info=exc,
+    )
 
 
 def _name_of(subject: object) -> object:

@@ -1238,19 +1238,7 @@ def _observed(handler: F, observers: ObserverSet) -> F:
     """``handler`` (of either body; the connection is its last argument), reporting
     each call to ``observers`` as a session. Only made when an observer watches
     sessions, so a service without one runs the user's handler as it is."""
-
-    async def observed(*args: Any) -> Any:
-        conn = args[-1]
-        started = observers.session_started(conn)
-        try:
-            result = await handler(*args)
-        except BaseException as exc:
-            observers.session_ended(conn, exc, started)
-            raise
-        observers.session_ended(conn, None, started)
-        return result
-
-    return observed  # type: ignore[return-value]
+    return observers.watch_handler(handler)
 
 
 # -- entry points ------------------------------------------------------------
