@@ -536,9 +536,11 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             self._outbox_size = 0
             encode_batch = self._encode_batch
             if data is None and encode_batch is not None and type(outbox[-1]) is not _Refusal:
-                # The usual round: one batch of replies, nothing refused so far.
+                # The usual round: one batch of replies, nothing refused so far
+                # (a lone reply, as in a ping-pong, is one encode: cheaper).
+                count = len(outbox)
                 try:
-                    data, count = encode_batch(outbox), len(outbox)
+                    data = encode_batch(outbox) if count > 1 else self._encode(outbox[0])
                 except Exception:  # the slow path finds the refused reply
                     data, count, refused = self._encode_replies(outbox, None, 0)
             else:
@@ -573,7 +575,7 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             sent = os.write(sock.fileno(), data)
         except OSError:
             return 0
-        if sent < _nbytes(data):
+        if sent < (len(data) if type(data) is bytes else _nbytes(data)):
             return sent
         self._count_sent(sent, count)
         return -1
