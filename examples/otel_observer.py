@@ -38,24 +38,29 @@ class SessionTracer(triocomm.Observer):
     def __init__(self, tracer: trace.Tracer, kind: SpanKind = SpanKind.SERVER) -> None:
         self._tracer = tracer
         self._kind = kind
-        # A connection runs one session at a time: its open span, by connection id.
+        # The open span of each connection (or datagram peer), by its id().
         self._spans: dict[int, Span] = {}
 
-    def session_started(self, conn: triocomm.Connection[Any, Any]) -> None:
-        self._spans[conn.id] = self._tracer.start_span(
-            "triocomm.session",
-            kind=self._kind,
-            attributes={
-                "triocomm.peer": conn.peer,
-                "triocomm.connection": conn.id,
-                "triocomm.seq": conn.seq,
-            },
+    def session_started(self, conn: triocomm.ObservedPeer) -> None:
+        attributes: dict[str, str | int] = {"triocomm.peer": str(conn.remote_address)}
+        if isinstance(conn, triocomm.Connection):
+            attributes.update(
+                {
+                    "triocomm.peer": conn.peer,
+                    "triocomm.connection": conn.id,
+                    "triocomm.seq": conn.seq,
+                }
+            )
+        # A connection runs one session at a time, and a datagram service
+        # gives each datagram a peer object of its own: either keys the span.
+        self._spans[id(conn)] = self._tracer.start_span(
+            "triocomm.session", kind=self._kind, attributes=attributes
         )
 
     def session_ended(
-        self, conn: triocomm.Connection[Any, Any], error: BaseException | None, duration: float
+        self, conn: triocomm.ObservedPeer, error: BaseException | None, duration: float
     ) -> None:
-        span = self._spans.pop(conn.id, None)
+        span = self._spans.pop(id(conn), None)
         if span is None:
             return
         span.set_attribute("triocomm.outcome", "ok" if error is None else type(error).__name__)
@@ -69,7 +74,7 @@ class SessionTracer(triocomm.Observer):
         self, conn: triocomm.Connection[Any, Any], error: BaseException | None
     ) -> None:
         # A session cut short with its connection (never seen ending): end its span too.
-        span = self._spans.pop(conn.id, None)
+        span = self._spans.pop(id(conn), None)
         if span is not None:
             span.set_attribute("triocomm.outcome", "closed")
             span.end()

@@ -25,6 +25,7 @@ from ._framing import Decoder as Decoder
 from ._framing import LengthPrefixed as LengthPrefixed
 from ._framing import Lines as Lines
 from ._framing import Raw as Raw
+from ._observe import ObservedPeer as ObservedPeer
 from ._observe import Observer as Observer
 from ._pool import PoolStats as PoolStats
 from ._resolve import CachingResolver as CachingResolver
@@ -64,6 +65,7 @@ __all__ = [
     "Idle",
     "LengthPrefixed",
     "Lines",
+    "ObservedPeer",
     "Observer",
     "PoolStats",
     "ProtocolError",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import trio
 
@@ -23,7 +23,7 @@ from ._connection import format_address
 if TYPE_CHECKING:
     from ._connection import Connection
 
-__all__ = ["Observer", "ObserverSet"]
+__all__ = ["ObservedPeer", "Observer", "ObserverSet"]
 
 logger = logging.getLogger("triocomm.observe")
 
@@ -40,6 +40,24 @@ _EVENTS = (
     "pool_wait",
     "retry",
 )
+
+
+class ObservedPeer(Protocol):
+    """What a session event names: a :class:`Connection`, or on a datagram
+    service the :class:`DatagramPeer` of the datagram handled.
+
+    Both have the two addresses below; test ``isinstance(conn,
+    triocomm.Connection)`` before using what only a connection has
+    (``seq``, ``stats``, ``id``).
+    """
+
+    @property
+    def remote_address(self) -> object:
+        """The peer's address."""
+
+    @property
+    def local_address(self) -> object:
+        """This end's address."""
 
 
 class Observer:
@@ -79,14 +97,14 @@ class Observer:
     def connect_failed(self, address: tuple[str, int] | str, error: BaseException) -> None:
         """Client: a connect attempt failed; ``address`` is ``(host, port)`` or a Unix path."""
 
-    def session_started(self, conn: Connection[Any, Any]) -> None:
+    def session_started(self, conn: ObservedPeer) -> None:
         """A session begins: client ``request``, ``run`` or ``connection``;
         service: a request handed to the handler, or a connection to a
         connection handler; datagram service: a datagram handed to the
         handler, ``conn`` being its :class:`DatagramPeer`."""
 
     def session_ended(
-        self, conn: Connection[Any, Any], error: BaseException | None, duration: float
+        self, conn: ObservedPeer, error: BaseException | None, duration: float
     ) -> None:
         """That session ended after ``duration`` seconds (a service: when its
         handler returned; a datagram service: once the reply is sent)."""

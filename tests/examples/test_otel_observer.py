@@ -93,3 +93,36 @@ async def test_a_client_gets_one_span_per_session(exporter: InMemorySpanExporter
     spans = exporter.get_finished_spans()
     assert [attributes(span)["triocomm.outcome"] for span in spans] == ["ok", "ok"]
     assert [attributes(span)["triocomm.peer"] for span in spans] == [f"127.0.0.1:{server.port}"] * 2
+
+
+async def test_a_datagram_service_gets_one_span_per_datagram(
+    exporter: InMemorySpanExporter,
+) -> None:
+    async def echo(request: bytes, peer: object) -> bytes:
+        return request
+
+    observer = tracer_for(exporter)
+    async with trio.open_nursery() as nursery:
+        server: Server = await nursery.start(
+            partial(
+                triocomm.serve_datagrams,
+                echo,
+                0,
+                host=LOOPBACK,
+                codec=triocomm.Raw(),
+                observers=[observer],
+            )
+        )
+        target = Target.udp(LOOPBACK, server.port, triocomm.Raw())
+        async with open_client(retries=0) as client:
+            assert await client.request(target, b"a") == b"a"
+            assert await client.request(target, b"b") == b"b"
+        await server.shutdown()
+    spans = exporter.get_finished_spans()
+    assert [span.name for span in spans] == ["triocomm.session"] * 2
+    for span in spans:
+        found = attributes(span)
+        # A datagram peer has no connection id or seq: only the peer and the outcome.
+        assert set(found) == {"triocomm.peer", "triocomm.outcome"}
+        assert found["triocomm.outcome"] == "ok"
+        assert str(found["triocomm.peer"]).startswith("('127.0.0.1',")

@@ -19,7 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from .. import Connection, Observer, Server
+from .. import Connection, ObservedPeer, Observer, Server
 
 __all__ = ["PrometheusObserver"]
 
@@ -102,7 +102,7 @@ class PrometheusObserver(Observer):
         self._connect_failures += 1
 
     def session_ended(
-        self, conn: Connection[Any, Any], error: BaseException | None, duration: float
+        self, conn: ObservedPeer, error: BaseException | None, duration: float
     ) -> None:
         """Count a session by outcome and record its duration."""
         self._sessions[error is not None] += 1
