@@ -31,7 +31,7 @@ import trio
 from ._connection import Connection, Idle
 from ._timers import Timers
 
-__all__ = ["IdleCallback", "IdleWatch", "check_idle_options", "idle_statuses_due"]
+__all__ = ["IdleCallback", "IdleWatch", "call_on_idle", "check_idle_options", "idle_statuses_due"]
 
 logger = logging.getLogger("triocomm.client")
 
@@ -78,6 +78,45 @@ def idle_statuses_due(
             due_now.append(status)
         following = min(following, due)
     return due_now, following
+
+
+async def call_on_idle(
+    conn: Connection[Any, Any],
+    on_idle: IdleCallback,
+    status: Idle,
+    waiting: list[Idle],
+    scope: trio.CancelScope,
+    watching: Callable[[], bool],
+    log: logging.Logger,
+) -> bool:
+    """Run ``on_idle(conn, status)``, then once for each status in ``waiting``.
+
+    Runs in ``scope`` while ``watching()`` holds; the client's
+    :class:`IdleWatch` and the server's idle detection both call it. A
+    connection that went away while the callback used it ends the run
+    quietly; any other exception is logged on ``log``, naming the peer, and
+    closes the connection. Returns False when the callback raised.
+    """
+    try:
+        with scope:
+            while watching():
+                await on_idle(conn, status)
+                if not waiting:
+                    break
+                status = waiting.pop(0)
+    except (trio.ClosedResourceError, trio.BrokenResourceError):
+        pass  # the connection went away while the callback used it
+    except Exception as exc:
+        log.error(
+            "closing connection with %s: on_idle(%s) raised %r",
+            conn.peer,
+            status.name,
+            exc,
+            exc_info=exc,
+        )
+        await conn.abort()
+        return False
+    return True
 
 
 class IdleWatch:
@@ -144,23 +183,9 @@ class IdleWatch:
         assert self._callback is not None
         scope, waiting = self._callback
         try:
-            with scope:
-                while self._conn is conn:
-                    await self._on_idle(conn, status)
-                    if not waiting:
-                        break
-                    status = waiting.pop(0)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass  # the connection went away while the callback used it
-        except Exception as exc:
-            logger.error(
-                "closing connection to %s: on_idle(%s) raised %r",
-                conn.peer,
-                status.name,
-                exc,
-                exc_info=exc,
+            await call_on_idle(
+                conn, self._on_idle, status, waiting, scope, lambda: self._conn is conn, logger
             )
-            await conn.abort()
         finally:
             if self._callback is not None and self._callback[0] is scope:
                 self._callback = None

@@ -35,7 +35,7 @@ from ._admission import Admission, Arrival, IPAddress, Network, Refused, parse_n
 from ._connection import Connection, ConnState, Idle, ReplyRefused, format_address, socket_of
 from ._errors import CommError, CommTimeout, ConnectionLost, FrameTooLarge, ProtocolError
 from ._framing import Codec
-from ._idle import check_idle_options, idle_statuses_due
+from ._idle import call_on_idle, check_idle_options, idle_statuses_due
 from ._keepalive import check_tcp_keepalive, set_tcp_keepalive
 from ._observe import Observer, ObserverSet, check_observers
 from ._timeouts import Limits, ServerTimeouts, passive_limits
@@ -1061,24 +1061,11 @@ class Server:
         on_idle = self._options.on_idle
         assert on_idle is not None
         try:
-            with scope:
-                while entry.conn is conn:
-                    await on_idle(conn, status)
-                    if not waiting:
-                        break
-                    status = waiting.pop(0)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass  # the connection went away while the callback used it
-        except Exception as exc:
-            self._stats.errors["on_idle"] += 1
-            logger.error(
-                "closing connection from %s: on_idle(%s) raised %r",
-                conn.peer,
-                status.name,
-                exc,
-                exc_info=exc,
+            called = call_on_idle(
+                conn, on_idle, status, waiting, scope, lambda: entry.conn is conn, logger
             )
-            await conn.abort()
+            if not await called:  # it raised: logged, and the connection closed
+                self._stats.errors["on_idle"] += 1
         finally:
             entry.idle_callback = None
             waiting.clear()
