@@ -15,7 +15,6 @@ closes the connection, so a late reply can never be read by the next session.
 from __future__ import annotations
 
 import functools
-import ipaddress
 import logging
 import math
 import os
@@ -35,7 +34,13 @@ from ._idle import IdleWatch, check_idle_options
 from ._keepalive import check_tcp_keepalive, set_tcp_keepalive
 from ._observe import Observer, ObserverSet
 from ._pool import KeepAlivePool, PooledConnection, PoolStats
-from ._resolve import CachingResolver, Resolver, SrvResolver, resolve_with_expiry
+from ._resolve import (
+    CachingResolver,
+    Resolver,
+    SrvResolver,
+    is_numeric_host,
+    resolve_with_expiry,
+)
 from ._retry import (
     RetryKind,
     RetryPolicy,
@@ -424,14 +429,6 @@ def _tls_hostname(target: Target[Any, Any], record_host: str | None = None) -> s
 def _start_session(conn: Connection[Any, Any], timeouts: Timeouts) -> None:
     """A client session starts on ``conn``: its seq moves on, ``timeouts`` bound it."""
     conn._begin_session(session_limits(timeouts))
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _connect_failure_text(exc: OSError) -> str:
@@ -843,7 +840,7 @@ class Client:
                     f"{self._resolver!r} has no resolve_srv(): pass "
                     "open_client(resolver=triocomm.DnsResolver([...])) or one of your own"
                 )
-        elif _is_ip(target.host):
+        elif is_numeric_host(target.host):
             return None  # a numeric host is its one address: no lookup, no fuse
         return TargetAddresses(
             target.address,
@@ -1093,7 +1090,7 @@ class Client:
                 stream, address = await self._connect_named(target, named, pool, avoid)
             conn: Connection[Any, Any] = Connection(stream, target.codec)
             label = None
-            if target.host is not None and not _is_ip(target.host):
+            if target.host is not None and not is_numeric_host(target.host):
                 # Name the target as the user wrote it, next to the address.
                 label = f"{target.address} ({conn.peer})"
             conn._attach(self._timers, label=label)
@@ -1160,7 +1157,7 @@ class Client:
     async def _connect_address(self, target: Target[Any, Any], address: Address) -> trio.abc.Stream:
         """Connect to one address of a named target (an SRV record's host is resolved)."""
         host, port = address
-        if not target.srv_lookup or _is_ip(host):
+        if not target.srv_lookup or is_numeric_host(host):
             return await _open_stream(target, host, port, record_host=host)
         where = _address_text(host, port)
         try:

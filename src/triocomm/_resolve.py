@@ -46,6 +46,7 @@ __all__ = [
     "Resolution",
     "Resolver",
     "SrvResolver",
+    "is_numeric_host",
     "resolve_with_expiry",
 ]
 
@@ -210,7 +211,8 @@ class AnswerCache(Generic[RecordT]):
         flight.done.set()
 
 
-def _is_numeric(host: str) -> bool:
+def is_numeric_host(host: str) -> bool:
+    """Is ``host`` an IP address (no lookup needed)?"""
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -325,7 +327,7 @@ class CachingResolver:
             raise ValueError("host must not be empty")
         if not 0 <= port <= 65535:
             raise ValueError(f"port must be in 0..65535, not {port!r}")
-        if _is_numeric(host):
+        if is_numeric_host(host):
             await trio.lowlevel.checkpoint()
             now = trio.current_time()
             return Resolution(host, ((host, port),), now, math.inf, math.inf)
@@ -435,7 +437,7 @@ def _dnspython() -> types.ModuleType:
 
 def _nameserver(server: str | tuple[str, int]) -> tuple[str, int]:
     ip, port = (server, 53) if isinstance(server, str) else server
-    if not isinstance(ip, str) or not _is_numeric(ip):
+    if not isinstance(ip, str) or not is_numeric_host(ip):
         raise ValueError(f"a name server is an IP address, or (IP address, port), not {server!r}")
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port <= 65535:
         raise ValueError(f"a name server's port must be in 1..65535, not {server!r}")

@@ -16,7 +16,6 @@ the client's retry policy's decision, not this module's.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +25,7 @@ from ._connection import PhaseLimit
 from ._datagram import check_max_datagram, decode_datagram, encode_datagram
 from ._errors import ConnectError, ProtocolError
 from ._pool import PoolStats
-from ._resolve import Resolver, resolve_with_expiry
+from ._resolve import Resolver, is_numeric_host, resolve_with_expiry
 from ._timeouts import Timeouts
 
 if TYPE_CHECKING:
@@ -242,7 +241,7 @@ async def _open(target: Target[Any, Any], timeouts: Timeouts, resolver: Resolver
     with PhaseLimit(deadline, "connect", limit, address):
         try:
             ip, port = target.host, target.port
-            if not _is_numeric(ip):
+            if not is_numeric_host(ip):
                 records = (await resolve_with_expiry(resolver, ip, port)).records
                 if not records:
                     raise socket.gaierror(socket.EAI_NONAME, "the resolver gave no address")
@@ -261,14 +260,6 @@ async def _open(target: Target[Any, Any], timeouts: Timeouts, resolver: Resolver
         sock.close()
         raise ConnectError(f"cannot send to {address}: {exc}", address=address) from exc
     return sock
-
-
-def _is_numeric(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 async def _exchange(
