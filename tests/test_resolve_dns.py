@@ -26,7 +26,7 @@ import trio
 import trio.testing
 
 import triocomm
-from binaries import require_binary
+from binaries import free_udp_and_tcp_port, require_binary
 from triocomm.testing import open_fd_count, task_count
 
 dns_query = pytest.importorskip("dns.query", reason="DnsResolver needs dnspython (triocomm[dns])")
@@ -53,21 +53,6 @@ SRV_HOSTS = [
 ]
 
 
-def free_dns_port() -> int:
-    """A loopback port free for both UDP and TCP a moment ago (dnsmasq takes both)."""
-    for _ in range(20):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind(("127.0.0.1", 0))
-            port: int = udp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no loopback port free for both UDP and TCP")
-
-
 class Dnsmasq:
     """A dnsmasq of the test's own on 127.0.0.1:``port``."""
 
@@ -78,7 +63,7 @@ class Dnsmasq:
         self.hosts.write_text(HOSTS)
         self.log = directory / "dnsmasq.log"
         self.output = directory / "dnsmasq.out"
-        self.port = free_dns_port()
+        self.port = free_udp_and_tcp_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     def command(self) -> list[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import socket
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,6 +15,7 @@ from dns_server import DEMO_ZONE, Zone
 from dnswire import TYPE_A, Message, Question, build_message, parse_message
 
 import triocomm
+from binaries import free_udp_and_tcp_port
 from conftest import require_binary, wait_until_listening
 
 BIG_TXT = [str(i) * 100 for i in range(8)]  # 800 bytes: too long for a plain datagram
@@ -40,21 +40,6 @@ def dnsmasq_command(binary: str, port: int, directory: Path) -> list[str]:
         "--txt-record=small.test,hello dns",
         "--txt-record=big.test," + ",".join(BIG_TXT),
     ]
-
-
-def free_udp_and_tcp_port() -> int:
-    """A loopback port free for both UDP and TCP a moment ago."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind(("127.0.0.1", 0))
-            port: int = udp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no port free for both UDP and TCP")
 
 
 @pytest.fixture
