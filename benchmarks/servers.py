@@ -135,15 +135,19 @@ async def run_trio_connection(port: int) -> None:
     import trio
 
     import triocomm
+    from triocomm._timeouts import Limits
 
     codec = triocomm.LengthPrefixed()
+    unlimited = Limits()
+
+    async def reply(request: bytes, conn: Any) -> bytes:
+        return request
 
     async def echo(stream: Any) -> None:
         conn: Any = triocomm.Connection(stream, codec)
         try:
             async for request in conn:
-                batch = conn._take_burst(request)[::-1]  # in pop() order
-                await conn.send_many(batch)
+                await conn._answer(reply, request, unlimited)
         except trio.BrokenResourceError:
             pass
         finally:

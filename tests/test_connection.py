@@ -22,6 +22,7 @@ import trio
 import trio.testing
 from trio.testing import wait_all_tasks_blocked
 
+from passive import answered
 from triocomm import (
     CommError,
     CommTimeout,
@@ -173,13 +174,13 @@ async def test_a_burst_is_served_in_order_whatever_sequence_the_decoder_returns(
         assert await client.receive() == b"1"
         assert client.pending == 3
         assert await client.receive() == b"2"
-        assert client._take_burst(b"2")[::-1] == [b"2", b"3", b"4"]
+        assert await answered(client, b"2") == [b"2", b"3", b"4"]
         assert client.pending == 0
         await server.send_many([b"5", b"6"])
         assert [await client.receive(), await client.receive()] == [b"5", b"6"]
         # Drained: the connection holds no list of its own any more.
         assert client._pending is _NO_PENDING
-        assert client._take_burst(b"7") == [b"7"]
+        assert await answered(client, b"7") == [b"7"]
         assert _NO_PENDING == []
 
 
@@ -210,11 +211,11 @@ async def test_bytes_sent_counts_bytes_of_a_typed_view(
     assert len(got) == 3 * size
 
 
-async def test_take_pending_pops_decoded_messages_without_io() -> None:
+async def test_a_round_takes_the_decoded_messages_without_io() -> None:
     client, server = memory_pair()
     await server.send_many([b"1", b"2", b"3"])
     assert await client.receive() == b"1"
-    assert client._take_burst(b"1")[::-1] == [b"1", b"2", b"3"]
+    assert await answered(client, b"1") == [b"1", b"2", b"3"]
     assert client.pending == 0
 
 

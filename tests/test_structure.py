@@ -17,13 +17,12 @@ MAX_PRIVATE_REACHES = 10
 MAX_FUNCTION_LINES = 80
 # The operations Connection offers the client, the pool and the server.
 CONNECTION_OPERATIONS = {
+    "_answer",
     "_attach",
     "_begin_session",
     "_exchange",
     "_flush",
-    "_queue",
     "_set_state",
-    "_take_burst",
 }
 
 

@@ -37,7 +37,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Generic, TypeVar, Union
@@ -83,6 +83,9 @@ MAX_REPLY_BATCH = 256
 #: client that pipelines small requests for large replies and never reads
 #: holds at most this plus one reply in the server, not a burst's worth.
 MAX_REPLY_BYTES = 64 * 1024
+# How long a service's connection whose handler failed may take to write
+# the replies accepted before the failure.
+_DELIVER_LIMIT = 5.0
 # With an inactivity limit, large writes go out in pieces of this size so that
 # the limit measures progress, not the time to write the whole message.
 _WRITE_STEP = 256 * 1024
@@ -238,25 +241,25 @@ class PhaseLimit:
         return swallowed
 
 
-class ReplyRefused(Exception):
-    """The codec refused a reply a service accepted (the ones before it were written).
+class SessionFailed(Exception):
+    """A passive session failed; the replies to the requests before it were written.
 
-    Raised by the connection's flush; the service counts it as a handler
-    failure. ``error`` is the codec's own exception.
+    Raised out of a service's round (:meth:`Connection._answer`); the service
+    counts it as a handler failure. ``error`` is the user's own exception,
+    ``what`` says which part failed.
     """
 
+    what = "the handler raised"
+
     def __init__(self, error: Exception) -> None:
-        super().__init__(f"the codec refused a reply: {error!r}")
+        super().__init__(f"{self.what}: {error!r}")
         self.error = error
 
 
-class _Refusal:
-    """A refused reply's place in the outbox: where the flush stops and raises."""
+class ReplyRefused(SessionFailed):
+    """The codec refused a reply a service accepted (the ones before it were written)."""
 
-    __slots__ = ("error",)
-
-    def __init__(self, error: Exception) -> None:
-        self.error = error
+    what = "the handler returned a reply the codec cannot encode"
 
 
 FileArg = Union[str, "os.PathLike[str]", IO[bytes]]
@@ -301,11 +304,11 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
     # Called when a read must wait for data (the socket had none), before it
     # waits: the server's hook that makes a connection evictable.
     _on_wait: Callable[[], None] | None = None
-    # Replies accepted by _queue and not yet written, and their size.
+    # Replies of the passive round in progress accepted and not yet written
+    # (see _answer); the list is emptied in place when they are.
     _outbox: list[Any] = _NO_OUTBOX
-    _outbox_size = 0
-    # The requests of the passive round in progress that the request loop has
-    # not taken yet (see _take_burst): seq counts those taken.
+    # The requests of the passive round in progress not handed to the handler
+    # yet (see _answer): seq counts those handed.
     _round: list[Any] = _NO_PENDING
     # The load balancer a PROXY header came through (see proxied_by).
     _proxied_by: object = None
@@ -365,6 +368,16 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         On a service's connection, the requests received before the current one.
         """
         return self._sessions - len(self._round) - 1 if self._sessions else 0
+
+    @property
+    def sessions(self) -> int:
+        """Sessions started on this connection, the current one included.
+
+        On a service's connection, the requests handed to the handler so far
+        (``seq + 1`` while the handler runs). A service's
+        :attr:`ServerStats.sessions` is the sum over its connections.
+        """
+        return self._sessions - len(self._round)
 
     @property
     def state(self) -> ConnState:
@@ -532,12 +545,10 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         refused = None
         outbox = self._outbox
         if outbox:
-            self._outbox = _NO_OUTBOX
-            self._outbox_size = 0
             encode_batch = self._encode_batch
-            if data is None and encode_batch is not None and type(outbox[-1]) is not _Refusal:
-                # The usual round: one batch of replies, nothing refused so far
-                # (a lone reply, as in a ping-pong, is one encode: cheaper).
+            if data is None and encode_batch is not None:
+                # The usual round: one batch of replies (a lone reply, as in a
+                # ping-pong, is one encode: cheaper).
                 count = len(outbox)
                 try:
                     data = encode_batch(outbox) if count > 1 else self._encode(outbox[0])
@@ -547,6 +558,8 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
                 # A handler's push during a passive session goes out after
                 # the replies accepted before it, never ahead of them.
                 data, count, refused = self._encode_replies(outbox, data, count)
+            # In place: the round in progress (_answer) holds this list.
+            outbox.clear()
         if data is None:
             await trio.lowlevel.cancel_shielded_checkpoint()
         else:
@@ -1093,7 +1106,7 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         if self._state is not ConnState.ERROR:
             self._state = ConnState.CLOSING
         if self._round:
-            self._round.clear()  # a passive round takes no request after this
+            self._end_round()
         try:
             if self._outbox:
                 await self._flush()
@@ -1121,14 +1134,22 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         """
         self._state = ConnState.ERROR
         if self._round:
-            self._round.clear()  # a passive round takes no request after this
+            self._end_round()
         if self._outbox:
-            self._outbox = _NO_OUTBOX  # never written: the stream is broken
+            self._outbox.clear()  # never written: the stream is broken
         if not self._closed:
             self._closed = True
             self._log_closed()
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self._stream)
+
+    def _end_round(self) -> None:
+        """Closing: the passive round in progress hands its handler no more requests.
+
+        Those left were never started, so they leave the session count too.
+        """
+        self._sessions -= len(self._round)
+        self._round.clear()
 
     def _log_closed(self) -> None:
         timers = self._timers
@@ -1206,13 +1227,26 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         finally:
             self._yield_on_data = True
 
-    def _take_burst(self, first: In) -> list[In]:
-        """Start a passive round: ``first`` and every message already decoded after it.
+    async def _answer(
+        self, handler: Callable[[In, Connection[In, Out]], Awaitable[Any]], first: In, then: Limits
+    ) -> None:
+        """A service's passive round: answer ``first`` and every request decoded after it.
 
-        They leave the connection as one session each, in the order
-        ``list.pop()`` takes them (``first`` last in the list); the connection
-        keeps the list so that :attr:`seq` counts those taken, with no call per
-        request. The state becomes ``RECEIVING`` until the replies are written.
+        Each request is a session of its own, handed to ``handler`` in order;
+        :attr:`seq` counts them exactly with no work per request (the round's
+        list holds what is left, taken with ``list.pop()``). Replies are
+        accepted into the outbox and written when the burst is done, or as
+        soon as they reach ``MAX_REPLY_BYTES`` or ``MAX_REPLY_BATCH``; a
+        handler's own ``send``, ``flush`` or ``aclose`` writes them first. The
+        write is the round's schedule point (a bare one when there is no
+        reply, so a client streaming requests that get none cannot keep the
+        task running); its cancellation check is the round's read's. Then the
+        connection waits between requests: ``KEEPALIVE``, under ``then``.
+
+        Raises:
+            SessionFailed: the handler raised (the replies before were written,
+                as far as the peer took them within a few seconds).
+            ReplyRefused: the codec refused a reply (those before it were written).
         """
         items = self._pending
         if items:
@@ -1224,54 +1258,67 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         self._round = items
         if self._state is not ConnState.ERROR and not self._closed:
             self._state = ConnState.RECEIVING
-        return items
+        outbox = self._outbox = []
+        # A codec with a batch encoder encodes the replies when they are
+        # written (they are buffers, whose size is known); others encode now.
+        encode = None if self._encode_batch is not None else self._encode
+        # Only a burst longer than the count bound can reach it.
+        counted = len(items) > MAX_REPLY_BATCH
+        size = 0  # may overstate what waits after a handler's own write: harmless
+        while items:
+            request = items.pop()
+            try:
+                reply = await handler(request, self)
+            except Exception as exc:
+                await self._deliver_accepted()
+                raise SessionFailed(exc) from exc
+            if reply is None:
+                continue
+            try:
+                if encode is not None:
+                    reply = encode(reply)
+                size += len(reply) if type(reply) is bytes else _nbytes(reply)
+            except Exception as exc:  # a non-buffer for a batch codec, or encode's error
+                await self._flush(cancel_checked=True)
+                raise ReplyRefused(exc) from exc
+            outbox.append(reply)
+            if size >= MAX_REPLY_BYTES or (counted and len(outbox) >= MAX_REPLY_BATCH):
+                await self._flush(cancel_checked=True)
+                size = 0
+        await self._flush(cancel_checked=True)
+        self._outbox = _NO_OUTBOX
+        if self._state is not ConnState.ERROR and not self._closed:
+            self._state = ConnState.KEEPALIVE
+        self._limits = then
 
-    def _queue(self, reply: Any) -> bool:
-        """Accept a passive session's reply for the next :meth:`_flush`; True when that is due.
-
-        A codec with a batch encoder encodes the batch at the flush (its
-        messages are buffers, whose size is known); any other encodes now. A
-        reply the codec refuses is accepted as a refusal, which the flush
-        raises after writing the replies before it.
-        """
-        outbox = self._outbox
-        if outbox is _NO_OUTBOX:
-            outbox = self._outbox = []
-        try:
-            if self._encode_batch is None:
-                reply = self._encode(reply)
-            size = len(reply) if type(reply) is bytes else _nbytes(reply)
-        except Exception as exc:  # a non-buffer for a batch codec, or encode's error
-            reply, size = _Refusal(exc), MAX_REPLY_BYTES
-        outbox.append(reply)
-        size += self._outbox_size
-        self._outbox_size = size
-        return size >= MAX_REPLY_BYTES or len(outbox) >= MAX_REPLY_BATCH
+    async def _deliver_accepted(self) -> None:
+        """After a failed session: write the replies accepted before it, as the peer takes them."""
+        with trio.move_on_after(_DELIVER_LIMIT):
+            try:
+                await self.flush()
+            except Exception:
+                pass  # the connection fails all the same
 
     def _encode_replies(
         self, outbox: list[Any], data: Any, count: int
     ) -> tuple[Any, int, Exception | None]:
-        """The bytes to write for a taken outbox (the replies, then ``data``), their
+        """The bytes to write for the outbox (the replies, then ``data``), their
         message count, and the codec's error for a refused reply (nothing after it)."""
         refused = None
-        if type(outbox[-1]) is _Refusal:  # _queue asks for a flush right after one
-            refused = outbox.pop().error
-        if self._encode_batch is None or not outbox:
-            replies, encoded = b"".join(outbox), len(outbox)  # encoded by _queue
+        if self._encode_batch is None:
+            replies, encoded = b"".join(outbox), len(outbox)  # encoded by _answer
         else:
-            replies, encoded, refused = self._encode_each(outbox, refused)
+            replies, encoded, refused = self._encode_each(outbox)
         if refused is not None or data is None:
             return (replies if encoded else None), encoded, refused
         return b"".join([replies, data]), encoded + count, None
 
-    def _encode_each(
-        self, outbox: list[Any], refused: Exception | None
-    ) -> tuple[bytes, int, Exception | None]:
+    def _encode_each(self, outbox: list[Any]) -> tuple[bytes, int, Exception | None]:
         """Batch-encode accepted replies; if the encoder refuses one, those before it."""
         try:
-            return self._encode_many(outbox), len(outbox), refused
+            return self._encode_many(outbox), len(outbox), None
         except Exception as exc:
-            refused = exc
+            refused: Exception = exc
         # Find the reply the batch encoder refused; those before it still go.
         parts = []
         for reply in outbox:

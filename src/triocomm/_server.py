@@ -32,7 +32,7 @@ if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found, unused-ignore]
 
 from ._admission import Admission, Arrival, IPAddress, Network, Refused, parse_networks
-from ._connection import Connection, ConnState, Idle, ReplyRefused, format_address, socket_of
+from ._connection import Connection, ConnState, Idle, SessionFailed, format_address, socket_of
 from ._errors import CommError, CommTimeout, ConnectionLost, FrameTooLarge, ProtocolError
 from ._framing import Codec
 from ._idle import call_on_idle, check_idle_options, idle_statuses_due
@@ -73,7 +73,9 @@ class ServerStats:
         connections_open: connections accepted and not yet closed (a TLS
             handshake in progress counts).
         connections_total: connections accepted since the service started.
-        sessions: requests handed to the handler of :func:`serve`; with
+        sessions: requests handed to the handler of :func:`serve` (the sum
+            of its connections' :attr:`Connection.sessions`, so exact inside
+            a handler: its own request is counted); with
             :func:`serve_connections`, connections handed to the handler.
         errors: failures by kind, a :class:`collections.Counter` (a kind that
             never happened reads as 0): ``"handler"`` (the handler raised or
@@ -114,18 +116,6 @@ class ServerStats:
     messages_sent: int = 0
 
 
-_UNENCODABLE = "the handler returned a reply the codec cannot encode"
-
-
-class _HandlerFailed(Exception):
-    """The user's request handler raised (or its reply could not be encoded)."""
-
-    def __init__(self, error: Exception, what: str) -> None:
-        super().__init__(what)
-        self.error = error
-        self.what = what
-
-
 class _HookFailed(Exception):
     """The service's ``on_connect`` hook raised."""
 
@@ -136,7 +126,7 @@ class _HookFailed(Exception):
 
 def _cause(exc: Exception) -> BaseException:
     """The exception a user sees for a failure: their own, not the service's wrapper."""
-    if isinstance(exc, (_HandlerFailed, _HookFailed, ReplyRefused)):
+    if isinstance(exc, (SessionFailed, _HookFailed)):
         return exc.error
     return exc
 
@@ -489,8 +479,9 @@ class Server:
             self._front = body
             self._stats = body.stats
             self._addresses = body.addresses
-        # The I/O counters of the connections closed so far (see ``stats``).
-        self._closed_io = [0, 0, 0, 0]
+        # The I/O counters and sessions of the connections closed so far
+        # (see ``stats``), and the sessions of serve_connections' handlers.
+        self._closed_io = [0, 0, 0, 0, 0]
         self._options = options
         self._max = options.max_connections
         # None unless the service reads PROXY headers or refuses some clients.
@@ -553,17 +544,22 @@ class Server:
     def stats(self) -> ServerStats:
         """Live :class:`ServerStats` (its I/O sums brought up to date now)."""
         stats = self._stats
-        received, sent, messages_in, messages_out = self._closed_io
+        if self._front is not None:
+            return stats  # the front keeps them all
+        received, sent, messages_in, messages_out, sessions = self._closed_io
         # A copy first: an exporter may read the stats from another thread.
         for entry in tuple(self._entries):
-            if entry.conn is not None:
-                io = entry.conn.stats
+            conn = entry.conn
+            if conn is not None:
+                io = conn.stats
                 received += io.bytes_received
                 sent += io.bytes_sent
                 messages_in += io.messages_received
                 messages_out += io.messages_sent
+                sessions += conn.sessions
         stats.bytes_received, stats.bytes_sent = received, sent
         stats.messages_received, stats.messages_sent = messages_in, messages_out
+        stats.sessions = sessions
         return stats
 
     @property
@@ -933,6 +929,10 @@ class Server:
         await trio.aclose_forcefully(stream)
         return None
 
+    def _session_started(self) -> None:
+        """A serve_connections handler has its connection: one session, counted in ``stats``."""
+        self._closed_io[4] += 1
+
     def _forget(self, entry: _Entry) -> None:
         stats = self._stats
         if entry.conn is not None:
@@ -941,6 +941,7 @@ class Server:
             closed[1] += io.bytes_sent
             closed[2] += io.messages_received
             closed[3] += io.messages_sent
+            closed[4] += entry.conn.sessions
         stats.connections_open -= 1
         self._entries.discard(entry)
         self._keepalive.pop(entry, None)
@@ -973,8 +974,6 @@ class Server:
         """Log why a connection ended (one line) and count it; say if it failed."""
         errors = self._stats.errors
         peer = conn.peer
-        if isinstance(exc, ReplyRefused):
-            exc = _HandlerFailed(exc.error, _UNENCODABLE)
         if isinstance(exc, _HookFailed):
             errors["on_connect"] += 1
             logger.error(
@@ -983,7 +982,7 @@ class Server:
                 exc.error,
                 exc_info=exc.error,
             )
-        elif isinstance(exc, _HandlerFailed):
+        elif isinstance(exc, SessionFailed):
             errors["handler"] += 1
             logger.error(
                 "closing connection from %s: %s: %r", peer, exc.what, exc.error, exc_info=exc.error
@@ -1109,12 +1108,11 @@ class RequestLoop:
         # holds this frame, and what it refers to is memory per idle connection.
         handler = self.handler
         limits, keepalive = passive_limits(server._options.timeouts)
-        stats = server._stats
-        state = ConnState.CONNECTED
+        conn._set_state(ConnState.CONNECTED, limits)
+        between = False  # the first wait is for the first request
         while True:
             # Wait for the next request: the only place a connection is idle.
-            conn._set_state(state, limits)
-            if not entry.begin_wait(conn, state is ConnState.KEEPALIVE):
+            if not entry.begin_wait(conn, between):
                 return
             try:
                 if entry.sock is not None:
@@ -1130,29 +1128,13 @@ class RequestLoop:
                 return
             finally:
                 entry.end_wait()
-            state, limits = ConnState.KEEPALIVE, keepalive
-            # pop() takes them in order; closing the connection empties it.
-            burst = conn._take_burst(request)
-            while burst:
-                request = burst.pop()
-                stats.sessions += 1
-                try:
-                    reply = await handler(request, conn)
-                except Exception as exc:
-                    await _deliver_accepted(conn)  # the replies before it go out
-                    raise _HandlerFailed(exc, "the handler raised") from exc
-                # Write when the outbox is full, and at the end of the burst:
-                # that write (or, with no reply, a bare schedule point, so a
-                # client streaming requests that get no reply cannot keep
-                # this task running) is the round's schedule point; the read
-                # skipped its own when it found data there. Its cancellation
-                # check too: a cancellation the handlers did not see is
-                # raised by the next read, after the replies are out.
-                if (reply is not None and conn._queue(reply)) or not burst:
-                    await conn._flush(cancel_checked=True)
-            # Let go of the burst before waiting: a keep-alive connection may
-            # wait for minutes, and what its frame holds is held per idle one.
-            del burst, request, reply
+            between = True
+            # Answer it and the requests that came with it, write the
+            # replies, and leave the connection in KEEPALIVE.
+            await conn._answer(handler, request, keepalive)
+            # A keep-alive connection may wait for minutes, and what its
+            # frame holds is held per idle connection.
+            del request
 
 
 def _waiting(conn: Connection[Any, Any], body: Body) -> bool:
@@ -1163,15 +1145,6 @@ def _waiting(conn: Connection[Any, Any], body: Body) -> bool:
 def _enter(conn: Connection[Any, Any], state: ConnState, limits: Limits) -> None:
     """Set a connection's state and limits outside the request loop's hot path."""
     conn._set_state(state, limits)
-
-
-async def _deliver_accepted(conn: Connection[Any, Any]) -> None:
-    """Write the replies accepted before a failure, as far as the peer takes them."""
-    with trio.move_on_after(_CLOSE_LIMIT):
-        try:
-            await conn.flush()
-        except Exception:
-            pass  # the connection fails all the same
 
 
 def _end_wait(entry: _Entry) -> None:
@@ -1210,7 +1183,7 @@ class ConnectionBody:
         # wait between messages: keepalive bounds it.
         _, keepalive = passive_limits(server._options.timeouts)
         _enter(conn, ConnState.RECEIVING, keepalive)
-        server._stats.sessions += 1
+        server._session_started()
         await self.handler(conn)
         # Closed straight after, before any other task runs: SUCCESS, which
         # no one could see, is not written (see ConnState).
