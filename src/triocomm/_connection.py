@@ -40,7 +40,7 @@ import sys
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any, Generic, TypeVar, Union
+from typing import IO, TYPE_CHECKING, Any, Generic, NoReturn, TypeVar, Union
 
 import trio
 
@@ -179,6 +179,15 @@ def _stream_error(exc: OSError) -> trio.ClosedResourceError | trio.BrokenResourc
     if exc.errno in _CLOSED_ERRNOS:
         return trio.ClosedResourceError("this socket was already closed")
     return trio.BrokenResourceError(f"socket connection broken: {exc}")
+
+
+def _read_error(exc: Exception, peer: str) -> Exception:
+    """What a failed receive raises: bad input or a timeout as it is, a reset as ConnectionLost."""
+    if isinstance(exc, (ProtocolError, CommTimeout, ConnectionLost)):
+        return exc
+    lost = ConnectionLost(f"connection to {peer} lost: {exc or 'reset'}")
+    lost.__cause__ = exc
+    return lost
 
 
 def _nbytes(data: Any) -> int:
@@ -337,7 +346,7 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         # Made on the first contended send (most connections never have one).
         self._send_queue: trio.lowlevel.ParkingLot | None = None
         # A plain TCP or Unix socket is read and written directly (see
-        # _read_now and _write_nowait), skipping SocketStream's layers.
+        # receive and _write_nowait), skipping SocketStream's layers.
         self._sock = stream.socket if _DIRECT_IO and type(stream) is trio.SocketStream else None
         # The run's clock, bound once: cheaper than trio.current_time() on
         # every read and write, and still the MockClock under test.
@@ -528,15 +537,19 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         await trio.lowlevel.checkpoint_if_cancelled()
         await self._flush(cancel_checked=True)
 
-    async def _flush(self, data: Any = None, count: int = 0, cancel_checked: bool = False) -> None:
+    async def _flush(
+        self, data: Any = None, count: int = 0, cancel_checked: bool = False, schedule: bool = True
+    ) -> None:
         """The one write path: the accepted replies, then ``data`` (``count`` messages).
 
         Everything goes out in one write. The usual case (a plain socket whose
         kernel buffer takes it all) is a cancellation check, one system call
         and a schedule point; otherwise :meth:`_write` waits for room under
-        the send limits. With nothing to write it is a schedule point, which
-        a server's round needs. ``cancel_checked``: the caller checked for
-        cancellation in this round already.
+        the send limits. With nothing to write it is a schedule point.
+        ``cancel_checked``: the caller checked for cancellation in this round
+        already. ``schedule=False``: the caller makes the schedule point (a
+        service's round, see :meth:`_answer`), so a write done at once, or
+        nothing to write, makes none here.
 
         Raises:
             ReplyRefused: the codec refused an accepted reply; the replies
@@ -561,15 +574,16 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             # In place: the round in progress (_answer) holds this list.
             outbox.clear()
         if data is None:
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            if schedule:
+                await trio.lowlevel.cancel_shielded_checkpoint()
         else:
             if not cancel_checked:
                 await trio.lowlevel.checkpoint_if_cancelled()
             sent = self._write_nowait(data, count)
-            if sent < 0:
-                await trio.lowlevel.cancel_shielded_checkpoint()
-            else:
+            if sent >= 0:
                 await self._write(data, count, sent)
+            elif schedule:
+                await trio.lowlevel.cancel_shielded_checkpoint()
         if refused is not None:
             raise ReplyRefused(refused)
 
@@ -866,7 +880,9 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             if not pending:
                 self._pending = _NO_PENDING
             return message
-        self._begin_receive()
+        if self._receiving or self._closed:
+            self._refuse_receive()
+        self._receiving = True
         # Every wait is written out in this frame, the rest are plain calls: a
         # connection waiting for a message holds this one frame and no other.
         try:
@@ -877,9 +893,7 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             sock = self._sock
             # When this call began (read from the clock only if a deadline
             # needs it), and when the message began once its first byte is in.
-            started = _INF
-            message_began = _INF
-            data: bytes | bytearray | None
+            started = message_began = _INF
             while True:
                 if message_began is _INF and not unlimited and self._decoder.buffered:
                     started = min(started, self._now())
@@ -889,8 +903,14 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
                 else:
                     await trio.lowlevel.checkpoint_if_cancelled()
                     waited = False
-                    while (data := self._read_now(sock)) is None:
-                        waited = True
+                    while True:
+                        try:
+                            data = os.read(sock.fileno(), RECEIVE_SIZE)
+                            break
+                        except BlockingIOError:
+                            waited = True  # nothing there yet: wait for it
+                        except OSError as exc:
+                            raise _stream_error(exc) from exc
                         if self._on_wait is not None:
                             self._on_wait()
                         started = min(started, self._now())
@@ -914,14 +934,9 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
                 message = self._absorb(data)
                 if message is not _NOTHING:
                     return message
-        except trio.BrokenResourceError as exc:
+        except (trio.BrokenResourceError, ProtocolError, CommTimeout) as exc:
             await self.abort()
-            if isinstance(exc, ConnectionLost):
-                raise
-            raise ConnectionLost(f"connection to {self._peer} lost: {exc or 'reset'}") from exc
-        except (ProtocolError, CommTimeout):
-            await self.abort()
-            raise
+            raise _read_error(exc, self._peer)  # noqa: B904 (its cause is set)
         finally:
             self._receiving = False
 
@@ -936,15 +951,11 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             return await self._stream.receive_some(RECEIVE_SIZE)
         raise AssertionError("unreachable: the scope raised its timeout")  # pragma: no cover
 
-    def _begin_receive(self) -> None:
-        """Claim the receive side, or raise why a receive cannot run."""
+    def _refuse_receive(self) -> NoReturn:
+        """Why a receive cannot run: another task is receiving, or the connection is closed."""
         if self._receiving:
             raise trio.BusyResourceError("another task is already receiving on this connection")
-        if self._closed:
-            raise trio.ClosedResourceError(f"connection to {self._peer} is closed")
-        self._receiving = True
-        if self._round is not _NO_PENDING:
-            self._round = _NO_PENDING  # a new read ends the passive round
+        raise trio.ClosedResourceError(f"connection to {self._peer} is closed")
 
     def _raise_at_end(self) -> None:
         """The stream has nothing more to give: raise the bad input found, or its end."""
@@ -954,15 +965,6 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             self._deferred_error = None
             raise error
         raise trio.EndOfChannel
-
-    def _read_now(self, sock: trio.socket.SocketType) -> bytes | None:
-        """What the socket holds now (``b""`` at its end), or ``None`` if it is empty."""
-        try:
-            return os.read(sock.fileno(), RECEIVE_SIZE)
-        except BlockingIOError:
-            return None
-        except OSError as exc:
-            raise _stream_error(exc) from exc
 
     def _absorb(self, data: bytes | bytearray | None) -> Any:
         """Count and decode bytes just read: the first message they complete, or ``_NOTHING``.
@@ -1063,10 +1065,9 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         if deadline == _INF:
             return True
         timers = self._timers
-        if timers is None or not timers.running:
+        if timers is None or not timers.arm(self, deadline):
             return False
         self._wait_deadline = deadline
-        timers.arm(self, deadline)
         return True
 
     def _raise_if_expired(self, phase: str, limit: float | None) -> None:
@@ -1237,10 +1238,9 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         list holds what is left, taken with ``list.pop()``). Replies are
         accepted into the outbox and written when the burst is done, or as
         soon as they reach ``MAX_REPLY_BYTES`` or ``MAX_REPLY_BATCH``; a
-        handler's own ``send``, ``flush`` or ``aclose`` writes them first. The
-        write is the round's schedule point (a bare one when there is no
-        reply, so a client streaming requests that get none cannot keep the
-        task running); its cancellation check is the round's read's. Then the
+        handler's own ``send``, ``flush`` or ``aclose`` writes them first.
+        The round's cancellation check is its read's, and the caller makes
+        its schedule point: a write done at once makes none here. Then the
         connection waits between requests: ``KEEPALIVE``, under ``then``.
 
         Raises:
@@ -1285,8 +1285,9 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             if size >= MAX_REPLY_BYTES or (counted and len(outbox) >= MAX_REPLY_BATCH):
                 await self._flush(cancel_checked=True)
                 size = 0
-        await self._flush(cancel_checked=True)
+        await self._flush(cancel_checked=True, schedule=False)
         self._outbox = _NO_OUTBOX
+        self._round = _NO_PENDING
         if self._state is not ConnState.ERROR and not self._closed:
             self._state = ConnState.KEEPALIVE
         self._limits = then

@@ -275,14 +275,14 @@ class _Entry:
         already: the read side is shut and read once more, so that request is
         answered, not reset.
         """
-        at_boundary = conn.between_messages
-        if (self.server._draining or self.closing) and at_boundary:
+        if (self.server._draining or self.closing) and conn.between_messages:
             if self.sock is None:
                 return False
             if not self.closing:
                 _end_wait(self)
-        # Evictable once its read finds nothing and waits (went_quiet).
-        self.evictable = keepalive and at_boundary
+        # Evictable once its read finds nothing and waits (went_quiet), and
+        # only between requests (Server._evictable looks when it evicts).
+        self.evictable = keepalive
         self.waiting = True
         return True
 
@@ -1132,6 +1132,11 @@ class RequestLoop:
             # Answer it and the requests that came with it, write the
             # replies, and leave the connection in KEEPALIVE.
             await conn._answer(handler, request, keepalive)
+            # The round's schedule point, which its read skipped when it
+            # found data (so a client streaming requests, with or without
+            # replies, cannot keep this task running); made here, in the
+            # outermost frame, it suspends and resumes no other.
+            await trio.lowlevel.cancel_shielded_checkpoint()
             # A keep-alive connection may wait for minutes, and what its
             # frame holds is held per idle connection.
             del request

@@ -68,17 +68,22 @@ class Timers:
         """Alarms in the heap, live and dead (for tests)."""
         return len(self._heap)
 
-    def arm(self, target: AlarmTarget, when: float) -> None:
-        """Make sure ``target`` is looked at no later than ``when``."""
+    def arm(self, target: AlarmTarget, when: float) -> bool:
+        """Make sure ``target`` is looked at no later than ``when``.
+
+        Returns whether the task is keeping time now: if not (not yet, or no
+        more), the alarm waits for it, and a caller that cannot wait must
+        keep the time itself (a cancel scope).
+        """
         due = self._due
-        if when >= due.get(target, _INF):
-            return  # the live alarm already comes no later
-        due[target] = when
-        heapq.heappush(self._heap, (when, next(self._seq), target))
-        scope = self._scope
-        if scope is not None and when < scope.deadline:
-            scope.deadline = when
-        self._maybe_sweep()
+        if when < due.get(target, _INF):
+            due[target] = when
+            heapq.heappush(self._heap, (when, next(self._seq), target))
+            scope = self._scope
+            if scope is not None and when < scope.deadline:
+                scope.deadline = when
+            self._maybe_sweep()
+        return self._running
 
     def disarm(self, target: AlarmTarget) -> None:
         """``target`` is gone: its alarm, if any, is dead."""
