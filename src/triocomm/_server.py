@@ -292,12 +292,14 @@ class _Entry:
         return self.scope
 
     def end_wait(self) -> None:
-        """The request loop's wait is over."""
+        """The request loop's wait is over.
+
+        A connection that went quiet stays in the service's list of quiet ones
+        until it goes quiet again (moved to the end) or the service next looks
+        there for one to evict (and drops it): no bookkeeping per request.
+        """
         self.waiting = False
         self.scope = None
-        if self.evictable:
-            self.evictable = False
-            self.server._left_quiet(self)
 
     def went_quiet(self) -> None:
         """Called by the connection when a read of it must wait (``Connection._on_wait``).
@@ -770,20 +772,30 @@ class Server:
             self._service.start_soon(self._connection_task, stream)
 
     def _evictable(self) -> _Entry | None:
-        for entry in self._keepalive:
+        """The connection quiet for longest, still waiting between requests; or None.
+
+        Entries passed over leave the list: they woke since they went quiet
+        (they come back when they go quiet again), or they wait in the middle
+        of a request or are closing (never evictable until a next wait).
+        Each went-quiet is dropped at most once, so the looks cost O(1) each,
+        amortized.
+        """
+        keepalive = self._keepalive
+        while keepalive:
+            entry = next(iter(keepalive))
             conn = entry.conn
             if entry.waiting and not entry.closing and conn and conn.between_messages:
                 return entry
+            del keepalive[entry]
         return None
 
     def _went_quiet(self, entry: _Entry) -> None:
         # The entry's connection waits for its next request: evictable, in this order.
-        self._keepalive[entry] = None
-        self._wake_acceptors()
-
-    def _left_quiet(self, entry: _Entry) -> None:
-        # Its wait is over (a request came, or it closes): no longer evictable.
-        self._keepalive.pop(entry, None)
+        keepalive = self._keepalive
+        keepalive[entry] = None
+        keepalive.move_to_end(entry)
+        if self._parked:  # _wake_acceptors, written out: once per wait of every connection
+            self._room.unpark_all()
 
     def _evict(self, entry: _Entry) -> None:
         self._keepalive.pop(entry, None)
