@@ -243,14 +243,11 @@ class _Entry:
         "scope",
         "server",
         "sock",
-        "waiting",
     )
 
     def __init__(self, server: Server) -> None:
         self.server = server
         self.conn: Connection[Any, Any] | None = None
-        # True while the connection waits for the first byte of a request.
-        self.waiting = False
         # Set when the service ends that wait (eviction, shutdown).
         self.closing = False
         # True while the request loop waits for a request between two
@@ -283,23 +280,25 @@ class _Entry:
         # Evictable once its read finds nothing and waits (went_quiet), and
         # only between requests (Server._evictable looks when it evicts).
         self.evictable = keepalive
-        self.waiting = True
         return True
+
+    @property
+    def waiting(self) -> bool:
+        """Whether the request loop is between requests, waiting for the next one.
+
+        The connection's state says so (``CONNECTED`` or ``KEEPALIVE`` from the
+        end of one round to the start of the next), so the loop keeps no flag
+        per request. A connection that went quiet stays in the service's list
+        of quiet ones until it goes quiet again (moved to the end) or the
+        service next looks there for one to evict (and drops it if it woke).
+        """
+        conn = self.conn
+        return conn is not None and self.server._body.request_loop and _waiting(conn)
 
     def wait_scope(self) -> trio.CancelScope:
         """The scope that ends a wait on a stream without a socket to shut (see _end_wait)."""
         self.scope = trio.CancelScope()
         return self.scope
-
-    def end_wait(self) -> None:
-        """The request loop's wait is over.
-
-        A connection that went quiet stays in the service's list of quiet ones
-        until it goes quiet again (moved to the end) or the service next looks
-        there for one to evict (and drops it): no bookkeeping per request.
-        """
-        self.waiting = False
-        self.scope = None
 
     def went_quiet(self) -> None:
         """Called by the connection when a read of it must wait (``Connection._on_wait``).
@@ -875,7 +874,8 @@ class Server:
                     await conn.abort()  # failed: ERROR, like a connection error
             except BaseException as exc:
                 # Cancelled (or interrupted): routine while it waited for a request.
-                if not (conn.between_messages and _waiting(conn, self._body)):
+                body = self._body
+                if not (conn.between_messages and (not body.request_loop or _waiting(conn))):
                     error = exc
                 raise
             finally:
@@ -1138,8 +1138,6 @@ class RequestLoop:
                         return
             except trio.EndOfChannel:
                 return
-            finally:
-                entry.end_wait()
             between = True
             # Answer it and the requests that came with it, write the
             # replies, and leave the connection in KEEPALIVE.
@@ -1154,9 +1152,9 @@ class RequestLoop:
             del request
 
 
-def _waiting(conn: Connection[Any, Any], body: Body) -> bool:
-    """Is the connection's task waiting for a request, as far as the service can tell?"""
-    return not body.request_loop or conn.state in (ConnState.CONNECTED, ConnState.KEEPALIVE)
+def _waiting(conn: Connection[Any, Any]) -> bool:
+    """Is a request loop's connection between requests (see _Entry.waiting)?"""
+    return conn.state in (ConnState.CONNECTED, ConnState.KEEPALIVE)
 
 
 def _enter(conn: Connection[Any, Any], state: ConnState, limits: Limits) -> None:
