@@ -118,6 +118,13 @@ class ConnState(enum.Enum):
     ERROR = "error"
 
 
+# Module globals for the service's round, which sets two states per request
+# burst: a class attribute of an Enum is a slow look-up on CPython 3.11.
+_ERROR = ConnState.ERROR
+_RECEIVING = ConnState.RECEIVING
+_KEEPALIVE = ConnState.KEEPALIVE
+
+
 class Idle(enum.Enum):
     """Which direction has been quiet (MINA's idle statuses)."""
 
@@ -306,6 +313,9 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
     _timers: Timers | None = None
     # The deadline of the read waiting now; _EXPIRED once _on_alarm found it passed.
     _wait_deadline: float = _INF
+    # When the timers' live alarm for this connection comes due (_INF: none):
+    # a wait whose deadline is no earlier needs no arming (see _arm_wait).
+    _alarm_at: float = _INF
     # False for a connection read by a loop with a schedule point of its own
     # in every round (the server's request loop): a read that finds data
     # then returns without one.
@@ -1064,9 +1074,11 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         """
         if deadline == _INF:
             return True
-        timers = self._timers
-        if timers is None or not timers.arm(self, deadline):
-            return False
+        if deadline < self._alarm_at:
+            timers = self._timers
+            if timers is None or not timers.arm(self, deadline):
+                return False
+            self._alarm_at = deadline
         self._wait_deadline = deadline
         return True
 
@@ -1079,7 +1091,9 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         """The timers' call (see ``_timers.py``): end the waiting read if its deadline passed."""
         wait = self._wait_deadline
         if wait > now:
+            self._alarm_at = wait  # the timers arm it again (none if inf)
             return wait  # a later deadline, or nothing waiting (inf)
+        self._alarm_at = _INF
         if wait == _EXPIRED:
             return _INF
         self._wait_deadline = _EXPIRED
@@ -1256,8 +1270,8 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             items = [first]
         self._sessions += len(items)
         self._round = items
-        if self._state is not ConnState.ERROR and not self._closed:
-            self._state = ConnState.RECEIVING
+        if self._state is not _ERROR and not self._closed:
+            self._state = _RECEIVING
         outbox = self._outbox = []
         # A codec with a batch encoder encodes the replies when they are
         # written (they are buffers, whose size is known); others encode now.
@@ -1288,8 +1302,8 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         await self._flush(cancel_checked=True, schedule=False)
         self._outbox = _NO_OUTBOX
         self._round = _NO_PENDING
-        if self._state is not ConnState.ERROR and not self._closed:
-            self._state = ConnState.KEEPALIVE
+        if self._state is not _ERROR and not self._closed:
+            self._state = _KEEPALIVE
         self._limits = then
 
     async def _deliver_accepted(self) -> None:
