@@ -926,3 +926,20 @@ async def test_raw_counts_bytes_of_a_typed_memoryview() -> None:
     while len(received) < 60:
         received += await right.receive()
     assert received == numbers.tobytes() + numbers[::2].tobytes()
+
+
+async def test_sessions_counts_the_requests_handed_to_the_handler() -> None:
+    client, server = memory_pair()
+    await server.send_many([b"1", b"2", b"3", b"4"])
+    assert await client.receive() == b"1"
+    assert client.sessions == 0
+    seen: list[tuple[bytes, int, int]] = []
+
+    async def handler(request: bytes, conn: Connection[Any, Any]) -> None:
+        seen.append((request, conn.seq, conn.sessions))
+        if request == b"3":
+            await conn.abort()  # the round hands over no more requests
+
+    await client._answer(handler, b"1", Limits())
+    assert seen == [(b"1", 0, 1), (b"2", 1, 2), (b"3", 2, 3)]
+    assert client.sessions == 3  # b"4" was never handed to the handler

@@ -252,6 +252,30 @@ async def test_a_later_wait_moves_the_alarm_instead_of_adding_one(
         assert trio.current_time() - start == pytest.approx(15.0)
 
 
+async def test_a_wait_shorter_than_the_live_alarm_arms_an_earlier_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A connection arms the timers only for a deadline before its live alarm's,
+    and keeps track of that alarm when it fires and is set again for later."""
+    async with watched_pair(inactivity=60.0) as (timers, conn, peer, nursery):
+
+        async def talk() -> None:
+            await trio.sleep(10.0)
+            await peer.send(b"at 10")  # the alarm set at 0 for 60 stays
+            await trio.sleep(55.0)
+            await peer.send(b"at 65")  # the alarm fired at 60, set again for 70
+
+        nursery.start_soon(talk)
+        assert await conn.receive() == b"at 10"
+        assert await conn.receive() == b"at 65"
+        assert len(timers) == 1
+        conn._set_state(conn.state, Limits(inactivity=2.0))
+        start = trio.current_time()
+        with pytest.raises(CommTimeout):
+            await conn.receive()
+        assert trio.current_time() - start == pytest.approx(2.0)  # not at 70
+
+
 class Recorder:
     """An alarm target that records when it was looked at and asks again as told."""
 
