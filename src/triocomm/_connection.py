@@ -278,6 +278,10 @@ class ReplyRefused(SessionFailed):
     what = "the handler returned a reply the codec cannot encode"
 
 
+# What _write_now left to do: the bytes, their message count, how many the
+# kernel took (-1: all of them), and the codec's error for a refused reply.
+_Unfinished = tuple[Any, int, int, "Exception | None"]
+
 FileArg = Union[str, "os.PathLike[str]", IO[bytes]]
 
 
@@ -547,23 +551,37 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         await trio.lowlevel.checkpoint_if_cancelled()
         await self._flush(cancel_checked=True)
 
-    async def _flush(
-        self, data: Any = None, count: int = 0, cancel_checked: bool = False, schedule: bool = True
-    ) -> None:
+    async def _flush(self, data: Any = None, count: int = 0, cancel_checked: bool = False) -> None:
         """The one write path: the accepted replies, then ``data`` (``count`` messages).
 
-        Everything goes out in one write. The usual case (a plain socket whose
-        kernel buffer takes it all) is a cancellation check, one system call
-        and a schedule point; otherwise :meth:`_write` waits for room under
-        the send limits. With nothing to write it is a schedule point.
-        ``cancel_checked``: the caller checked for cancellation in this round
-        already. ``schedule=False``: the caller makes the schedule point (a
-        service's round, see :meth:`_answer`), so a write done at once, or
-        nothing to write, makes none here.
+        Everything goes out in one write (:meth:`_write_now`). The usual case
+        (a plain socket whose kernel buffer takes it all) is a cancellation
+        check, one system call and a schedule point; otherwise
+        :meth:`_finish_write` waits for room under the send limits. With
+        nothing to write it is a schedule point. ``cancel_checked``: the
+        caller checked for cancellation in this round already.
 
         Raises:
             ReplyRefused: the codec refused an accepted reply; the replies
                 before it were written, nothing after it.
+        """
+        if not cancel_checked and (data is not None or self._outbox):
+            await trio.lowlevel.checkpoint_if_cancelled()
+        rest = self._write_now(data, count)
+        if rest is None:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        else:
+            await self._finish_write(rest)
+
+    def _write_now(self, data: Any = None, count: int = 0) -> _Unfinished | None:
+        """The write itself, with no checkpoint: the accepted replies, then ``data``.
+
+        Encodes the outbox (emptied in place: the round in progress holds
+        it) and hands everything to the socket at once. Returns ``None`` when
+        all of it went, or there was nothing to write; otherwise what is left
+        for :meth:`_finish_write`. A service's round (:meth:`_answer`) calls
+        it directly, without :meth:`_flush`'s schedule point, since the
+        request loop makes the round's own.
         """
         refused = None
         outbox = self._outbox
@@ -581,19 +599,20 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
                 # A handler's push during a passive session goes out after
                 # the replies accepted before it, never ahead of them.
                 data, count, refused = self._encode_replies(outbox, data, count)
-            # In place: the round in progress (_answer) holds this list.
             outbox.clear()
         if data is None:
-            if schedule:
-                await trio.lowlevel.cancel_shielded_checkpoint()
-        else:
-            if not cancel_checked:
-                await trio.lowlevel.checkpoint_if_cancelled()
-            sent = self._write_nowait(data, count)
-            if sent >= 0:
-                await self._write(data, count, sent)
-            elif schedule:
-                await trio.lowlevel.cancel_shielded_checkpoint()
+            return None if refused is None else (None, 0, -1, refused)
+        sent = self._write_nowait(data, count)
+        if sent < 0 and refused is None:
+            return None
+        return data, count, sent, refused
+
+    async def _finish_write(self, rest: _Unfinished) -> None:
+        """Finish what :meth:`_write_now` could not: wait for room and write the rest,
+        then raise the codec's error for a refused reply."""
+        data, count, sent, refused = rest
+        if sent >= 0:
+            await self._write(data, count, sent)
         if refused is not None:
             raise ReplyRefused(refused)
 
@@ -1309,7 +1328,9 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
             if size >= MAX_REPLY_BYTES or (counted and len(outbox) >= MAX_REPLY_BATCH):
                 await self._flush(cancel_checked=True)
                 size = 0
-        await self._flush(cancel_checked=True, schedule=False)
+        rest = self._write_now()  # no schedule point: the request loop makes it
+        if rest is not None:
+            await self._finish_write(rest)
         self._outbox = _NO_OUTBOX
         self._round = _NO_PENDING
         if self._state is not _ERROR and not self._closed:
