@@ -196,6 +196,7 @@ class PooledConnection:
         "graceful",
         "idle_deadline",
         "ledger",
+        "mark",
         "poller",
         "pool",
         "scope",
@@ -203,6 +204,7 @@ class PooledConnection:
         "sock",
         "spoke",
         "state",
+        "stats",
         "tls",
         "watch_from",
         "watching",
@@ -213,6 +215,12 @@ class PooledConnection:
     ) -> None:
         self.pool = pool
         self.conn = conn
+        # The connection's live statistics (one object for its life), read
+        # at every session.
+        self.stats = conn.stats
+        # Moves the connection to a state as the pool lends, takes back or
+        # keeps it: the connection's own operation, bound once.
+        self.mark: Callable[[ConnState], None] = conn._set_state
         # The address's ledger, for a target with per-address pools (else None).
         self.ledger = ledger
         self.state = _State.CONNECTING
@@ -240,14 +248,10 @@ class PooledConnection:
         self.spoke = False
         # When the connection's lifetime ends (Target.max_lifetime), and from
         # when on it is health-checked before being lent (inf: never).
-        self.expires_at = conn.stats.created_at + pool.max_lifetime
+        self.expires_at = self.stats.created_at + pool.max_lifetime
         self.check_at = _INF
         # Lent by acquire() with its health check still to run (check_done).
         self.check_due = False
-
-    def mark(self, state: ConnState) -> None:
-        """Move the connection to ``state`` as the pool lends, takes back or keeps it."""
-        self.conn._set_state(state)
 
     def wake(self) -> None:
         """Wake the connection task: it re-reads the state (retired, abandoned).
