@@ -1010,7 +1010,7 @@ class Client:
             await conn.abort()
             raise
         else:
-            ok = not entry.peer_spoke()
+            ok = not entry.left_unread() and not entry.peer_spoke()
             if not ok:
                 logger.debug("health check of %s left unread data", conn.peer)
                 self._closes_because(
@@ -1408,7 +1408,7 @@ class Client:
         session ended (an ``on_idle`` callback), so it is closed instead.
         """
         conn = entry.conn
-        reusable = not interrupted and not entry.peer_spoke(poll=False)
+        reusable = not interrupted and not entry.left_unread()
         if not reusable:
             logger.debug("unrequested data or I/O left on %s after a session; closing", conn.peer)
         pool.release(entry, reusable=reusable, keepalive=timeouts.keepalive)

@@ -262,33 +262,34 @@ class PooledConnection:
         if self.scope is not None:
             self.scope.cancel()
 
-    def went_idle(self, now: float) -> None:
-        """The connection joined the idle stack at ``now``: schedule its watch, waking no one.
+    def left_unread(self) -> bool:
+        """Whether a session left anything to read: messages or part of one, bytes
+        inside the TLS object, or what the idle watcher saw (also: it is closed).
 
-        The sleeping task's deadline is only ever moved earlier here; if it
-        wakes too early (the connection was lent again meanwhile, or went idle
-        again later), it goes back to sleep until the right moment.
-        """
-        self.watch_from = now + self.settle
-        scope = self.scope
-        if scope is not None and not self.watching:
-            due = min(self.watch_from, self.idle_deadline)
-            if due < scope.deadline:
-                scope.deadline = due
-
-    def peer_spoke(self, *, poll: bool = True) -> bool:
-        """Whether the peer sent anything (bytes, EOF, reset) beyond the session.
-
-        ``poll=False`` skips asking the kernel (a system call): the check when
-        a session ends relies on the check when the connection is next lent.
+        No system call: the peer's bytes still in the kernel are found by
+        :meth:`peer_spoke` when the connection is next lent.
         """
         conn = self.conn
-        if self.spoke or conn.is_closed or not conn.between_messages:
+        return (
+            self.spoke
+            or conn.is_closed
+            or not conn.between_messages
+            or (self.tls and conn.stream.pending() > 0)  # type: ignore[attr-defined]
+        )
+
+    def peer_spoke(self) -> bool:
+        """Whether the peer sent anything (bytes, EOF, reset) while the connection was idle.
+
+        It asks the kernel (a system call). It does not ask again whether the
+        connection is between messages: it was when it went idle (see
+        :meth:`left_unread`), and nothing reads it while it is (a TLS
+        watcher that reads marks it ``consuming``).
+        """
+        conn = self.conn
+        if self.spoke or conn.is_closed:
             return True
         if self.tls and conn.stream.pending():  # type: ignore[attr-defined]
             return True  # decrypted bytes already buffered inside the TLS object
-        if not poll:
-            return False
         if self.poller is not None:
             # Readable means bytes or an EOF; a reset shows as POLLERR/POLLHUP
             # and a closed descriptor as POLLNVAL: all of them are stale.
@@ -691,7 +692,16 @@ class KeepAlivePool:
         entry.state = _State.IDLE
         entry.mark(ConnState.IDLE)
         self._idle.append(entry)
-        entry.went_idle(now)
+        # Schedule the idle watch, waking no one: the connection task's
+        # deadline is only ever moved earlier here; if it wakes too early
+        # (the connection was lent again meanwhile, or went idle again
+        # later), it goes back to sleep until the right moment.
+        entry.watch_from = now + entry.settle
+        scope = entry.scope
+        if scope is not None and not entry.watching:
+            due = min(entry.watch_from, entry.idle_deadline)
+            if due < scope.deadline:
+                scope.deadline = due
 
     def _retire(
         self,
@@ -891,7 +901,7 @@ class KeepAlivePool:
                 due = min(entry.watch_from, entry.idle_deadline)
             # CONNECTING or IN_USE (the session runs in its own task), or idle
             # and settling. The pool moves `due` without waking this task
-            # (went_idle) and cancels the scope when the connection is retired.
+            # (_give_back) and cancels the scope when the connection is retired.
             with trio.CancelScope(deadline=due) as scope:
                 entry.scope = scope
                 try:
