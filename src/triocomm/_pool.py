@@ -220,7 +220,7 @@ class PooledConnection:
         self.stats = conn.stats
         # Moves the connection to a state as the pool lends, takes back or
         # keeps it: the connection's own operation, bound once.
-        self.mark: Callable[[ConnState], None] = conn._set_state
+        self.mark: Callable[[ConnState], bool] = conn._set_state
         # The address's ledger, for a target with per-address pools (else None).
         self.ledger = ledger
         self.state = _State.CONNECTING
@@ -264,17 +264,15 @@ class PooledConnection:
 
     def left_unread(self) -> bool:
         """Whether a session left anything to read: messages or part of one, bytes
-        inside the TLS object, or what the idle watcher saw (also: it is closed).
+        inside the TLS object, or what the idle watcher saw.
 
         No system call: the peer's bytes still in the kernel are found by
-        :meth:`peer_spoke` when the connection is next lent.
+        :meth:`peer_spoke` when the connection is next lent. A connection
+        closed meanwhile is found by :meth:`KeepAlivePool.release`.
         """
         conn = self.conn
         return (
-            self.spoke
-            or conn.is_closed
-            or not conn.between_messages
-            or (self.tls and conn.stream.pending() > 0)  # type: ignore[attr-defined]
+            self.spoke or not conn.between_messages or (self.tls and conn.stream.pending() > 0)  # type: ignore[attr-defined]
         )
 
     def peer_spoke(self) -> bool:
@@ -413,11 +411,9 @@ class KeepAlivePool:
             if self._closing:
                 await trio.lowlevel.checkpoint()
                 raise trio.ClosedResourceError(f"the client of {self.name} is closed")
-            if not fresh and not self._closing:
-                entry = self._take_idle(checks=True)
+            if not fresh:
+                entry = self.lend_idle(checks=True)
                 if entry is not None:
-                    if not entry.check_due:
-                        self._count_reuse(entry)
                     return entry
             if not self._waiters and self._slots_taken() < self.max_connections:
                 # No checkpoint from here on: the caller must own the slot
@@ -433,35 +429,23 @@ class KeepAlivePool:
                 self._count_reuse(entry)
             return entry
 
-    def lend_idle(self) -> PooledConnection | None:
+    def lend_idle(self, *, checks: bool = False) -> PooledConnection | None:
         """Lend the most recently pooled sound connection (now ``IN_USE``), or None.
 
         The usual case of :meth:`acquire`, callable without a coroutine: no
         checkpoint, no waiting, no slot. None when no idle connection is sound
         or the client is closing; the caller then goes through :meth:`acquire`.
-        """
-        if self._closing:
-            return None
-        entry = self._take_idle(checks=False)
-        if entry is not None:
-            self._reused += 1
-            if entry.ledger is not None:
-                entry.ledger.reused += 1
-        return entry
-
-    def _count_reuse(self, entry: PooledConnection) -> None:
-        self._reused += 1
-        if entry.ledger is not None:
-            entry.ledger.reused += 1
-
-    def _take_idle(self, *, checks: bool) -> PooledConnection | None:
-        """Pop the most recently pooled connection that is still sound (LIFO).
+        Idle connections found stale on the way are retired (LIFO: the most
+        recently pooled is tried first).
 
         One that is due for a health check is left on the stack when
         ``checks`` is False (the caller cannot run it), else lent marked
         ``check_due``: the caller runs the check and ends it with
-        :meth:`check_done`.
+        :meth:`check_done`, which counts it reused. Any other is counted
+        reused here.
         """
+        if self._closing:
+            return None
         idle = self._idle
         now = self._now()
         while idle:
@@ -477,6 +461,10 @@ class KeepAlivePool:
                     idle.append(entry)
                     return None
                 entry.check_due = True
+            else:
+                self._reused += 1
+                if entry.ledger is not None:
+                    entry.ledger.reused += 1
             entry.state = _State.IN_USE
             self._in_use += 1
             entry.mark(ConnState.CONNECTED)
@@ -489,6 +477,11 @@ class KeepAlivePool:
             # finds the connection in use and sleeps on.
             return entry
         return None
+
+    def _count_reuse(self, entry: PooledConnection) -> None:
+        self._reused += 1
+        if entry.ledger is not None:
+            entry.ledger.reused += 1
 
     async def _wait(self, pool_timeout: float | None, fresh: bool) -> PooledConnection | None:
         waiter = _Waiter(fresh)
@@ -668,8 +661,8 @@ class KeepAlivePool:
         """
         if entry.state is not _State.IN_USE:
             return  # already retired (the client closed while it was lent)
-        if reusable:
-            entry.mark(ConnState.SUCCESS)
+        if reusable and not entry.mark(ConnState.SUCCESS):
+            reusable = False  # closed, or failed, by the session
         if not reusable or keepalive == 0 or self._closing:
             entry.graceful = reusable
             self._retire(entry, "not reusable" if not reusable else "keep-alive is 0")
