@@ -50,7 +50,7 @@ from ._retry import (
     connect_failure_kind,
     session_failure_kind,
 )
-from ._timeouts import Timeouts, session_limits
+from ._timeouts import Limits, Timeouts, session_limits
 from ._timers import Timers
 from ._udp import UdpExchanges, check_udp_target
 from ._upstream import Upstream, UpstreamAttempt
@@ -504,6 +504,9 @@ async def _open_stream(
 
 # Where a session goes: one target, or an Upstream that picks one per attempt.
 _Dest = Target[Any, Any] | Upstream[Target[Any, Any]]
+# A target, its pool, and the timeouts (and their limits) of its sessions
+# when the call names none.
+_Route = tuple[Target[Any, Any], KeepAlivePool, Timeouts, Limits]
 
 
 def _address_failed(exc: BaseException) -> bool | None:
@@ -575,10 +578,11 @@ class Client:
         # Times the waiting reads of every connection (see _watchdog.py);
         # started by open_client in the client's nursery.
         self._timers = Timers()
-        # The last target used and its pool: most programs pass the same
-        # Target object every time, and an identity check is cheaper than
-        # hashing a Target (and its codec) for the dict.
-        self._last_pool: tuple[Target[Any, Any], KeepAlivePool] | None = None
+        # The last target used, its pool, and the timeouts (with their
+        # limits) its sessions get when the call names none: most programs
+        # pass the same Target object every time, and an identity check is
+        # cheaper than hashing a Target (and its codec) for the dict.
+        self._last_route: _Route | None = None
 
     # -- public API ----------------------------------------------------------
 
@@ -871,7 +875,7 @@ class Client:
         self._named = {t: a for t, a in self._named.items() if t in kept}
         # The identity cache must never lend from a pool that is not here:
         # _shutdown closes only the pools in _pools.
-        self._last_pool = None
+        self._last_route = None
         self._sweep_at = max(_POOLS_KEPT, 2 * len(self._pools))
 
     async def _checkout(
@@ -1006,7 +1010,7 @@ class Client:
             await conn.abort()
             raise
         else:
-            ok = not entry.peer_spoke()
+            ok = not entry.left_unread() and not entry.peer_spoke()
             if not ok:
                 logger.debug("health check of %s left unread data", conn.peer)
                 self._closes_because(
@@ -1197,14 +1201,20 @@ class Client:
         while True:
             target, attempt = self._resolve(dest, key, tried)
             tried.append(target)
-            data = self._encode(target, attempt, message) if request else None
-            timeouts = self._effective_timeouts(target, call_timeouts)
-            last = self._last_pool
-            if last is not None and last[0] is target:
-                pool = last[1]
-            else:
-                pool = self._pool(target, attempt)
-                self._last_pool = (target, pool)
+            data = None
+            if request:
+                # Before borrowing: a message the codec refuses touches no connection.
+                try:
+                    data = target.codec.encode(message)
+                except BaseException:
+                    self._report(attempt, None)
+                    raise
+            route = self._last_route
+            if route is None or route[0] is not target:
+                route = self._route(target, attempt)
+            _, pool, timeouts, limits = route
+            if call_timeouts is not None:
+                timeouts, limits = call_timeouts, session_limits(call_timeouts)
             # The usual case first: a sound idle connection, lent without a
             # coroutine call (_checkout would find the pool in the same state).
             entry = None if fresh else pool.lend_idle()
@@ -1222,24 +1232,17 @@ class Client:
                         continue
                     raise
             conn = entry.conn
-            received_before = conn.stats.bytes_received
-            _start_session(conn, timeouts)
+            received_before = entry.stats.bytes_received
+            conn._begin_session(limits)
             result: R
             try:
                 work = conn._exchange(data) if body is None else body(conn)
                 result = await (work if self._observers is None else self._observed(conn, work))
             except BaseException as exc:
-                # Bookkeeping first: the close below may be cancelled.
-                pool.release(entry, reusable=False)
-                pool.record_failure(entry)
+                error, kind = await self._attempt_failed(
+                    exc, entry, pool, attempt, request, reused, received_before
+                )
                 avoid = _tried_address(avoid, entry)
-                await conn.abort()
-                self._report(attempt, _address_failed(exc))
-                error = exc
-                if request and isinstance(exc, trio.EndOfChannel):
-                    error = ConnectionLost(f"{conn.peer} closed the connection before replying")
-                replied = conn.stats.bytes_received != received_before
-                kind = session_failure_kind(exc, reused=reused, replied=replied)
                 attempts = attempts or self._attempts(retries, idempotent)
                 if await self._retry(attempts, error, kind, target, pool.record_retry, dest, tried):
                     # After a reused connection failed, its pool mates may be
@@ -1250,8 +1253,45 @@ class Client:
                     raise
                 raise error from exc
             self._finish(entry, pool, timeouts)
-            self._report(attempt, True)
+            if attempt is not None:
+                attempt.settle(True)
             return result
+
+    def _route(
+        self, target: Target[Any, Any], attempt: UpstreamAttempt[Target[Any, Any]] | None
+    ) -> _Route:
+        """``target``'s pool and its sessions' own timeouts, kept for the next session."""
+        timeouts = self._effective_timeouts(target, None)
+        route = (target, self._pool(target, attempt), timeouts, session_limits(timeouts))
+        self._last_route = route
+        return route
+
+    async def _attempt_failed(
+        self,
+        exc: BaseException,
+        entry: PooledConnection,
+        pool: KeepAlivePool,
+        attempt: UpstreamAttempt[Target[Any, Any]] | None,
+        request: bool,
+        reused: bool,
+        received_before: int,
+    ) -> tuple[BaseException, RetryKind | None]:
+        """A session attempt raised ``exc``: close its connection, count the failure.
+
+        Returns the error to raise (``exc``, or the ``ConnectionLost`` a
+        request's early end of stream becomes) and the failure's retry kind.
+        """
+        # Bookkeeping first: the close below may be cancelled.
+        pool.release(entry, reusable=False)
+        pool.record_failure(entry)
+        conn = entry.conn
+        await conn.abort()
+        self._report(attempt, _address_failed(exc))
+        error = exc
+        if request and isinstance(exc, trio.EndOfChannel):
+            error = ConnectionLost(f"{conn.peer} closed the connection before replying")
+        replied = entry.stats.bytes_received != received_before
+        return error, session_failure_kind(exc, reused=reused, replied=replied)
 
     async def _observed(self, conn: Connection[Any, Any], work: Awaitable[R]) -> R:
         """``await work``, one session on ``conn``, reported to the observers."""
@@ -1342,20 +1382,6 @@ class Client:
             counted += stats.created + stats.reused
         return counted
 
-    def _encode(
-        self,
-        target: Target[Any, Any],
-        attempt: UpstreamAttempt[Target[Any, Any]] | None,
-        message: object,
-    ) -> Any:
-        """Encode a request before borrowing: a message the codec refuses raises
-        the codec's own error and touches no connection."""
-        try:
-            return target.codec.encode(message)
-        except BaseException:
-            self._report(attempt, None)
-            raise
-
     def _connect_failed(
         self,
         exc: BaseException,
@@ -1382,7 +1408,7 @@ class Client:
         session ended (an ``on_idle`` callback), so it is closed instead.
         """
         conn = entry.conn
-        reusable = not interrupted and not entry.peer_spoke(poll=False)
+        reusable = not interrupted and not entry.left_unread()
         if not reusable:
             logger.debug("unrequested data or I/O left on %s after a session; closing", conn.peer)
         pool.release(entry, reusable=reusable, keepalive=timeouts.keepalive)

@@ -1244,12 +1244,17 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         if request_loop:
             self._yield_on_data = False
 
-    def _set_state(self, state: ConnState, limits: Limits | None = None) -> None:
-        """Enter ``state`` (never out of ERROR or a close), with the phase limits that apply."""
-        if self._state is not ConnState.ERROR and not self._closed:
-            self._state = state
+    def _set_state(self, state: ConnState, limits: Limits | None = None) -> bool:
+        """Enter ``state``, with the phase limits that apply; returns whether it did.
+
+        Never out of ERROR or a close: then the state stays, and it returns False.
+        """
         if limits is not None:
             self._limits = limits
+        if self._state is not ConnState.ERROR and not self._closed:
+            self._state = state
+            return True
+        return False
 
     def _begin_session(self, limits: Limits | None = None) -> None:
         """A session starts: ``seq`` moves on; ``limits``, if given, bound it."""

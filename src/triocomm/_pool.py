@@ -196,6 +196,7 @@ class PooledConnection:
         "graceful",
         "idle_deadline",
         "ledger",
+        "mark",
         "poller",
         "pool",
         "scope",
@@ -203,6 +204,7 @@ class PooledConnection:
         "sock",
         "spoke",
         "state",
+        "stats",
         "tls",
         "watch_from",
         "watching",
@@ -213,6 +215,12 @@ class PooledConnection:
     ) -> None:
         self.pool = pool
         self.conn = conn
+        # The connection's live statistics (one object for its life), read
+        # at every session.
+        self.stats = conn.stats
+        # Moves the connection to a state as the pool lends, takes back or
+        # keeps it: the connection's own operation, bound once.
+        self.mark: Callable[[ConnState], bool] = conn._set_state
         # The address's ledger, for a target with per-address pools (else None).
         self.ledger = ledger
         self.state = _State.CONNECTING
@@ -240,14 +248,10 @@ class PooledConnection:
         self.spoke = False
         # When the connection's lifetime ends (Target.max_lifetime), and from
         # when on it is health-checked before being lent (inf: never).
-        self.expires_at = conn.stats.created_at + pool.max_lifetime
+        self.expires_at = self.stats.created_at + pool.max_lifetime
         self.check_at = _INF
         # Lent by acquire() with its health check still to run (check_done).
         self.check_due = False
-
-    def mark(self, state: ConnState) -> None:
-        """Move the connection to ``state`` as the pool lends, takes back or keeps it."""
-        self.conn._set_state(state)
 
     def wake(self) -> None:
         """Wake the connection task: it re-reads the state (retired, abandoned).
@@ -258,33 +262,32 @@ class PooledConnection:
         if self.scope is not None:
             self.scope.cancel()
 
-    def went_idle(self, now: float) -> None:
-        """The connection joined the idle stack at ``now``: schedule its watch, waking no one.
+    def left_unread(self) -> bool:
+        """Whether a session left anything to read: messages or part of one, bytes
+        inside the TLS object, or what the idle watcher saw.
 
-        The sleeping task's deadline is only ever moved earlier here; if it
-        wakes too early (the connection was lent again meanwhile, or went idle
-        again later), it goes back to sleep until the right moment.
-        """
-        self.watch_from = now + self.settle
-        scope = self.scope
-        if scope is not None and not self.watching:
-            due = min(self.watch_from, self.idle_deadline)
-            if due < scope.deadline:
-                scope.deadline = due
-
-    def peer_spoke(self, *, poll: bool = True) -> bool:
-        """Whether the peer sent anything (bytes, EOF, reset) beyond the session.
-
-        ``poll=False`` skips asking the kernel (a system call): the check when
-        a session ends relies on the check when the connection is next lent.
+        No system call: the peer's bytes still in the kernel are found by
+        :meth:`peer_spoke` when the connection is next lent. A connection
+        closed meanwhile is found by :meth:`KeepAlivePool.release`.
         """
         conn = self.conn
-        if self.spoke or conn.is_closed or not conn.between_messages:
+        return (
+            self.spoke or not conn.between_messages or (self.tls and conn.stream.pending() > 0)  # type: ignore[attr-defined]
+        )
+
+    def peer_spoke(self) -> bool:
+        """Whether the peer sent anything (bytes, EOF, reset) while the connection was idle.
+
+        It asks the kernel (a system call). It does not ask again whether the
+        connection is between messages: it was when it went idle (see
+        :meth:`left_unread`), and nothing reads it while it is (a TLS
+        watcher that reads marks it ``consuming``).
+        """
+        conn = self.conn
+        if self.spoke or conn.is_closed:
             return True
         if self.tls and conn.stream.pending():  # type: ignore[attr-defined]
             return True  # decrypted bytes already buffered inside the TLS object
-        if not poll:
-            return False
         if self.poller is not None:
             # Readable means bytes or an EOF; a reset shows as POLLERR/POLLHUP
             # and a closed descriptor as POLLNVAL: all of them are stale.
@@ -408,11 +411,9 @@ class KeepAlivePool:
             if self._closing:
                 await trio.lowlevel.checkpoint()
                 raise trio.ClosedResourceError(f"the client of {self.name} is closed")
-            if not fresh and not self._closing:
-                entry = self._take_idle(checks=True)
+            if not fresh:
+                entry = self.lend_idle(checks=True)
                 if entry is not None:
-                    if not entry.check_due:
-                        self._count_reuse(entry)
                     return entry
             if not self._waiters and self._slots_taken() < self.max_connections:
                 # No checkpoint from here on: the caller must own the slot
@@ -428,35 +429,23 @@ class KeepAlivePool:
                 self._count_reuse(entry)
             return entry
 
-    def lend_idle(self) -> PooledConnection | None:
+    def lend_idle(self, *, checks: bool = False) -> PooledConnection | None:
         """Lend the most recently pooled sound connection (now ``IN_USE``), or None.
 
         The usual case of :meth:`acquire`, callable without a coroutine: no
         checkpoint, no waiting, no slot. None when no idle connection is sound
         or the client is closing; the caller then goes through :meth:`acquire`.
-        """
-        if self._closing:
-            return None
-        entry = self._take_idle(checks=False)
-        if entry is not None:
-            self._reused += 1
-            if entry.ledger is not None:
-                entry.ledger.reused += 1
-        return entry
-
-    def _count_reuse(self, entry: PooledConnection) -> None:
-        self._reused += 1
-        if entry.ledger is not None:
-            entry.ledger.reused += 1
-
-    def _take_idle(self, *, checks: bool) -> PooledConnection | None:
-        """Pop the most recently pooled connection that is still sound (LIFO).
+        Idle connections found stale on the way are retired (LIFO: the most
+        recently pooled is tried first).
 
         One that is due for a health check is left on the stack when
         ``checks`` is False (the caller cannot run it), else lent marked
         ``check_due``: the caller runs the check and ends it with
-        :meth:`check_done`.
+        :meth:`check_done`, which counts it reused. Any other is counted
+        reused here.
         """
+        if self._closing:
+            return None
         idle = self._idle
         now = self._now()
         while idle:
@@ -472,6 +461,10 @@ class KeepAlivePool:
                     idle.append(entry)
                     return None
                 entry.check_due = True
+            else:
+                self._reused += 1
+                if entry.ledger is not None:
+                    entry.ledger.reused += 1
             entry.state = _State.IN_USE
             self._in_use += 1
             entry.mark(ConnState.CONNECTED)
@@ -484,6 +477,11 @@ class KeepAlivePool:
             # finds the connection in use and sleeps on.
             return entry
         return None
+
+    def _count_reuse(self, entry: PooledConnection) -> None:
+        self._reused += 1
+        if entry.ledger is not None:
+            entry.ledger.reused += 1
 
     async def _wait(self, pool_timeout: float | None, fresh: bool) -> PooledConnection | None:
         waiter = _Waiter(fresh)
@@ -663,8 +661,8 @@ class KeepAlivePool:
         """
         if entry.state is not _State.IN_USE:
             return  # already retired (the client closed while it was lent)
-        if reusable:
-            entry.mark(ConnState.SUCCESS)
+        if reusable and not entry.mark(ConnState.SUCCESS):
+            reusable = False  # closed, or failed, by the session
         if not reusable or keepalive == 0 or self._closing:
             entry.graceful = reusable
             self._retire(entry, "not reusable" if not reusable else "keep-alive is 0")
@@ -687,7 +685,16 @@ class KeepAlivePool:
         entry.state = _State.IDLE
         entry.mark(ConnState.IDLE)
         self._idle.append(entry)
-        entry.went_idle(now)
+        # Schedule the idle watch, waking no one: the connection task's
+        # deadline is only ever moved earlier here; if it wakes too early
+        # (the connection was lent again meanwhile, or went idle again
+        # later), it goes back to sleep until the right moment.
+        entry.watch_from = now + entry.settle
+        scope = entry.scope
+        if scope is not None and not entry.watching:
+            due = min(entry.watch_from, entry.idle_deadline)
+            if due < scope.deadline:
+                scope.deadline = due
 
     def _retire(
         self,
@@ -887,7 +894,7 @@ class KeepAlivePool:
                 due = min(entry.watch_from, entry.idle_deadline)
             # CONNECTING or IN_USE (the session runs in its own task), or idle
             # and settling. The pool moves `due` without waking this task
-            # (went_idle) and cancels the scope when the connection is retired.
+            # (_give_back) and cancels the scope when the connection is retired.
             with trio.CancelScope(deadline=due) as scope:
                 entry.scope = scope
                 try:
