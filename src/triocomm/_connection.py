@@ -1266,9 +1266,16 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         """``client.request``'s session: write one encoded message, return the reply.
 
         The write is this session's schedule point, so a reply already there
-        is read without a second one.
+        is read without a second one. It is :meth:`_flush` written out (the
+        same write, the same checkpoints), so that the wait for a reply and
+        the write's schedule point suspend no frame of their own.
         """
-        await self._flush(data, 1)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        rest = self._write_now(data, 1)
+        if rest is None:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        else:
+            await self._finish_write(rest)
         self._set_state(ConnState.RECEIVING)
         self._yield_on_data = False
         try:
