@@ -892,3 +892,24 @@ def test_a_unix_target_has_port_0_and_refuses_one() -> None:
     assert Target("127.0.0.1", 7000, CODEC).port == 7000
     with pytest.raises(TypeError, match="takes a path"):
         Target(None, 7000, CODEC, path="/run/app.sock")
+
+
+async def test_a_session_that_left_its_connection_in_error_does_not_return_it_to_the_pool() -> None:
+    # Good bytes, then a header over max_frame in the same read: the good
+    # message is handed out with the connection already in ERROR, and the
+    # socket holds nothing more, so only the state can keep it out of the pool.
+    async def good_then_bad(peer: Peer) -> None:
+        await peer.read_frame()
+        await peer.stream.send_all(frame(b"ok") + frame(b"x" * 100)[:4])
+        await trio.sleep_forever()
+
+    async with scripted_server(good_then_bad) as server, open_client() as client:
+        target = Target("127.0.0.1", server.port, LengthPrefixed(max_frame=16))
+        async with client.connection(target) as conn:
+            await conn.send(b"hi")
+            assert await conn.receive() == b"ok"
+            assert conn.state is ConnState.ERROR
+            first = conn.id
+        assert client.stats(target).idle == 0
+        async with client.connection(target) as conn:
+            assert conn.id != first  # a new connection, not the failed one
