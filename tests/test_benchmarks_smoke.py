@@ -235,3 +235,33 @@ def test_report_summarizes_and_formats(bench: dict[str, ModuleType]) -> None:
     assert "| (a) 1 conn ping-pong 64 B |" in markdown
     assert "**0.50\u00d7**" in markdown
     assert "triocomm 3.0 MiB" in markdown
+
+
+@pytest.mark.parametrize(
+    "workload",
+    [
+        ["server", "--conns", "3", "--depth", "4", "--requests", "40"],
+        ["client", "--conns", "3", "--requests", "40"],
+    ],
+    ids=["server", "client"],
+)
+def test_instruction_count_workloads_run(workload: list[str]) -> None:
+    # The workload cachegrind counts, run without it (it turns the garbage
+    # collector off and seeds Trio, so it runs in a process of its own that
+    # imports triocomm as this one does).
+    import subprocess
+
+    command = [sys.executable, str(BENCHMARKS / "instructions.py"), *workload, "--inner"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_instruction_count_rejects_a_budget_that_is_not_whole_batches() -> None:
+    import subprocess
+
+    command = [sys.executable, str(BENCHMARKS / "instructions.py"), "server", "--depth", "16"]
+    done = subprocess.run(
+        [*command, "--requests", "100"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert "multiple of --depth" in done.stderr
