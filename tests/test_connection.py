@@ -943,3 +943,21 @@ async def test_sessions_counts_the_requests_handed_to_the_handler() -> None:
     await client._answer(handler, b"1", Limits())
     assert seen == [(b"1", 0, 1), (b"2", 1, 2), (b"3", 2, 3)]
     assert client.sessions == 3  # b"4" was never handed to the handler
+
+
+async def test_a_send_cancelled_in_a_round_leaves_the_earlier_replies_to_be_written() -> None:
+    client, server = memory_pair()
+    await server.send_many([b"1", b"2"])
+    assert await client.receive() == b"1"
+
+    async def handler(request: bytes, conn: Connection[Any, Any]) -> bytes:
+        if request == b"2":
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await conn.send(b"push")  # cancelled before it writes anything
+            assert scope.cancelled_caught
+        return b"r" + request
+
+    await client._answer(handler, b"1", Limits())
+    assert await server.receive() == b"r1"  # the cancelled send did not take it
+    assert await server.receive() == b"r2"
