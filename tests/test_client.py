@@ -913,3 +913,19 @@ async def test_a_session_that_left_its_connection_in_error_does_not_return_it_to
         assert client.stats(target).idle == 0
         async with client.connection(target) as conn:
             assert conn.id != first  # a new connection, not the failed one
+
+
+async def test_a_connection_closed_by_its_session_is_not_given_back_to_the_pool() -> None:
+    async def close_it(conn: triocomm.Connection[bytes, bytes]) -> int:
+        await conn.send(b"x")
+        assert await conn.receive() == b"x"
+        await conn.aclose()  # nothing left unread: only its state says it is gone
+        return conn.id
+
+    async with scripted_server(echo) as server, open_client() as client:
+        target = Target("127.0.0.1", server.port, CODEC)
+        first = await client.run(target, close_it)
+        stats = client.stats(target)
+        assert (stats.idle, stats.open) == (0, 0)
+        async with client.connection(target) as conn:
+            assert conn.id != first

@@ -118,8 +118,9 @@ class ConnState(enum.Enum):
     ERROR = "error"
 
 
-# Module globals for the service's round, which sets two states per request
-# burst: a class attribute of an Enum is a slow look-up on CPython 3.11.
+# Module globals for the state changes on the request paths (the service's
+# round sets two per burst, the client's session four): a class attribute of
+# an Enum is a slow look-up on CPython 3.11.
 _ERROR = ConnState.ERROR
 _RECEIVING = ConnState.RECEIVING
 _KEEPALIVE = ConnState.KEEPALIVE
@@ -1251,7 +1252,7 @@ class Connection(trio.abc.Channel[Any], Generic[In, Out]):
         """
         if limits is not None:
             self._limits = limits
-        if self._state is not ConnState.ERROR and not self._closed:
+        if self._state is not _ERROR and not self._closed:  # the rule _answer writes out too
             self._state = state
             return True
         return False
